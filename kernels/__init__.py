@@ -1,0 +1,6 @@
+"""Custom ops of the MiniMax-01 model, one folder per op: ``naive.py`` (the fp32 spec) and ``op.py`` (registration).
+
+Importing this package registers ``torch.ops.minimax.lightning_prefill``, ``lightning_decode`` and ``moe``.
+"""
+
+from . import lightning_attention, moe  # noqa: F401  (registers the ops)

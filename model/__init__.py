@@ -1,0 +1,8 @@
+"""MiniMax-Text-01 in PyTorch: config, model with explicit-state entry points, checkpoint loading."""
+
+from .config import ConfigError, MiniMaxConfig, PRESETS
+from .loading import CheckpointError
+from .modeling import MiniMaxForCausalLM
+from .state import MiniMaxState
+
+__all__ = ["MiniMaxConfig", "MiniMaxForCausalLM", "MiniMaxState", "ConfigError", "CheckpointError", "PRESETS"]

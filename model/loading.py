@@ -1,0 +1,196 @@
+"""Loading official MiniMax-01 checkpoints (sharded safetensors, published key names).
+
+The model is built on the meta device; each checkpoint tensor is opened memory-mapped by ``safetensors``, checked
+against the expected name and shape, converted to the target dtype/device and assigned, one tensor at a time, so a
+checkpoint is never held twice in memory. The per-expert tensors ``experts.{e}.w{1,2,3}.weight`` are copied into
+one stacked parameter per layer. The router gates and the LM head are kept in fp32.
+
+Everything is validated before any tensor data is read: the config, the index, that every shard exists, that
+every expected tensor is present exactly once with the right shape, and that nothing unexpected is there (only
+the known derived buffers are ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors import safe_open
+
+from .config import MiniMaxConfig
+
+if TYPE_CHECKING:
+    from .modeling import MiniMaxForCausalLM
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckpointError", "load_checkpoint", "checkpoint_key_plan", "IGNORED_KEY_PATTERN"]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# Derived buffers some exporters save (transformers writes the lightning decay tables; older checkpoints may hold
+# RoPE inv_freq). They are recomputed from the config, never read.
+IGNORED_KEY_PATTERN = re.compile(
+    r"^model\.layers\.\d+\.self_attn\.(slope_rate|query_decay|key_decay|diagonal_decay|rotary_emb\.inv_freq)$"
+    r"|^model\.rotary_emb\.inv_freq$|(^|\.)rotary_emb\.inv_freq$"
+)
+
+_EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(\d+)\.(w[123])\.weight$")
+_FP32_PARAMS = re.compile(r"(^lm_head\.weight$|\.block_sparse_moe\.gate\.weight$)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and/or tensor."""
+
+
+@dataclass(frozen=True)
+class _Target:
+    param: str  # parameter name in the model
+    index: int | None  # expert index for stacked expert weights, else None
+    shape: tuple[int, ...]  # expected shape of the checkpoint tensor
+
+
+def checkpoint_key_plan(model: "MiniMaxForCausalLM") -> dict[str, _Target]:
+    """Map every checkpoint key the model needs to the parameter (and expert slot) it fills."""
+    plan: dict[str, _Target] = {}
+    for name, param in model.named_parameters():
+        m = re.match(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(w[123])$", name)
+        if m:
+            for e in range(param.shape[0]):
+                plan[f"{m.group(1)}.{e}.{m.group(2)}.weight"] = _Target(name, e, tuple(param.shape[1:]))
+        else:
+            plan[name] = _Target(name, None, tuple(param.shape))
+    return plan
+
+
+def _read_index(root: Path) -> dict[str, str]:
+    """Checkpoint key -> shard file name, from the index (or the single-file checkpoint's header)."""
+    index_path = root / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e!r})") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: 'weight_map' is not an object")
+        return weight_map
+    single = root / SINGLE_FILE
+    if single.is_file():
+        with _open_shard(single) as f:
+            return {k: SINGLE_FILE for k in f.keys()}
+    raise CheckpointError(f"{root}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+
+
+def _open_shard(path: Path):
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises SafetensorError / OSError for corrupt or truncated files
+        raise CheckpointError(f"{path}: cannot open as safetensors ({e})") from e
+
+
+def _validate(plan: dict[str, _Target], weight_map: dict[str, str], root: Path) -> dict[str, list[str]]:
+    """Check names, coverage and shard presence; return shard file -> keys to load from it."""
+    ignored = [k for k in weight_map if IGNORED_KEY_PATTERN.search(k)]
+    unexpected = sorted(k for k in weight_map if k not in plan and k not in ignored)
+    missing = sorted(k for k in plan if k not in weight_map)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors ({len(missing)}): {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:10])}" + (" ..." if len(unexpected) > 10 else "")
+        )
+    if problems:
+        raise CheckpointError(f"{root}: checkpoint does not match the config: " + "; ".join(problems))
+    by_shard: dict[str, list[str]] = defaultdict(list)
+    for key, shard in weight_map.items():
+        if key in plan:
+            by_shard[shard].append(key)
+    absent = sorted(s for s in by_shard if not (root / s).is_file())
+    if absent:
+        raise CheckpointError(f"{root}: missing shard file(s): {', '.join(absent)}")
+    return dict(by_shard)
+
+
+def _check_shapes(root: Path, by_shard: dict[str, list[str]], plan: dict[str, _Target]) -> None:
+    """Read only the headers: every key is in its shard, with the expected shape and a floating dtype."""
+    for shard, keys in by_shard.items():
+        with _open_shard(root / shard) as f:
+            present = set(f.keys())
+            for key in keys:
+                if key not in present:
+                    raise CheckpointError(f"{root / shard}: tensor {key} listed in the index is not in this file")
+                sl = f.get_slice(key)
+                shape = tuple(sl.get_shape())
+                if shape != plan[key].shape:
+                    raise CheckpointError(
+                        f"{root / shard}: tensor {key} has shape {list(shape)}, expected {list(plan[key].shape)}"
+                    )
+                dtype = sl.get_dtype()
+                if dtype not in ("F32", "F16", "BF16", "F64"):
+                    raise CheckpointError(f"{root / shard}: tensor {key} has dtype {dtype}, expected a float dtype")
+
+
+def load_checkpoint(
+    cls: type["MiniMaxForCausalLM"],
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    **config_overrides,
+) -> "MiniMaxForCausalLM":
+    """Build ``cls`` from ``path/config.json`` on the meta device and fill it from the safetensors shards."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint directory not found")
+    device = torch.device(device)
+    config = MiniMaxConfig.from_pretrained(root, **config_overrides)
+    with torch.device("meta"):
+        model = cls(config, dtype=dtype)
+    plan = checkpoint_key_plan(model)
+    weight_map = _read_index(root)
+    by_shard = _validate(plan, weight_map, root)
+    _check_shapes(root, by_shard, plan)
+
+    params = dict(model.named_parameters())
+    loaded: dict[str, torch.Tensor] = {}
+    for name, p in params.items():
+        if ".block_sparse_moe.experts." in name:  # stacked: allocated once, filled expert by expert
+            loaded[name] = torch.empty(p.shape, dtype=p.dtype, device=device)
+
+    total = sum(len(k) for k in by_shard.values())
+    done, start = 0, time.perf_counter()
+    for n, (shard, keys) in enumerate(sorted(by_shard.items()), 1):
+        with _open_shard(root / shard) as f:
+            for key in keys:
+                target = plan[key]
+                want = params[target.param].dtype
+                try:
+                    tensor = f.get_tensor(key)  # memory-mapped view of the file
+                except Exception as e:
+                    raise CheckpointError(f"{root / shard}: cannot read tensor {key} ({e})") from e
+                if target.index is None:
+                    loaded[target.param] = tensor.to(device=device, dtype=want)
+                else:
+                    loaded[target.param][target.index].copy_(tensor)
+                del tensor
+        done += len(keys)
+        logger.info("loading %s: shard %d/%d (%s), %d/%d tensors, %.1fs", root.name, n, len(by_shard), shard, done,
+                    total, time.perf_counter() - start)
+
+    model.load_state_dict(loaded, strict=True, assign=True)
+    model.model.reset_buffers()
+    model.eval()
+    bad = [k for k, v in model.state_dict().items() if v.device.type == "meta"]
+    if bad:  # cannot happen if the plan covers the model; a guard against a half-initialised model
+        raise CheckpointError(f"{root}: tensors left uninitialised after loading: {', '.join(bad)}")
+    logger.info("loaded %s: %d tensors from %d shard(s) in %.1fs (%s on %s)", root, total, len(by_shard),
+                time.perf_counter() - start, dtype, device)
+    return model

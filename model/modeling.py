@@ -1,0 +1,314 @@
+"""MiniMax-Text-01 in PyTorch, written for ``torch.export``.
+
+Module and parameter names follow the published checkpoint keys (``model.layers.{i}.self_attn.qkv_proj.weight``,
+``model.layers.{i}.block_sparse_moe.gate.weight``, ...), except that the experts of a layer are stacked:
+``block_sparse_moe.experts.w1`` is ``[E, I, hidden]`` and holds ``experts.{e}.w1.weight`` at index ``e``.
+
+Numerics (see ``docs/`` and README): lightning state and accumulation in fp32; router logits and softmax in fp32
+from an fp32 gate; LM head in fp32 (fp32 logits), as MiniMax recommends for this model; RMSNorm in fp32.
+
+Entry points:
+    forward(input_ids)                                -> logits [B, T, V]       (whole sequences)
+    prefill(input_ids, state, positions=None)         -> (logits, state)        (a chunk of T tokens)
+    decode(input_ids, positions, state)               -> (logits, state)        (one token per sequence)
+All are pure functions of their inputs and the weights: no ``.item()``, no data-dependent Python branches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kernels  # noqa: F401  (registers torch.ops.minimax.*)
+
+from .config import LIGHTNING, MiniMaxConfig
+from .state import MiniMaxState
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MiniMaxForCausalLM", "MiniMaxModel", "RMSNorm", "apply_partial_rope"]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, weight applied in the input dtype (as the reference implementations do)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of each head, rotate-half (NeoX) pairing; the rest pass through.
+
+    x [B, heads, T, D]; cos, sin [B, T, rotary_dim] fp32. Computed in fp32, returned in x.dtype.
+    """
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r].float(), x[..., r:]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, r]
+    rotated = (x_rot * cos + _rotate_half(x_rot) * sin).to(x.dtype)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+@dataclass
+class _StepContext:
+    """What every layer of one forward step shares."""
+
+    decode: bool  # one token per sequence: lightning layers take the recurrent step
+    token_positions: Tensor  # [B, T] int64: absolute position of each input token
+    cos: Tensor  # [B, T, rotary_dim] fp32
+    sin: Tensor  # [B, T, rotary_dim] fp32
+
+
+class LightningAttention(nn.Module):
+    """Lightning (linear) attention layer: SiLU q/k/v, decayed causal linear attention, RMSNorm, sigmoid gate."""
+
+    def __init__(self, config: MiniMaxConfig, layer_idx: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        inner = self.num_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * inner, bias=False, dtype=dtype)  # per-head [q|k|v]
+        self.output_gate = nn.Linear(config.hidden_size, inner, bias=False, dtype=dtype)
+        self.out_proj = nn.Linear(inner, config.hidden_size, bias=False, dtype=dtype)
+        self.norm = RMSNorm(inner, eps=config.lightning_norm_eps, dtype=dtype)  # over all heads jointly
+        self.decay_values = config.lightning_decay_rates(layer_idx)
+        self.register_buffer("decay_rate", torch.empty(self.num_heads, dtype=torch.float32), persistent=False)
+
+    def reset_buffers(self) -> None:
+        self.decay_rate = torch.tensor(self.decay_values, dtype=torch.float32, device=self.qkv_proj.weight.device)
+
+    def forward(self, x: Tensor, ctx: _StepContext, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * D)  # [B, T, H, 3D]
+        q, k, v = qkv.split(D, dim=-1)  # [B, T, H, D] each
+        (lightning_state,) = state  # [B, H, D, D] fp32
+        if ctx.decode:
+            o, lightning_state = torch.ops.minimax.lightning_decode(q, k, v, self.decay_rate, lightning_state)
+        else:
+            o, lightning_state = torch.ops.minimax.lightning_prefill(q, k, v, self.decay_rate, lightning_state)
+        o = self.norm(o.reshape(B, T, H * D))  # [B, T, H*D]
+        o = torch.sigmoid(self.output_gate(x)) * o
+        return self.out_proj(o), (lightning_state,)
+
+
+class SoftmaxAttention(nn.Module):
+    """Softmax attention layer: GQA, partial RoPE, scale 1/sqrt(D), attends over a fixed-size KV cache."""
+
+    def __init__(self, config: MiniMaxConfig, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden, D = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(hidden, self.num_heads * D, bias=False, dtype=dtype)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=False, dtype=dtype)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * D, bias=False, dtype=dtype)
+        self.o_proj = nn.Linear(self.num_heads * D, hidden, bias=False, dtype=dtype)
+
+    def forward(self, x: Tensor, ctx: _StepContext, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        B, T, _ = x.shape
+        H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
+        key_cache, value_cache = state  # [B, KVH, S, D]
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, KVH, D).transpose(1, 2)  # [B, KVH, T, D]
+        v = self.v_proj(x).view(B, T, KVH, D).transpose(1, 2)
+        q = apply_partial_rope(q, ctx.cos, ctx.sin)
+        k = apply_partial_rope(k, ctx.cos, ctx.sin)
+        # Write the new keys/values at their positions (out of place: the step stays a pure function).
+        slots = ctx.token_positions[:, None, :, None].expand(B, KVH, T, D)  # [B, KVH, T, D]
+        key_cache = key_cache.scatter(2, slots, k.to(key_cache.dtype))
+        value_cache = value_cache.scatter(2, slots, v.to(value_cache.dtype))
+        S = key_cache.shape[2]
+        # Query at position p sees cache slots 0..p; later slots hold stale or zero entries and are masked.
+        visible = torch.arange(S, device=x.device)[None, None, :] <= ctx.token_positions[:, :, None]  # [B, T, S]
+        keys = key_cache.repeat_interleave(H // KVH, dim=1).to(q.dtype)  # [B, H, S, D]
+        values = value_cache.repeat_interleave(H // KVH, dim=1).to(q.dtype)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None], scale=1.0 / math.sqrt(D))
+        o = o.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
+        return self.o_proj(o), (key_cache, value_cache)
+
+
+class Experts(nn.Module):
+    """The SwiGLU experts of one layer, stacked: w1, w3 [E, I, hidden]; w2 [E, hidden, I]."""
+
+    def __init__(self, config: MiniMaxConfig, dtype: torch.dtype | None = None):
+        super().__init__()
+        E, I, hidden = config.num_local_experts, config.intermediate_size, config.hidden_size
+        self.w1 = nn.Parameter(torch.empty(E, I, hidden, dtype=dtype))
+        self.w3 = nn.Parameter(torch.empty(E, I, hidden, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(E, hidden, I, dtype=dtype))
+
+
+class SparseMoE(nn.Module):
+    """Router (fp32 gate, softmax, top-k, renormalised) + SwiGLU experts, as one ``minimax::moe`` call."""
+
+    def __init__(self, config: MiniMaxConfig, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False, dtype=torch.float32)
+        self.experts = Experts(config, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, hidden = x.shape
+        e = self.experts
+        y = torch.ops.minimax.moe(x.reshape(B * T, hidden), self.gate.weight, e.w1, e.w3, e.w2, self.top_k)
+        return y.view(B, T, hidden)
+
+
+class DecoderLayer(nn.Module):
+    """One block: a mixer chosen by the layer plan, then the MoE, each with a DeepNorm post-norm residual."""
+
+    def __init__(self, config: MiniMaxConfig, layer_idx: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.is_lightning = config.layer_types[layer_idx] == LIGHTNING
+        if self.is_lightning:
+            self.self_attn: nn.Module = LightningAttention(config, layer_idx, dtype=dtype)
+            self.attn_alpha, self.attn_beta = config.linear_attn_alpha, config.linear_attn_beta
+        else:
+            self.self_attn = SoftmaxAttention(config, dtype=dtype)
+            self.attn_alpha, self.attn_beta = config.full_attn_alpha, config.full_attn_beta
+        self.mlp_alpha, self.mlp_beta = config.mlp_alpha, config.mlp_beta
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.block_sparse_moe = SparseMoE(config, dtype=dtype)
+
+    def forward(self, x: Tensor, ctx: _StepContext, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        # Post-norm: the residual branch carries the *normed* input, scaled by alpha (DeepNorm).
+        h = self.input_layernorm(x)
+        attn, state = self.self_attn(h, ctx, state)
+        y = self.attn_alpha * h + self.attn_beta * attn
+        h = self.post_attention_layernorm(y)
+        return self.mlp_alpha * h + self.mlp_beta * self.block_sparse_moe(h), state
+
+
+class MiniMaxModel(nn.Module):
+    """Embedding, decoder layers and final norm (the ``model.`` prefix of the checkpoint)."""
+
+    def __init__(self, config: MiniMaxConfig, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype=dtype) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
+        self.register_buffer("inv_freq", torch.empty(config.rotary_dim // 2, dtype=torch.float32), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the derived buffers (RoPE frequencies, decay rates) on the weights' device."""
+        r = self.config.rotary_dim
+        device = self.embed_tokens.weight.device
+        exponent = torch.arange(0, r, 2, dtype=torch.float32, device=device) / r
+        self.inv_freq = 1.0 / (self.config.rope_theta**exponent)
+        for layer in self.layers:
+            if layer.is_lightning:
+                layer.self_attn.reset_buffers()
+
+    def forward(
+        self, input_ids: Tensor, state: MiniMaxState, positions: Tensor, decode: bool
+    ) -> tuple[Tensor, MiniMaxState]:
+        B, T = input_ids.shape
+        token_positions = positions[:, None] + torch.arange(T, device=input_ids.device)[None, :]  # [B, T]
+        freqs = token_positions[..., None].float() * self.inv_freq  # [B, T, r/2] fp32
+        emb = torch.cat((freqs, freqs), dim=-1)
+        ctx = _StepContext(decode=decode, token_positions=token_positions, cos=emb.cos(), sin=emb.sin())
+
+        lightning, key_cache, value_cache = list(state.lightning), list(state.key_cache), list(state.value_cache)
+        h = self.embed_tokens(input_ids)  # [B, T, hidden]
+        i_lin = i_soft = 0
+        for layer in self.layers:
+            if layer.is_lightning:
+                h, (lightning[i_lin],) = layer(h, ctx, (lightning[i_lin],))
+                i_lin += 1
+            else:
+                h, (key_cache[i_soft], value_cache[i_soft]) = layer(h, ctx, (key_cache[i_soft], value_cache[i_soft]))
+                i_soft += 1
+        return self.norm(h), MiniMaxState(lightning, key_cache, value_cache)
+
+
+class MiniMaxForCausalLM(nn.Module):
+    """MiniMax-Text-01 causal LM. ``dtype`` is the weights' dtype; the router gate and LM head stay fp32."""
+
+    def __init__(self, config: MiniMaxConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.model = MiniMaxModel(config, dtype=dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=torch.float32)
+        if self.lm_head.weight.device.type != "meta":
+            self.model.reset_buffers()
+        logger.info(
+            "MiniMax model: %d layers (%d lightning, %d softmax), %s weights; kernels: lightning attention via "
+            "torch.ops.minimax.lightning_prefill/lightning_decode, MoE via torch.ops.minimax.moe "
+            "(fp32 reference implementation on every device)",
+            config.num_hidden_layers, len(config.lightning_layers), len(config.softmax_layers), dtype,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", **config_overrides
+    ) -> "MiniMaxForCausalLM":
+        """Load an official sharded safetensors checkpoint (see ``model.loading.load_checkpoint``)."""
+        from .loading import load_checkpoint
+
+        return load_checkpoint(cls, path, dtype=dtype, device=device, **config_overrides)
+
+    @torch.no_grad()
+    def init_random_weights(self, seed: int = 0, std: float = 0.02) -> "MiniMaxForCausalLM":
+        """Fill every weight with N(0, std) (norm weights with 1): a random model for demos and tests."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+        return self
+
+    def _logits(self, h: Tensor) -> Tensor:
+        return F.linear(h.float(), self.lm_head.weight)  # fp32 LM head -> fp32 logits [B, T, V]
+
+    def new_state(self, batch_size: int, max_seq_len: int, device: torch.device | str | None = None) -> MiniMaxState:
+        """A zero decoding state sized for this model (KV cache in the weights' dtype)."""
+        device = self.lm_head.weight.device if device is None else device
+        return MiniMaxState.allocate(self.config, batch_size, max_seq_len, dtype=self.dtype, device=device)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Whole sequences from an empty state: ``input_ids [B, T] -> logits [B, T, vocab]`` (fp32)."""
+        state = self.new_state(input_ids.shape[0], input_ids.shape[1], device=input_ids.device)
+        logits, _ = self.prefill(input_ids, state)
+        return logits
+
+    def prefill(
+        self, input_ids: Tensor, state: MiniMaxState, positions: Tensor | None = None, last_logits_only: bool = False
+    ) -> tuple[Tensor, MiniMaxState]:
+        """Process a chunk ``input_ids [B, T]`` starting at ``positions [B]`` (default 0) on top of ``state``.
+
+        Returns ``(logits [B, T, V] fp32 (or [B, 1, V] with last_logits_only), new state)``; the input state is not
+        modified. Calling prefill on consecutive chunks with the state carried equals one call on the whole.
+        """
+        if positions is None:
+            positions = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        h, state = self.model(input_ids, state, positions, decode=False)
+        if last_logits_only:
+            h = h[:, -1:]
+        return self._logits(h), state
+
+    def decode(self, input_ids: Tensor, positions: Tensor, state: MiniMaxState) -> tuple[Tensor, MiniMaxState]:
+        """One token per sequence: ``input_ids [B, 1]`` at ``positions [B]`` -> ``(logits [B, 1, V] fp32, state)``."""
+        if input_ids.shape[1] != 1:
+            raise ValueError(f"decode takes one token per sequence: input_ids [B, 1], got {tuple(input_ids.shape)}")
+        h, state = self.model(input_ids, state, positions, decode=True)
+        return self._logits(h), state
