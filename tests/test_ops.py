@@ -1,0 +1,94 @@
+"""Custom ops: opcheck (schema, fake kernels with the real strides) and one exported node per op call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels  # noqa: F401
+from model import MiniMaxConfig, MiniMaxForCausalLM
+
+
+def _lightning_args(B=2, T=11, H=3, D=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, generator=g).to(dtype) for _ in range(3))
+    return q, k, v, torch.rand(H, generator=g), torch.randn(B, H, D, D, generator=g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_lightning(dtype):
+    q, k, v, s, state = _lightning_args(dtype=dtype)
+    torch.library.opcheck(torch.ops.minimax.lightning_prefill.default, (q, k, v, s, state))
+    torch.library.opcheck(torch.ops.minimax.lightning_decode.default, (q[:, :1], k[:, :1], v[:, :1], s, state))
+
+
+def test_opcheck_lightning_strided_inputs():
+    """The model passes q, k, v as views of one [B, T, H, 3D] tensor: outputs must still be contiguous."""
+    B, T, H, D = 2, 9, 3, 8
+    qkv = torch.randn(B, T, H, 3 * D)
+    q, k, v = qkv.split(D, dim=-1)
+    s, state = torch.rand(H), torch.randn(B, H, D, D)
+    torch.library.opcheck(torch.ops.minimax.lightning_prefill.default, (q, k, v, s, state))
+    o, new_state = torch.ops.minimax.lightning_prefill(q, k, v, s, state)
+    assert o.is_contiguous() and new_state.is_contiguous()
+
+
+def test_opcheck_moe():
+    g = torch.Generator().manual_seed(0)
+    T, hidden, I, E = 7, 16, 24, 4
+    args = (
+        torch.randn(T, hidden, generator=g),
+        torch.randn(E, hidden, generator=g),
+        torch.randn(E, I, hidden, generator=g),
+        torch.randn(E, I, hidden, generator=g),
+        torch.randn(E, hidden, I, generator=g),
+        2,
+    )
+    torch.library.opcheck(torch.ops.minimax.moe.default, args)
+
+
+def _op_counts(graph_module):
+    counts: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and str(node.target).startswith("minimax."):
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    return counts
+
+
+def test_export_keeps_one_node_per_op_call():
+    config = MiniMaxConfig.preset("tiny")
+    model = MiniMaxForCausalLM(config).init_random_weights(0).eval()
+    n_lin, n_layers = len(config.lightning_layers), config.num_hidden_layers
+    B, T, S = 2, 5, 16
+    state = model.new_state(B, S)
+
+    class Prefill(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, state):
+            return self.m.prefill(input_ids, state)
+
+    class Decode(Prefill):
+        def forward(self, input_ids, positions, state):
+            return self.m.decode(input_ids, positions, state)
+
+    ids = torch.randint(0, config.vocab_size, (B, T))
+    batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=2, max=S)
+    state_dims = [[{0: batch}] * n_lin, [{0: batch}] * 2, [{0: batch}] * 2]  # MiniMaxState fields, in order
+    ep = torch.export.export(Prefill(model), (ids, state), dynamic_shapes=({0: batch, 1: seq}, state_dims))
+    ep = ep.run_decompositions()
+    assert _op_counts(ep.graph_module) == {"minimax.lightning_prefill.default": n_lin, "minimax.moe.default": n_layers}
+    eager_logits, eager_state = model.prefill(ids, state)
+    exported_logits, exported_state = ep.module()(ids, state)
+    torch.testing.assert_close(exported_logits, eager_logits, rtol=1e-5, atol=1e-5)
+
+    positions = torch.full((B,), T, dtype=torch.long)
+    ep_dec = torch.export.export(
+        Decode(model), (ids[:, :1], positions, eager_state), dynamic_shapes=({0: batch}, {0: batch}, state_dims)
+    ).run_decompositions()
+    assert _op_counts(ep_dec.graph_module) == {"minimax.lightning_decode.default": n_lin, "minimax.moe.default": n_layers}
+    logits_a, _ = model.decode(ids[:, :1], positions, eager_state)
+    logits_b, _ = ep_dec.module()(ids[:, :1], positions, eager_state)
+    torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
