@@ -81,8 +81,7 @@ def _lightning_prefill_kernel(
     # log2 of the per-step decay: exp(-s x) = exp2(neg_rate x)
     neg_rate = -tl.load(s_ptr + h).to(tl.float32) * 1.4426950408889634
     diff = (offs_t[:, None] - offs_t[None, :]).to(tl.float32)  # query minus key position
-    # where() (not a multiply) so the exp2 of the positive exponents above the diagonal cannot make inf * 0
-    intra_decay = tl.where(diff >= 0, tl.exp2(neg_rate * diff), 0.0)  # [BLOCK_T, BLOCK_T]
+    intra_decay = tl.where(diff >= 0, tl.exp2(neg_rate * tl.maximum(diff, 0.0)), 0.0)  # [BLOCK_T, BLOCK_T]
     q_decay = tl.exp2(neg_rate * (offs_t + 1).to(tl.float32))  # [BLOCK_T]: weight of S for query j
 
     q_base = q_ptr + b * stride_qb + h * stride_qh
@@ -113,7 +112,8 @@ def _lightning_prefill_kernel(
 
         # state update; m = valid tokens in this block (BLOCK_T except for the last one)
         m = tl.minimum(T - t0, BLOCK_T).to(tl.float32)
-        key_weight = tl.where(valid, tl.exp2(neg_rate * (m - 1.0 - offs_t.to(tl.float32))), 0.0)  # [BLOCK_T]
+        key_pos = tl.maximum(m - 1.0 - offs_t.to(tl.float32), 0.0)  # distance to the block's last valid key
+        key_weight = tl.where(valid, tl.exp2(neg_rate * key_pos), 0.0)  # [BLOCK_T]
         v_weighted = (v * key_weight[:, None]).to(k.dtype)
         state = state * tl.exp2(neg_rate * m) + tl.dot(tl.trans(k), v_weighted, input_precision=DOT_PRECISION)
 
@@ -149,12 +149,16 @@ def lightning_prefill_triton(
     s: Tensor,
     initial_state: Tensor | None = None,
     config: PrefillConfig | None = None,
+    out: Tensor | None = None,
+    final_state_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal lightning attention over a chunk of tokens.
 
     q, k [B, T, H, Dk]; v [B, T, H, Dv] (bf16, fp16 or fp32, any strides; the last dim is made contiguous if it is
     not); s [H] fp32 decay rates; initial_state [B, H, Dk, Dv] fp32 or None (zeros).
-    Returns ``(o [B, T, H, Dv] in q.dtype, contiguous; final_state [B, H, Dk, Dv] fp32, contiguous)``.
+    Returns ``(o [B, T, H, Dv] in q.dtype, contiguous; final_state [B, H, Dk, Dv] fp32, contiguous)``, new tensors
+    unless preallocated contiguous ``out`` / ``final_state_out`` are given (``final_state_out`` may be
+    ``initial_state`` itself: each program reads its state slice before the loop and writes it after).
     """
     B, T, H, DK = q.shape
     DV = v.shape[-1]
@@ -178,8 +182,19 @@ def lightning_prefill_triton(
     cfg = config or default_prefill_config(B, H, DK, DV, q.device)
     block_v = min(cfg.block_v, DV)
 
-    o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)  # [B, T, H, Dv]
-    final_state = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)  # [B, H, Dk, Dv]
+    if out is None:
+        out = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)  # [B, T, H, Dv]
+    elif out.shape != (B, T, H, DV) or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"lightning prefill: out must be contiguous {q.dtype} {(B, T, H, DV)}")
+    if final_state_out is None:
+        final_state_out = torch.empty(B, H, DK, DV, dtype=torch.float32, device=q.device)  # [B, H, Dk, Dv]
+    elif (
+        final_state_out.shape != (B, H, DK, DV)
+        or final_state_out.dtype != torch.float32
+        or not final_state_out.is_contiguous()
+    ):
+        raise ValueError(f"lightning prefill: final_state_out must be contiguous fp32 {(B, H, DK, DV)}")
+    o, final_state = out, final_state_out
     state_in = initial_state if initial_state is not None else final_state  # dummy pointer when absent
     precision = "tf32x3" if (q.dtype == torch.float32 and q.device.type == "cuda") else "tf32"
     grid = (DV // block_v, B * H)

@@ -2,7 +2,9 @@
 
 Both ops are functional (no input is mutated) and return new contiguous tensors; the fake kernels return exactly
 those shapes, dtypes and strides so that ``torch.export`` keeps each call as one node and AOTInductor plans the
-right buffers. The implementation registered here for every device is the fp32 reference of ``naive.py``.
+right buffers. The default implementation (every device, CPU included) is the fp32 reference of ``naive.py``; on
+CUDA the Triton kernels of ``chunk.py`` (prefill) and ``recurrent.py`` (decode) are registered instead. Their
+modules (and triton) are imported on the first CUDA call only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ def lightning_prefill(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state:
     return naive.lightning_attention_blockwise(q, k, v, s, initial_state, block_size=REFERENCE_BLOCK_SIZE)
 
 
+@lightning_prefill.register_kernel("cuda")
+def _lightning_prefill_cuda(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
+    from .chunk import lightning_prefill_triton
+
+    return lightning_prefill_triton(q, k, v, s, initial_state)  # new contiguous o [B, T, H, Dv], state [B, H, Dk, Dv]
+
+
 @lightning_prefill.register_fake
 def _lightning_prefill_fake(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
     B, T, H, _ = q.shape
@@ -38,6 +47,13 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) 
     Returns ``(o [B, 1, H, Dv] in q.dtype, new_state [B, H, Dk, Dv] fp32)``.
     """
     return naive.lightning_attention_decode_step(q, k, v, s, state)
+
+
+@lightning_decode.register_kernel("cuda")
+def _lightning_decode_cuda(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    from .recurrent import lightning_decode_triton
+
+    return lightning_decode_triton(q, k, v, s, state)  # new contiguous o [B, 1, H, Dv], state [B, H, Dk, Dv]
 
 
 @lightning_decode.register_fake

@@ -86,6 +86,7 @@ def _launch(
     s: Tensor,
     state: Tensor,
     new_state: Tensor,
+    out: Tensor | None = None,
     block_v: int | None = None,
     num_warps: int | None = None,
 ) -> Tensor:
@@ -103,7 +104,13 @@ def _launch(
                          f"got {state.dtype} {tuple(state.shape)} strides {state.stride()}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     s = s.float().contiguous()
-    o = torch.empty(B, 1, H, DV, dtype=q.dtype, device=q.device)  # [B, 1, H, Dv]
+    if out is None:
+        out = torch.empty(B, 1, H, DV, dtype=q.dtype, device=q.device)  # [B, 1, H, Dv]
+    elif out.shape != (B, 1, H, DV) or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"lightning decode: out must be contiguous {q.dtype} {(B, 1, H, DV)}")
+    if new_state.shape != state.shape or new_state.dtype != torch.float32 or new_state.stride(-1) != 1:
+        raise ValueError("lightning decode: the new state must be fp32 with the state's shape, last dim contiguous")
+    o = out
     default_block_v, default_warps = _decode_block_v(B, H, DV, q.device)
     block_v = min(block_v or default_block_v, DV)
     num_warps = num_warps or default_warps
@@ -137,20 +144,32 @@ def _launch(
     return o
 
 
-def lightning_decode_triton(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+def lightning_decode_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    s: Tensor,
+    state: Tensor,
+    out: Tensor | None = None,
+    new_state_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """One decode step. q, k [B, 1, H, Dk]; v [B, 1, H, Dv]; s [H] fp32; state [B, H, Dk, Dv] fp32 (not modified).
 
-    Returns ``(o [B, 1, H, Dv] in q.dtype, new_state [B, H, Dk, Dv] fp32)``, both new contiguous tensors.
+    Returns ``(o [B, 1, H, Dv] in q.dtype, new_state [B, H, Dk, Dv] fp32)``, new contiguous tensors unless
+    preallocated ``out`` / ``new_state_out`` are given.
     """
     state = state.float() if state.stride(-1) == 1 else state.float().contiguous()
-    new_state = torch.empty(state.shape, dtype=torch.float32, device=state.device)  # [B, H, Dk, Dv]
-    o = _launch(q, k, v, s, state, new_state)
-    return o, new_state
+    if new_state_out is None:
+        new_state_out = torch.empty(state.shape, dtype=torch.float32, device=state.device)  # [B, H, Dk, Dv]
+    o = _launch(q, k, v, s, state, new_state_out, out)
+    return o, new_state_out
 
 
-def lightning_decode_triton_(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> Tensor:
+def lightning_decode_triton_(
+    q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor, out: Tensor | None = None
+) -> Tensor:
     """In-place decode step: ``state`` (fp32 [B, H, Dk, Dv], last dim contiguous) becomes the new state.
 
     Returns ``o [B, 1, H, Dv]`` in q.dtype.
     """
-    return _launch(q, k, v, s, state, state)
+    return _launch(q, k, v, s, state, state, out)
