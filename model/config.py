@@ -210,15 +210,15 @@ class MiniMaxConfig:
                               "supported (MiniMax-Text-01 has none)")
         if d.get("rope_scaling"):
             raise ConfigError(f"rope_scaling = {d['rope_scaling']} is not supported")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads", "num_local_experts", "num_experts_per_tok") if k not in d]
+        if missing:
+            raise ConfigError(f"missing fields {missing}")
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         eos = d.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_local_experts", "num_experts_per_tok") if k not in d]
-        if missing:
-            raise ConfigError(f"missing fields {missing}")
         return dict(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
