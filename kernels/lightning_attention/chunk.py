@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["PrefillConfig", "default_prefill_config", "lightning_prefill_triton"]
+__all__ = ["PrefillConfig", "default_prefill_config", "lightning_prefill_triton", "supports_head_dims"]
 
 _LOG2E = 1.4426950408889634
 
@@ -142,6 +142,11 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and (n & (n - 1)) == 0
 
 
+def supports_head_dims(dk: int, dv: int) -> bool:
+    """Whether the Triton kernels take these head dims (powers of two in [16, 256]: tl.dot needs >= 16)."""
+    return all(_is_pow2(d) and 16 <= d <= 256 for d in (dk, dv))
+
+
 def lightning_prefill_triton(
     q: Tensor,
     k: Tensor,
@@ -164,7 +169,7 @@ def lightning_prefill_triton(
     DV = v.shape[-1]
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"lightning prefill: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
-    if not (_is_pow2(DK) and _is_pow2(DV) and 16 <= DK <= 256 and 16 <= DV <= 256):
+    if not supports_head_dims(DK, DV):
         raise ValueError(f"lightning prefill (triton): head dims must be powers of two in [16, 256]; got {DK}, {DV}")
     if T == 0:
         raise ValueError("lightning prefill: the sequence is empty (T = 0)")

@@ -3,8 +3,9 @@
 Both ops are functional (no input is mutated) and return new contiguous tensors; the fake kernels return exactly
 those shapes, dtypes and strides so that ``torch.export`` keeps each call as one node and AOTInductor plans the
 right buffers. The default implementation (every device, CPU included) is the fp32 reference of ``naive.py``; on
-CUDA the Triton kernels of ``chunk.py`` (prefill) and ``recurrent.py`` (decode) are registered instead. Their
-modules (and triton) are imported on the first CUDA call only.
+CUDA the Triton kernels of ``chunk.py`` (prefill) and ``recurrent.py`` (decode) are registered instead (head dims
+that the kernels do not take, i.e. not a power of two in [16, 256], run the reference there too). Their modules (and
+triton) are imported on the first CUDA call only.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ def lightning_prefill(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state:
 
 @lightning_prefill.register_kernel("cuda")
 def _lightning_prefill_cuda(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
-    from .chunk import lightning_prefill_triton
+    from .chunk import lightning_prefill_triton, supports_head_dims
 
+    if not supports_head_dims(q.shape[-1], v.shape[-1]):
+        return naive.lightning_attention_blockwise(q, k, v, s, initial_state, block_size=REFERENCE_BLOCK_SIZE)
     return lightning_prefill_triton(q, k, v, s, initial_state)  # new contiguous o [B, T, H, Dv], state [B, H, Dk, Dv]
 
 
@@ -51,8 +54,11 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) 
 
 @lightning_decode.register_kernel("cuda")
 def _lightning_decode_cuda(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    from .chunk import supports_head_dims
     from .recurrent import lightning_decode_triton
 
+    if not supports_head_dims(q.shape[-1], v.shape[-1]):
+        return naive.lightning_attention_decode_step(q, k, v, s, state)
     return lightning_decode_triton(q, k, v, s, state)  # new contiguous o [B, 1, H, Dv], state [B, H, Dk, Dv]
 
 

@@ -1,0 +1,232 @@
+"""Lightning attention on the GPU: our Triton prefill/decode against the device ceilings and FLA, in one process.
+
+    python -m benchmarks.lightning --out benchmarks/results/lightning.json [--quick] [--sweep]
+
+Measures (H=64, D=128, MiniMax layer-0 decays s_h = 2^(-(h+1)/8), fp32 state):
+  * ceilings: device-to-device copy bandwidth (read + write) and a bf16 8192^3 matmul (benchmarks/common.py);
+  * prefill, B=1, bf16, T in {16K, 32K, 64K, 128K}: ours (``chunk.py``) and FLA ``chunk_simple_gla`` (g_gamma=-s,
+    scale=1, initial state in, final state out); bandwidth counts q, k, v, o once (the state is reported apart);
+  * decode, B in {1, 64, 128}: ours (functional and in place) and FLA ``fused_recurrent_simple_gla``; bandwidth
+    counts the fp32 state read and written (q, k, v, o are < 1 % of the traffic);
+  * with ``--sweep``: the prefill launch configurations and decode slice widths tried, to choose the defaults.
+FLA is imported lazily; if it is not importable its entries say "not installed". Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.common import copy_bandwidth_tbps, environment, matmul_tflops, time_ms, write_json
+
+H, D = 64, 128
+
+
+def minimax_rates(heads: int = H, layer: int = 0, num_layers: int = 80) -> torch.Tensor:
+    """s_{l,h} = 2^(-(h+1) 8/H) (1 - l/(L-1) + 1e-5) in fp32 (layer 0: 0.917 ... 0.0039)."""
+    h = torch.arange(heads, dtype=torch.float32)
+    return 2.0 ** (-(h + 1) * 8.0 / heads) * (1 - layer / (num_layers - 1) + 1e-5)
+
+
+def _load_fla() -> tuple[Any, Any, str]:
+    try:
+        import fla  # noqa: F401
+        from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available here"
+        return None, None, f"not installed ({type(exc).__name__}: {exc})"
+    import fla as fla_pkg
+
+    return chunk_simple_gla, fused_recurrent_simple_gla, getattr(fla_pkg, "__version__", "unknown")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _timed(fn: Callable[[], Any], quick: bool) -> float:
+    return time_ms(fn, warmup=3 if quick else 5, iters=10 if quick else 20)
+
+
+def bench_prefill(T: int, fla_chunk: Any, copy_tbps: float, quick: bool, B: int = 1) -> dict[str, Any]:
+    from kernels.lightning_attention.chunk import lightning_prefill_triton
+
+    g = torch.Generator(device="cuda").manual_seed(T)
+    q, k, v = (torch.nn.functional.silu(torch.randn(B, T, H, D, device="cuda", generator=g)).bfloat16() for _ in "qkv")
+    s = minimax_rates().cuda()
+    S0 = torch.randn(B, H, D, D, device="cuda", generator=g) * 0.01
+    qkvo_bytes = 4 * B * T * H * D * q.element_size()
+    state_bytes = 2 * B * H * D * D * 4
+    ms = _timed(lambda: lightning_prefill_triton(q, k, v, s, S0), quick)
+    row: dict[str, Any] = {
+        "B": B,
+        "T": T,
+        "H": H,
+        "D": D,
+        "dtype": "bfloat16",
+        "ours_ms": ms,
+        "ours_tbps_qkvo": qkvo_bytes / (ms * 1e-3) / 1e12,
+        "ours_frac_of_copy": qkvo_bytes / (ms * 1e-3) / 1e12 / copy_tbps,
+        "qkvo_bytes": qkvo_bytes,
+        "state_bytes": state_bytes,
+    }
+    if fla_chunk is None:
+        row["fla_ms"] = "not installed"
+        return row
+    fla_call = lambda: fla_chunk(q, k, v, g_gamma=-s, scale=1.0, initial_state=S0, output_final_state=True)  # noqa: E731
+    fla_ms = _timed(fla_call, quick)
+    o, S = lightning_prefill_triton(q, k, v, s, S0)
+    fo, fS = fla_call()
+    row.update(
+        fla_ms=fla_ms,
+        fla_tbps_qkvo=qkvo_bytes / (fla_ms * 1e-3) / 1e12,
+        speedup_vs_fla=fla_ms / ms,
+        rel_diff_o_vs_fla=_rel(o, fo),
+        rel_diff_state_vs_fla=_rel(S, fS),
+    )
+    return row
+
+
+def bench_decode(B: int, fla_recurrent: Any, copy_tbps: float, quick: bool) -> dict[str, Any]:
+    from kernels.lightning_attention.recurrent import lightning_decode_triton, lightning_decode_triton_
+
+    g = torch.Generator(device="cuda").manual_seed(B)
+    q, k, v = (torch.nn.functional.silu(torch.randn(B, 1, H, D, device="cuda", generator=g)).bfloat16() for _ in "qkv")
+    s = minimax_rates().cuda()
+    S0 = torch.randn(B, H, D, D, device="cuda", generator=g)
+    state_bytes = 2 * B * H * D * D * 4  # read + write
+    ms = _timed(lambda: lightning_decode_triton(q, k, v, s, S0), quick)
+    state = S0.clone()
+    ms_inplace = _timed(lambda: lightning_decode_triton_(q, k, v, s, state), quick)
+    row: dict[str, Any] = {
+        "B": B,
+        "H": H,
+        "D": D,
+        "ours_ms": ms,
+        "ours_inplace_ms": ms_inplace,
+        "ours_state_tbps": state_bytes / (ms * 1e-3) / 1e12,
+        "ours_frac_of_copy": state_bytes / (ms * 1e-3) / 1e12 / copy_tbps,
+        "ours_inplace_frac_of_copy": state_bytes / (ms_inplace * 1e-3) / 1e12 / copy_tbps,
+        "state_bytes": state_bytes,
+    }
+    if fla_recurrent is None:
+        row["fla_ms"] = "not installed"
+        return row
+    fla_call = lambda: fla_recurrent(q, k, v, g_gamma=-s, scale=1.0, initial_state=S0, output_final_state=True)  # noqa: E731
+    fla_ms = _timed(fla_call, quick)
+    o, S = lightning_decode_triton(q, k, v, s, S0)
+    fo, fS = fla_call()
+    row.update(
+        fla_ms=fla_ms,
+        speedup_vs_fla=fla_ms / ms,
+        ours_over_fla_time=ms / fla_ms,
+        rel_diff_o_vs_fla=_rel(o, fo),
+        rel_diff_state_vs_fla=_rel(S, fS),
+    )
+    return row
+
+
+def sweep_prefill(T: int, copy_tbps: float) -> list[dict[str, Any]]:
+    """Launch configurations of the prefill at B=1, H=64, D=128, bf16 (the defaults come from here)."""
+    from kernels.lightning_attention.chunk import PrefillConfig, lightning_prefill_triton
+
+    q, k, v = (torch.randn(1, T, H, D, device="cuda").bfloat16() for _ in "qkv")
+    s = minimax_rates().cuda()
+    S0 = torch.randn(1, H, D, D, device="cuda") * 0.01
+    ref_o, _ = lightning_prefill_triton(q, k, v, s, S0, config=PrefillConfig(64, 64, 4, 2))
+    qkvo_bytes = 4 * T * H * D * 2
+    rows = []
+    for bt, bv, warps, stages in [
+        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 4, 3),
+        (64, 32, 2, 3), (64, 128, 8, 2), (64, 128, 8, 3), (128, 64, 8, 2), (32, 64, 4, 3), (32, 32, 2, 3),
+    ]:
+        cfg = PrefillConfig(bt, bv, warps, stages)
+        try:
+            ms = time_ms(lambda: lightning_prefill_triton(q, k, v, s, S0, config=cfg), warmup=2, iters=10)
+            o, _ = lightning_prefill_triton(q, k, v, s, S0, config=cfg)
+            rows.append({**cfg.__dict__, "T": T, "ms": ms, "frac_of_copy": qkvo_bytes / (ms * 1e-3) / 1e12 / copy_tbps,
+                         "rel_diff_vs_default": _rel(o, ref_o)})
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is a sweep result, not a failure
+            rows.append({**cfg.__dict__, "T": T, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        print("  sweep prefill", rows[-1], flush=True)
+    return rows
+
+
+def sweep_decode(B: int, copy_tbps: float) -> list[dict[str, Any]]:
+    from kernels.lightning_attention.recurrent import _launch
+
+    q, k, v = (torch.randn(B, 1, H, D, device="cuda").bfloat16() for _ in "qkv")
+    s = minimax_rates().cuda()
+    S0 = torch.randn(B, H, D, D, device="cuda")
+    new = torch.empty_like(S0)
+    state_bytes = 2 * B * H * D * D * 4
+    rows = []
+    for bv in (16, 32, 64, 128):
+        for warps in (1, 2, 4, 8):
+            ms = time_ms(lambda: _launch(q, k, v, s, S0, new, None, bv, warps), warmup=2, iters=10)
+            rows.append({"B": B, "block_v": bv, "num_warps": warps, "ms": ms,
+                         "frac_of_copy": state_bytes / (ms * 1e-3) / 1e12 / copy_tbps})
+            print("  sweep decode", rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/lightning.json", help="JSON output path")
+    parser.add_argument("--quick", action="store_true", help="T=16K prefill and B in {1, 64} decode only, fewer iters")
+    parser.add_argument("--sweep", action="store_true", help="also sweep prefill configs and decode slice widths")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.lightning needs a CUDA GPU", file=sys.stderr)
+        return 2
+
+    env = environment()
+    fla_chunk, fla_recurrent, fla_version = _load_fla()
+    env["fla"] = fla_version
+    print(f"device {env['device']}  torch {env['torch']}  triton {env['triton']}  fla {fla_version}", flush=True)
+    copy_tbps = copy_bandwidth_tbps()
+    mm_tflops = matmul_tflops()
+    print(f"ceilings: copy {copy_tbps:.3f} TB/s (read+write), bf16 matmul {mm_tflops:.1f} TFLOP/s", flush=True)
+
+    payload: dict[str, Any] = {
+        "environment": env,
+        "command": " ".join(["python -m benchmarks.lightning", *(argv if argv is not None else sys.argv[1:])]),
+        "ceilings": {"copy_tbps": copy_tbps, "matmul_bf16_tflops": mm_tflops},
+    }
+    if args.sweep:
+        payload["sweep_prefill"] = [r for T in (16384, 65536) for r in sweep_prefill(T, copy_tbps)]
+        payload["sweep_decode"] = [r for B in (1, 64, 128) for r in sweep_decode(B, copy_tbps)]
+
+    lengths = (16384,) if args.quick else (16384, 32768, 65536, 131072)
+    payload["prefill"] = []
+    for T in lengths:
+        payload["prefill"].append(bench_prefill(T, fla_chunk, copy_tbps, args.quick))
+        torch.cuda.empty_cache()
+    batches = (1, 64) if args.quick else (1, 64, 128)
+    payload["decode"] = [bench_decode(B, fla_recurrent, copy_tbps, args.quick) for B in batches]
+
+    print("\nprefill (B=1, H=64, D=128, bf16; bandwidth counts q, k, v, o once)")
+    print(f"{'T':>7} {'ours ms':>9} {'TB/s':>6} {'% copy':>7} {'FLA ms':>9} {'FLA TB/s':>9} {'speedup':>8} {'rel diff':>9}")
+    for r in payload["prefill"]:
+        fla = r["fla_ms"]
+        fla_cols = (
+            f"{fla:9.3f} {r['fla_tbps_qkvo']:9.3f} {r['speedup_vs_fla']:7.2f}x {r['rel_diff_o_vs_fla']:9.2e}"
+            if isinstance(fla, float) else f"{fla:>38}"
+        )
+        print(f"{r['T']:>7} {r['ours_ms']:9.3f} {r['ours_tbps_qkvo']:6.3f} {100 * r['ours_frac_of_copy']:6.1f}% {fla_cols}")
+    print("\ndecode (H=64, D=128, bf16 q/k/v, fp32 state; bandwidth counts the state read + written)")
+    print(f"{'B':>5} {'ours ms':>9} {'in-place':>9} {'% copy':>7} {'FLA ms':>9} {'ours/FLA':>9}")
+    for r in payload["decode"]:
+        fla = r["fla_ms"]
+        fla_cols = f"{fla:9.4f} {r['ours_over_fla_time']:9.2f}" if isinstance(fla, float) else f"{fla:>19}"
+        print(f"{r['B']:>5} {r['ours_ms']:9.4f} {r['ours_inplace_ms']:9.4f} {100 * r['ours_frac_of_copy']:6.1f}% {fla_cols}")
+    write_json(args.out, payload)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
