@@ -2,7 +2,8 @@
 
 One op covers routing and experts so that ``torch.export`` keeps each MoE call as a single node. It is
 functional and returns a new contiguous ``[T, hidden]`` tensor in the dtype of ``x``; the fake kernel returns the
-same. The implementation registered here for every device is the fp32 reference of ``naive.py``.
+same. The default implementation (every device, CPU included) is the fp32 reference of ``naive.py``; on CUDA the
+Triton kernels of ``dispatch.py`` are registered instead (imported, with triton, on the first CUDA call only).
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from . import naive
 def moe(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int) -> Tensor:
     """x [T, hidden]; router_weight [E, hidden]; w1, w3 [E, I, hidden]; w2 [E, hidden, I] -> [T, hidden]."""
     return naive.moe_forward(x, router_weight, w1, w3, w2, top_k)
+
+
+@moe.register_kernel("cuda")
+def _moe_cuda(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int) -> Tensor:
+    from .dispatch import moe_forward_triton
+
+    return moe_forward_triton(x, router_weight, w1, w3, w2, top_k)  # new contiguous [T, hidden] in x.dtype
 
 
 @moe.register_fake

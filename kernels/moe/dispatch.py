@@ -1,0 +1,201 @@
+"""Launcher of the Triton MoE: chains the stages of ``routing.py`` and ``grouped.py``.
+
+    T <= decode_max_tokens (decode):  route -> swiglu_decode -> down_combine_decode                 (3 launches)
+    otherwise (grouped):              route -> align -> swiglu_grouped -> down_grouped -> combine   (5 launches)
+
+The path and the tile sizes are a pure function of the shapes (``default_config``), never of the data, so one
+call is a fixed sequence of launches with no host synchronisation (CUDA-graph capturable). Every intermediate has
+a static upper-bound shape that depends on T only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import grouped, naive, routing
+
+__all__ = ["MoeTritonConfig", "default_config", "moe_forward_triton"]
+
+
+@dataclass(frozen=True)
+class MoeTritonConfig:
+    """Tile sizes of every stage. ``decode_max_tokens``: the largest T that takes the decode path."""
+
+    decode_max_tokens: int = 16
+    # router
+    route_block_t: int = 32
+    route_block_k: int = 128
+    # grouped path
+    block_m: int = 64
+    swiglu_block_n: int = 128
+    swiglu_block_k: int = 64
+    swiglu_warps: int = 8
+    swiglu_stages: int = 3
+    down_block_n: int = 128
+    down_block_k: int = 64
+    down_warps: int = 8
+    down_stages: int = 3
+    group_m: int = 8
+    align_chunk: int = 256
+    # decode path
+    decode_block_n: int = 16
+    decode_block_k: int = 256
+    decode_warps: int = 4
+    decode_stages: int = 4
+
+
+def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.device) -> MoeTritonConfig:
+    """Tiles by problem size. On CPU (``TRITON_INTERPRET=1``) small tiles keep the interpreter fast."""
+    if device.type != "cuda":
+        return MoeTritonConfig(
+            route_block_t=16,
+            route_block_k=32,
+            block_m=16,
+            swiglu_block_n=32,
+            swiglu_block_k=32,
+            down_block_n=32,
+            down_block_k=32,
+            decode_block_n=16,
+            decode_block_k=32,
+        )
+    rows_per_expert = n_tokens * top_k / num_experts
+    if rows_per_expert >= 512:  # compute-bound: big tiles; padding (< block_m per expert) is a few percent
+        return MoeTritonConfig(block_m=128, swiglu_block_n=128, down_block_n=256)
+    if rows_per_expert >= 64:
+        return MoeTritonConfig(block_m=64, swiglu_block_n=128, down_block_n=128, swiglu_warps=4, down_warps=4)
+    # few rows per expert: weight-bandwidth bound, small row blocks waste little
+    return MoeTritonConfig(
+        block_m=16,
+        swiglu_block_n=64,
+        swiglu_block_k=128,
+        down_block_n=64,
+        down_block_k=128,
+        swiglu_warps=4,
+        down_warps=4,
+        swiglu_stages=4,
+        down_stages=4,
+    )
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, poison: bool) -> Tensor:
+    """Uninitialised buffer; ``poison`` fills it (NaN, or a large integer) so that an unwritten element shows."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if poison:
+        t.fill_(float("nan") if dtype.is_floating_point else 1 << 30)
+    return t
+
+
+def moe_forward_triton(
+    x: Tensor,
+    router_weight: Tensor,
+    w1: Tensor,
+    w3: Tensor,
+    w2: Tensor,
+    top_k: int,
+    *,
+    config: MoeTritonConfig | None = None,
+    poison: bool = False,
+) -> Tensor:
+    """Routed SwiGLU experts with Triton: x [T, hidden] -> y [T, hidden] (x.dtype, new contiguous tensor).
+
+    router_weight [E, hidden] (any float dtype, used in fp32); w1, w3 [E, I, hidden]; w2 [E, hidden, I]
+    (contiguous, the dtype of x, or converted while loading). ``config`` overrides ``default_config``;
+    ``poison`` fills every buffer allocated here with NaN / garbage first (tests).
+    """
+    naive.check_moe_inputs(x, router_weight, w1, w3, w2, top_k)
+    T, hidden = x.shape
+    E, inter = w1.shape[0], w1.shape[1]
+    dev = x.device
+    cfg = default_config(T, top_k, E, dev) if config is None else config
+    x = x.contiguous()
+    w1, w3, w2 = w1.contiguous(), w3.contiguous(), w2.contiguous()
+    y = _empty((T, hidden), x.dtype, dev, poison)
+    if T == 0:
+        return y
+
+    topk_weights, topk_ids = routing.moe_route_triton(
+        x,
+        router_weight,
+        top_k,
+        block_t=cfg.route_block_t,
+        block_k=cfg.route_block_k,
+        out_weights=_empty((T, top_k), torch.float32, dev, poison),
+        out_ids=_empty((T, top_k), torch.int32, dev, poison),
+    )  # [T, top_k] fp32, int32
+
+    if T <= cfg.decode_max_tokens:
+        h = grouped.swiglu_decode(
+            x,
+            w1,
+            w3,
+            topk_ids,
+            block_n=cfg.decode_block_n,
+            block_k=cfg.decode_block_k,
+            num_warps=cfg.decode_warps,
+            num_stages=cfg.decode_stages,
+            out=_empty((T * top_k, inter), x.dtype, dev, poison),
+        )  # [T * top_k, I]
+        return grouped.down_combine_decode(
+            h,
+            w2,
+            topk_weights,
+            topk_ids,
+            out_dtype=x.dtype,
+            block_n=cfg.decode_block_n,
+            block_k=cfg.decode_block_k,
+            num_warps=cfg.decode_warps,
+            num_stages=cfg.decode_stages,
+            out=y,
+        )  # [T, hidden]
+
+    bm = cfg.block_m
+    n_slots = T * top_k
+    max_rows = routing.align_max_rows(n_slots, E, bm)
+    max_blocks = routing.align_max_blocks(n_slots, E, bm)
+    align = routing.moe_align_triton(
+        topk_ids,
+        E,
+        bm,
+        chunk=cfg.align_chunk,
+        out=routing.AlignResult(
+            _empty((max_rows,), torch.int32, dev, poison),
+            _empty((n_slots,), torch.int32, dev, poison),
+            _empty((max_blocks,), torch.int32, dev, poison),
+            _empty((E,), torch.int32, dev, poison),
+            _empty((E + 1,), torch.int32, dev, poison),
+        ),
+    )
+    h = grouped.swiglu_grouped(
+        x,
+        w1,
+        w3,
+        align.sorted_slots,
+        align.block_expert,
+        top_k,
+        block_m=bm,
+        block_n=cfg.swiglu_block_n,
+        block_k=cfg.swiglu_block_k,
+        group_m=cfg.group_m,
+        num_warps=cfg.swiglu_warps,
+        num_stages=cfg.swiglu_stages,
+        out=_empty((max_rows, inter), x.dtype, dev, poison),
+    )  # [max_rows, I]
+    y_perm = grouped.down_grouped(
+        h,
+        w2,
+        align.sorted_slots,
+        align.block_expert,
+        topk_weights,
+        block_m=bm,
+        block_n=cfg.down_block_n,
+        block_k=cfg.down_block_k,
+        group_m=cfg.group_m,
+        num_warps=cfg.down_warps,
+        num_stages=cfg.down_stages,
+        out=_empty((max_rows, hidden), x.dtype, dev, poison),
+    )  # [max_rows, hidden]
+    return grouped.combine(y_perm, align.inv_perm, T, top_k, out_dtype=x.dtype, out=y)  # [T, hidden]
+

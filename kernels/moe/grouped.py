@@ -1,0 +1,509 @@
+"""Triton expert GEMMs of the MiniMax MoE: grouped (prefill) and selected-expert (decode) paths.
+
+Semantics are those of ``naive.moe_experts``: y_t = sum_j w[t, j] * (silu(x_t w1_e^T) * (x_t w3_e^T)) w2_e^T with
+e = ids[t, j]. Products run on the tensor cores in the input dtype with fp32 accumulation; the SwiGLU activation h
+is stored in the input dtype between the two GEMMs; the top-k sum runs in fp32.
+
+Grouped path (many tokens), over the permutation of ``routing.moe_align_triton`` (rows grouped by expert, each
+expert's range padded to BLOCK_M rows):
+  stage 3 ``swiglu_grouped``: one launch, grid ``max_blocks * cdiv(I, BLOCK_N)``. A program takes one BLOCK_M-row
+      block (one expert) and one BLOCK_N slice of I, gathers the block's token rows of x, and accumulates the gate
+      (w1) and up (w3) products together (two accumulators, each x tile loaded once), then writes
+      h = silu(gate) * up.   reads x [T, hidden], w1/w3 [E, I, hidden]; writes h [max_rows, I]
+  stage 4 ``down_grouped``: one launch, grid ``max_blocks * cdiv(hidden, BLOCK_N)``: h rows (contiguous, no
+      gather) times w2 of the block's expert, each row scaled by its routing weight.
+      reads h, w2 [E, hidden, I], topk_weights; writes y_perm [max_rows, hidden] (permuted order)
+  stage 5 ``combine``: one launch, grid ``(cdiv(T, BLOCK_T), cdiv(hidden, BLOCK_H))``: y_t = sum_j
+      y_perm[inv_perm[t * top_k + j]] in fp32. No atomics: every output element is written once, so the result
+      does not depend on scheduling.   reads y_perm, inv_perm; writes y [T, hidden]
+  Programs whose block is past the last used one (block_expert == -1) return at once, so the grids can be sized by
+  the static bound max_blocks. Within a group of GROUP_M blocks the block index runs fastest, so the blocks of one
+  expert run together and share each weight tile through L2.
+
+Decode path (few tokens; no alignment stage, no padding rows, every selected expert's weights read once):
+  ``swiglu_decode``: grid ``cdiv(I, BLOCK_N)``. Each program loops over the E experts, skips those no token chose,
+      and for a chosen one multiplies the (masked) rows of all T tokens by its BLOCK_N slice of w1 and w3, writing
+      h for the slots routed to it.   reads x, topk_ids, w1/w3; writes h [T * top_k, I] (slot order)
+  ``down_combine_decode``: grid ``cdiv(hidden, BLOCK_N)``. Each program loops over the chosen experts, multiplies
+      the slots' h rows by its slice of w2, scales by the routing weights and sums over top_k in registers: the
+      combine is fused.   reads h, w2, topk_ids, topk_weights; writes y [T, hidden]
+  All programs of one launch read the same set of experts, so the work is balanced whatever the routing.
+
+Scalar kernel arguments are integers (token/slot counts, dims); E, top_k and tile sizes are compile-time constants.
+Weights must be contiguous in the documented layouts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = [
+    "swiglu_grouped",
+    "down_grouped",
+    "combine",
+    "swiglu_decode",
+    "down_combine_decode",
+]
+
+
+@triton.jit
+def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M consecutive row blocks sweep the column tiles together (L2 reuse of both)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _swiglu_grouped_kernel(
+    x_ptr,  # [T, hidden]
+    w1_ptr,  # [E, I, hidden]
+    w3_ptr,  # [E, I, hidden]
+    h_ptr,  # [max_rows, I]
+    sorted_slots_ptr,  # [max_rows] int32
+    block_expert_ptr,  # [max_blocks] int32
+    n_slots,
+    hidden,
+    inter,
+    max_blocks,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), max_blocks, tl.cdiv(inter, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_slots_ptr + offs_m)
+    row_valid = slot < n_slots
+    token = tl.where(row_valid, slot // TOP_K, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < inter
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = x_ptr + token.to(tl.int64)[:, None] * hidden + offs_k[None, :]  # [BLOCK_M, BLOCK_K] gathered rows
+    w_off = expert.to(tl.int64) * inter * hidden + offs_n.to(tl.int64)[None, :] * hidden + offs_k[:, None]
+    b1_ptrs = w1_ptr + w_off  # [BLOCK_K, BLOCK_N] view of w1[e, n, k]
+    b3_ptrs = w3_ptr + w_off
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_valid[:, None], other=0.0)
+            b1 = tl.load(b1_ptrs, mask=n_mask[None, :], other=0.0)
+            b3 = tl.load(b3_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = (k0 + offs_k) < hidden
+            a = tl.load(a_ptrs, mask=row_valid[:, None] & k_mask[None, :], other=0.0)
+            b1 = tl.load(b1_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            b3 = tl.load(b3_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc_gate = tl.dot(a, b1.to(a.dtype), acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(a, b3.to(a.dtype), acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b1_ptrs += BLOCK_K
+        b3_ptrs += BLOCK_K
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up  # silu(gate) * up; padding rows give 0
+    h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * inter + offs_n[None, :]
+    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+
+@triton.jit
+def _down_grouped_kernel(
+    h_ptr,  # [max_rows, I]
+    w2_ptr,  # [E, hidden, I]
+    y_perm_ptr,  # [max_rows, hidden]
+    sorted_slots_ptr,  # [max_rows] int32
+    block_expert_ptr,  # [max_blocks] int32
+    topk_weights_ptr,  # [S] fp32
+    n_slots,
+    hidden,
+    inter,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_pid(tl.program_id(0), max_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    slot = tl.load(sorted_slots_ptr + offs_m)
+    row_valid = slot < n_slots
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * inter + offs_k[None, :]  # [BLOCK_M, BLOCK_K], rows in place
+    b_ptrs = w2_ptr + expert.to(tl.int64) * hidden * inter + offs_n.to(tl.int64)[None, :] * inter + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, inter, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = (k0 + offs_k) < inter
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    weight = tl.load(topk_weights_ptr + slot, mask=row_valid, other=0.0)  # routing weight of each row
+    acc = acc * weight[:, None]
+    y_ptrs = y_perm_ptr + offs_m.to(tl.int64)[:, None] * hidden + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_perm_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+
+@triton.jit
+def _combine_kernel(
+    y_perm_ptr,  # [max_rows, hidden]
+    inv_perm_ptr,  # [S] int32
+    y_ptr,  # [T, hidden]
+    n_tokens,
+    hidden,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    t_mask = offs_t < n_tokens
+    mask = t_mask[:, None] & (offs_h[None, :] < hidden)
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(inv_perm_ptr + offs_t * TOP_K + j, mask=t_mask, other=0)
+        acc += tl.load(y_perm_ptr + row.to(tl.int64)[:, None] * hidden + offs_h[None, :], mask=mask, other=0.0).to(
+            tl.float32
+        )
+    tl.store(y_ptr + offs_t.to(tl.int64)[:, None] * hidden + offs_h[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_decode_kernel(
+    x_ptr,  # [T, hidden]
+    w1_ptr,  # [E, I, hidden]
+    w3_ptr,  # [E, I, hidden]
+    h_ptr,  # [T * TOP_K, I] (slot order)
+    topk_ids_ptr,  # [T, TOP_K] int32
+    n_tokens,
+    hidden,
+    inter,
+    NUM_EXPERTS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_t = tl.arange(0, T_PAD)
+    offs_j = tl.arange(0, K_PAD)
+    t_mask = offs_t < n_tokens
+    ids = tl.load(
+        topk_ids_ptr + offs_t[:, None] * TOP_K + offs_j[None, :],
+        mask=t_mask[:, None] & (offs_j[None, :] < TOP_K),
+        other=-1,
+    )  # [T_PAD, K_PAD]
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < inter
+    offs_k = tl.arange(0, BLOCK_K)
+    for e in range(NUM_EXPERTS):
+        match = ids == e
+        chosen = tl.max(match.to(tl.int32), axis=1) > 0  # [T_PAD]: token t routed to e (at most one slot)
+        if tl.max(chosen.to(tl.int32), axis=0) > 0:  # skip experts no token chose: their weights are never read
+            a_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * hidden + offs_k[None, :]
+            w_off = e * inter.to(tl.int64) * hidden + offs_n.to(tl.int64)[None, :] * hidden + offs_k[:, None]
+            b1_ptrs = w1_ptr + w_off
+            b3_ptrs = w3_ptr + w_off
+            acc_gate = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, hidden, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=chosen[:, None], other=0.0)
+                    b1 = tl.load(b1_ptrs, mask=n_mask[None, :], other=0.0)
+                    b3 = tl.load(b3_ptrs, mask=n_mask[None, :], other=0.0)
+                else:
+                    k_mask = (k0 + offs_k) < hidden
+                    a = tl.load(a_ptrs, mask=chosen[:, None] & k_mask[None, :], other=0.0)
+                    b1 = tl.load(b1_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                    b3 = tl.load(b3_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc_gate = tl.dot(a, b1.to(a.dtype), acc_gate, input_precision=DOT_PRECISION)
+                acc_up = tl.dot(a, b3.to(a.dtype), acc_up, input_precision=DOT_PRECISION)
+                a_ptrs += BLOCK_K
+                b1_ptrs += BLOCK_K
+                b3_ptrs += BLOCK_K
+            h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+            slot = offs_t * TOP_K + tl.sum(tl.where(match, offs_j[None, :], 0), axis=1)  # [T_PAD]
+            h_ptrs = h_ptr + slot.to(tl.int64)[:, None] * inter + offs_n[None, :]
+            tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=chosen[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _down_combine_decode_kernel(
+    h_ptr,  # [T * TOP_K, I] (slot order)
+    w2_ptr,  # [E, hidden, I]
+    topk_weights_ptr,  # [T, TOP_K] fp32
+    topk_ids_ptr,  # [T, TOP_K] int32
+    y_ptr,  # [T, hidden]
+    n_tokens,
+    hidden,
+    inter,
+    NUM_EXPERTS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    offs_t = tl.arange(0, T_PAD)
+    offs_j = tl.arange(0, K_PAD)
+    t_mask = offs_t < n_tokens
+    tk_offs = offs_t[:, None] * TOP_K + offs_j[None, :]
+    tk_mask = t_mask[:, None] & (offs_j[None, :] < TOP_K)
+    ids = tl.load(topk_ids_ptr + tk_offs, mask=tk_mask, other=-1)  # [T_PAD, K_PAD]
+    wts = tl.load(topk_weights_ptr + tk_offs, mask=tk_mask, other=0.0)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < hidden
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
+    for e in range(NUM_EXPERTS):
+        match = ids == e
+        chosen = tl.max(match.to(tl.int32), axis=1) > 0
+        if tl.max(chosen.to(tl.int32), axis=0) > 0:
+            slot = offs_t * TOP_K + tl.sum(tl.where(match, offs_j[None, :], 0), axis=1)
+            weight = tl.sum(tl.where(match, wts, 0.0), axis=1)  # [T_PAD]: routing weight of (t, e), 0 if not chosen
+            a_ptrs = h_ptr + slot.to(tl.int64)[:, None] * inter + offs_k[None, :]
+            b_ptrs = w2_ptr + e * hidden.to(tl.int64) * inter + offs_n.to(tl.int64)[None, :] * inter + offs_k[:, None]
+            acc_e = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, inter, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=chosen[:, None], other=0.0)
+                    b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
+                else:
+                    k_mask = (k0 + offs_k) < inter
+                    a = tl.load(a_ptrs, mask=chosen[:, None] & k_mask[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc_e = tl.dot(a, b.to(a.dtype), acc_e, input_precision=DOT_PRECISION)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+            acc += acc_e * weight[:, None]
+    y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * hidden + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _dot_precision(a: Tensor) -> str:
+    """fp32 operands on the GPU use tf32x3 (close to fp32); 16-bit operands ignore the setting."""
+    return "tf32x3" if (a.dtype == torch.float32 and a.device.type == "cuda") else "tf32"
+
+
+def swiglu_grouped(
+    x: Tensor,
+    w1: Tensor,
+    w3: Tensor,
+    sorted_slots: Tensor,
+    block_expert: Tensor,
+    top_k: int,
+    *,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    group_m: int = 8,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Stage 3: x [T, hidden], w1/w3 [E, I, hidden], alignment -> h [max_rows, I] (x.dtype, permuted rows)."""
+    T, hidden = x.shape
+    inter = w1.shape[1]
+    max_rows = sorted_slots.shape[0]  # blocks in use end at or before max_rows
+    max_blocks = block_expert.shape[0]
+    h = torch.empty((max_rows, inter), dtype=x.dtype, device=x.device) if out is None else out
+    grid = (max_blocks * triton.cdiv(inter, block_n),)
+    _swiglu_grouped_kernel[grid](
+        x,
+        w1,
+        w3,
+        h,
+        sorted_slots,
+        block_expert,
+        T * top_k,
+        hidden,
+        inter,
+        max_blocks,
+        TOP_K=top_k,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=group_m,
+        EVEN_K=hidden % block_k == 0,
+        DOT_PRECISION=_dot_precision(x),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return h
+
+
+def down_grouped(
+    h: Tensor,
+    w2: Tensor,
+    sorted_slots: Tensor,
+    block_expert: Tensor,
+    topk_weights: Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    group_m: int = 8,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Stage 4: h [rows, I], w2 [E, hidden, I] -> y_perm [rows, hidden] (h.dtype, weighted, permuted rows)."""
+    rows, inter = h.shape
+    hidden = w2.shape[1]
+    max_blocks = block_expert.shape[0]
+    y_perm = torch.empty((rows, hidden), dtype=h.dtype, device=h.device) if out is None else out
+    grid = (max_blocks * triton.cdiv(hidden, block_n),)
+    _down_grouped_kernel[grid](
+        h,
+        w2,
+        y_perm,
+        sorted_slots,
+        block_expert,
+        topk_weights,
+        topk_weights.numel(),
+        hidden,
+        inter,
+        max_blocks,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=group_m,
+        EVEN_K=inter % block_k == 0,
+        DOT_PRECISION=_dot_precision(h),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return y_perm
+
+
+def combine(
+    y_perm: Tensor,
+    inv_perm: Tensor,
+    n_tokens: int,
+    top_k: int,
+    *,
+    out_dtype: torch.dtype,
+    block_t: int = 4,
+    block_h: int = 1024,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Stage 5: y_perm [rows, hidden], inv_perm [T * top_k] -> y [T, hidden] (out_dtype), top-k summed in fp32."""
+    hidden = y_perm.shape[1]
+    y = torch.empty((n_tokens, hidden), dtype=out_dtype, device=y_perm.device) if out is None else out
+    block_h = min(block_h, _next_pow2(hidden))
+    grid = (triton.cdiv(n_tokens, block_t), triton.cdiv(hidden, block_h))
+    _combine_kernel[grid](y_perm, inv_perm, y, n_tokens, hidden, TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h)
+    return y
+
+
+def swiglu_decode(
+    x: Tensor,
+    w1: Tensor,
+    w3: Tensor,
+    topk_ids: Tensor,
+    *,
+    block_n: int,
+    block_k: int,
+    num_warps: int = 4,
+    num_stages: int = 4,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Decode SwiGLU: x [T, hidden], topk_ids [T, top_k] -> h [T * top_k, I] (x.dtype, slot order)."""
+    T, hidden = x.shape
+    E, inter = w1.shape[0], w1.shape[1]
+    top_k = topk_ids.shape[1]
+    h = torch.empty((T * top_k, inter), dtype=x.dtype, device=x.device) if out is None else out
+    _swiglu_decode_kernel[(triton.cdiv(inter, block_n),)](
+        x,
+        w1,
+        w3,
+        h,
+        topk_ids,
+        T,
+        hidden,
+        inter,
+        NUM_EXPERTS=E,
+        TOP_K=top_k,
+        K_PAD=_next_pow2(max(top_k, 2)),
+        T_PAD=max(16, _next_pow2(T)),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        EVEN_K=hidden % block_k == 0,
+        DOT_PRECISION=_dot_precision(x),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return h
+
+
+def down_combine_decode(
+    h: Tensor,
+    w2: Tensor,
+    topk_weights: Tensor,
+    topk_ids: Tensor,
+    *,
+    out_dtype: torch.dtype,
+    block_n: int,
+    block_k: int,
+    num_warps: int = 4,
+    num_stages: int = 4,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Decode down projection + combine: h [T * top_k, I] -> y [T, hidden] (out_dtype)."""
+    T, top_k = topk_ids.shape
+    E, hidden, inter = w2.shape
+    y = torch.empty((T, hidden), dtype=out_dtype, device=h.device) if out is None else out
+    _down_combine_decode_kernel[(triton.cdiv(hidden, block_n),)](
+        h,
+        w2,
+        topk_weights,
+        topk_ids,
+        y,
+        T,
+        hidden,
+        inter,
+        NUM_EXPERTS=E,
+        TOP_K=top_k,
+        K_PAD=_next_pow2(max(top_k, 2)),
+        T_PAD=max(16, _next_pow2(T)),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        EVEN_K=inter % block_k == 0,
+        DOT_PRECISION=_dot_precision(h),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return y
