@@ -23,6 +23,12 @@ import torch
 from benchmarks.common import copy_bandwidth_tbps, environment, matmul_tflops, time_ms, write_json
 
 H, D = 64, 128
+DEVICE = "cuda"
+
+
+def _frac(nbytes: int, ms: Any, ceiling_tbps: float) -> float | None:
+    """Achieved bandwidth as a fraction of the copy ceiling (None when ``ms`` is not a measurement)."""
+    return nbytes / (ms * 1e-3) / 1e12 / ceiling_tbps if isinstance(ms, float) else None
 
 
 def minimax_rates(heads: int = H, layer: int = 0, num_layers: int = 80) -> torch.Tensor:
@@ -51,13 +57,31 @@ def _timed(fn: Callable[[], Any], quick: bool) -> float:
     return time_ms(fn, warmup=3 if quick else 5, iters=10 if quick else 20)
 
 
+def graph_ms(fn: Callable[[], Any], reps: int = 20) -> float | str:
+    """GPU time per call with the host out of the loop: ``reps`` calls captured in one CUDA graph, replayed."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        return time_ms(graph.replay, warmup=2, iters=10) / reps
+    except Exception as exc:  # noqa: BLE001 - a peer that cannot be captured is reported, not fatal
+        return f"capture failed ({type(exc).__name__}: {str(exc)[:160]})"
+
+
 def bench_prefill(T: int, fla_chunk: Any, copy_tbps: float, quick: bool, B: int = 1) -> dict[str, Any]:
     from kernels.lightning_attention.chunk import lightning_prefill_triton
 
-    g = torch.Generator(device="cuda").manual_seed(T)
-    q, k, v = (torch.nn.functional.silu(torch.randn(B, T, H, D, device="cuda", generator=g)).bfloat16() for _ in "qkv")
-    s = minimax_rates().cuda()
-    S0 = torch.randn(B, H, D, D, device="cuda", generator=g) * 0.01
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    q, k, v = (torch.nn.functional.silu(torch.randn(B, T, H, D, device=DEVICE, generator=g)).bfloat16() for _ in "qkv")
+    s = minimax_rates().to(DEVICE)
+    S0 = torch.randn(B, H, D, D, device=DEVICE, generator=g) * 0.01
     qkvo_bytes = 4 * B * T * H * D * q.element_size()
     state_bytes = 2 * B * H * D * D * 4
     ms = _timed(lambda: lightning_prefill_triton(q, k, v, s, S0), quick)
@@ -93,23 +117,28 @@ def bench_prefill(T: int, fla_chunk: Any, copy_tbps: float, quick: bool, B: int 
 def bench_decode(B: int, fla_recurrent: Any, copy_tbps: float, quick: bool) -> dict[str, Any]:
     from kernels.lightning_attention.recurrent import lightning_decode_triton, lightning_decode_triton_
 
-    g = torch.Generator(device="cuda").manual_seed(B)
-    q, k, v = (torch.nn.functional.silu(torch.randn(B, 1, H, D, device="cuda", generator=g)).bfloat16() for _ in "qkv")
-    s = minimax_rates().cuda()
-    S0 = torch.randn(B, H, D, D, device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(B)
+    q, k, v = (torch.nn.functional.silu(torch.randn(B, 1, H, D, device=DEVICE, generator=g)).bfloat16() for _ in "qkv")
+    s = minimax_rates().to(DEVICE)
+    S0 = torch.randn(B, H, D, D, device=DEVICE, generator=g)
     state_bytes = 2 * B * H * D * D * 4  # read + write
-    ms = _timed(lambda: lightning_decode_triton(q, k, v, s, S0), quick)
+    ours = lambda: lightning_decode_triton(q, k, v, s, S0)  # noqa: E731
     state = S0.clone()
-    ms_inplace = _timed(lambda: lightning_decode_triton_(q, k, v, s, state), quick)
+    ours_inplace = lambda: lightning_decode_triton_(q, k, v, s, state)  # noqa: E731
+    ms, ms_inplace = _timed(ours, quick), _timed(ours_inplace, quick)
+    # eager times include the host (Python + launch, ~tens of us); graph times are the GPU's alone
+    graph, graph_inplace = graph_ms(ours), graph_ms(ours_inplace)
     row: dict[str, Any] = {
         "B": B,
         "H": H,
         "D": D,
         "ours_ms": ms,
         "ours_inplace_ms": ms_inplace,
-        "ours_state_tbps": state_bytes / (ms * 1e-3) / 1e12,
-        "ours_frac_of_copy": state_bytes / (ms * 1e-3) / 1e12 / copy_tbps,
-        "ours_inplace_frac_of_copy": state_bytes / (ms_inplace * 1e-3) / 1e12 / copy_tbps,
+        "ours_graph_ms": graph,
+        "ours_inplace_graph_ms": graph_inplace,
+        "ours_frac_of_copy": _frac(state_bytes, ms, copy_tbps),
+        "ours_graph_frac_of_copy": _frac(state_bytes, graph, copy_tbps),
+        "ours_inplace_graph_frac_of_copy": _frac(state_bytes, graph_inplace, copy_tbps),
         "state_bytes": state_bytes,
     }
     if fla_recurrent is None:
@@ -117,12 +146,14 @@ def bench_decode(B: int, fla_recurrent: Any, copy_tbps: float, quick: bool) -> d
         return row
     fla_call = lambda: fla_recurrent(q, k, v, g_gamma=-s, scale=1.0, initial_state=S0, output_final_state=True)  # noqa: E731
     fla_ms = _timed(fla_call, quick)
+    fla_graph = graph_ms(fla_call)
     o, S = lightning_decode_triton(q, k, v, s, S0)
     fo, fS = fla_call()
     row.update(
         fla_ms=fla_ms,
-        speedup_vs_fla=fla_ms / ms,
+        fla_graph_ms=fla_graph,
         ours_over_fla_time=ms / fla_ms,
+        ours_over_fla_graph_time=graph / fla_graph if isinstance(fla_graph, float) and isinstance(graph, float) else None,
         rel_diff_o_vs_fla=_rel(o, fo),
         rel_diff_state_vs_fla=_rel(S, fS),
     )
@@ -133,15 +164,16 @@ def sweep_prefill(T: int, copy_tbps: float) -> list[dict[str, Any]]:
     """Launch configurations of the prefill at B=1, H=64, D=128, bf16 (the defaults come from here)."""
     from kernels.lightning_attention.chunk import PrefillConfig, lightning_prefill_triton
 
-    q, k, v = (torch.randn(1, T, H, D, device="cuda").bfloat16() for _ in "qkv")
-    s = minimax_rates().cuda()
-    S0 = torch.randn(1, H, D, D, device="cuda") * 0.01
+    q, k, v = (torch.randn(1, T, H, D, device=DEVICE).bfloat16() for _ in "qkv")
+    s = minimax_rates().to(DEVICE)
+    S0 = torch.randn(1, H, D, D, device=DEVICE) * 0.01
     ref_o, _ = lightning_prefill_triton(q, k, v, s, S0, config=PrefillConfig(64, 64, 4, 2))
     qkvo_bytes = 4 * T * H * D * 2
     rows = []
+    # the first sweep (benchmarks/results/lightning_2026-11-26_sweep.json) also tried 2 stages, 8 warps, 128 value
+    # columns, 2-warp and 32/128-token blocks: all slower than (64, 64, 4, 3)
     for bt, bv, warps, stages in [
-        (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 4, 3),
-        (64, 32, 2, 3), (64, 128, 8, 2), (64, 128, 8, 3), (128, 64, 8, 2), (32, 64, 4, 3), (32, 32, 2, 3),
+        (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (64, 64, 8, 4), (128, 64, 8, 3), (32, 64, 4, 4),
     ]:
         cfg = PrefillConfig(bt, bv, warps, stages)
         try:
@@ -158,18 +190,17 @@ def sweep_prefill(T: int, copy_tbps: float) -> list[dict[str, Any]]:
 def sweep_decode(B: int, copy_tbps: float) -> list[dict[str, Any]]:
     from kernels.lightning_attention.recurrent import _launch
 
-    q, k, v = (torch.randn(B, 1, H, D, device="cuda").bfloat16() for _ in "qkv")
-    s = minimax_rates().cuda()
-    S0 = torch.randn(B, H, D, D, device="cuda")
+    q, k, v = (torch.randn(B, 1, H, D, device=DEVICE).bfloat16() for _ in "qkv")
+    s = minimax_rates().to(DEVICE)
+    S0 = torch.randn(B, H, D, D, device=DEVICE)
     new = torch.empty_like(S0)
     state_bytes = 2 * B * H * D * D * 4
     rows = []
-    for bv in (16, 32, 64, 128):
-        for warps in (1, 2, 4, 8):
-            ms = time_ms(lambda: _launch(q, k, v, s, S0, new, None, bv, warps), warmup=2, iters=10)
-            rows.append({"B": B, "block_v": bv, "num_warps": warps, "ms": ms,
-                         "frac_of_copy": state_bytes / (ms * 1e-3) / 1e12 / copy_tbps})
-            print("  sweep decode", rows[-1], flush=True)
+    for bv, warps in [(16, 1), (16, 2), (16, 4), (32, 1), (32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4)]:
+        ms = graph_ms(lambda: _launch(q, k, v, s, S0, new, None, bv, warps))  # GPU time, host excluded
+        rows.append({"B": B, "block_v": bv, "num_warps": warps, "graph_ms": ms,
+                     "frac_of_copy": _frac(state_bytes, ms, copy_tbps)})
+        print("  sweep decode", rows[-1], flush=True)
     return rows
 
 
@@ -178,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/lightning.json", help="JSON output path")
     parser.add_argument("--quick", action="store_true", help="T=16K prefill and B in {1, 64} decode only, fewer iters")
     parser.add_argument("--sweep", action="store_true", help="also sweep prefill configs and decode slice widths")
+    parser.add_argument("--lengths", type=int, nargs="+", help="prefill lengths (default 16K 32K 64K 128K)")
+    parser.add_argument("--batches", type=int, nargs="+", help="decode batch sizes (default 1 64 128)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.lightning needs a CUDA GPU", file=sys.stderr)
@@ -198,15 +231,20 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.sweep:
         payload["sweep_prefill"] = [r for T in (16384, 65536) for r in sweep_prefill(T, copy_tbps)]
-        payload["sweep_decode"] = [r for B in (1, 64, 128) for r in sweep_decode(B, copy_tbps)]
+        payload["sweep_decode"] = [r for B in (1, 64) for r in sweep_decode(B, copy_tbps)]
 
-    lengths = (16384,) if args.quick else (16384, 32768, 65536, 131072)
+    batches = args.batches or ((1, 64) if args.quick else (1, 64, 128))
+    payload["decode"] = []
+    for B in batches:
+        payload["decode"].append(bench_decode(B, fla_recurrent, copy_tbps, args.quick))
+        print("  decode", payload["decode"][-1], flush=True)
+        torch.cuda.empty_cache()
+    lengths = args.lengths or ((16384,) if args.quick else (16384, 32768, 65536, 131072))
     payload["prefill"] = []
     for T in lengths:
         payload["prefill"].append(bench_prefill(T, fla_chunk, copy_tbps, args.quick))
+        print("  prefill", payload["prefill"][-1], flush=True)
         torch.cuda.empty_cache()
-    batches = (1, 64) if args.quick else (1, 64, 128)
-    payload["decode"] = [bench_decode(B, fla_recurrent, copy_tbps, args.quick) for B in batches]
 
     print("\nprefill (B=1, H=64, D=128, bf16; bandwidth counts q, k, v, o once)")
     print(f"{'T':>7} {'ours ms':>9} {'TB/s':>6} {'% copy':>7} {'FLA ms':>9} {'FLA TB/s':>9} {'speedup':>8} {'rel diff':>9}")
@@ -218,11 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{r['T']:>7} {r['ours_ms']:9.3f} {r['ours_tbps_qkvo']:6.3f} {100 * r['ours_frac_of_copy']:6.1f}% {fla_cols}")
     print("\ndecode (H=64, D=128, bf16 q/k/v, fp32 state; bandwidth counts the state read + written)")
-    print(f"{'B':>5} {'ours ms':>9} {'in-place':>9} {'% copy':>7} {'FLA ms':>9} {'ours/FLA':>9}")
+    print("  eager = host included; graph = 20 calls in one CUDA graph, per call")
+    print(f"{'B':>5} {'ours eager':>10} {'ours graph':>10} {'in-place graph':>14} {'% copy':>7} "
+          f"{'FLA eager':>10} {'FLA graph':>10}")
+
+    def fmt(x: Any, width: int) -> str:
+        return f"{x:{width}.4f}" if isinstance(x, float) else f"{str(x)[:width]:>{width}}"
+
     for r in payload["decode"]:
-        fla = r["fla_ms"]
-        fla_cols = f"{fla:9.4f} {r['ours_over_fla_time']:9.2f}" if isinstance(fla, float) else f"{fla:>19}"
-        print(f"{r['B']:>5} {r['ours_ms']:9.4f} {r['ours_inplace_ms']:9.4f} {100 * r['ours_frac_of_copy']:6.1f}% {fla_cols}")
+        print(f"{r['B']:>5} {fmt(r['ours_ms'], 10)} {fmt(r['ours_graph_ms'], 10)} {fmt(r['ours_inplace_graph_ms'], 14)} "
+              f"{100 * (r['ours_graph_frac_of_copy'] or 0):6.1f}% {fmt(r['fla_ms'], 10)} {fmt(r.get('fla_graph_ms', ''), 10)}")
     write_json(args.out, payload)
     print(f"\nwrote {args.out}")
     return 0

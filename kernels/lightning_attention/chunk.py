@@ -127,15 +127,23 @@ class PrefillConfig:
     block_t: int = 64
     block_v: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
 
-def default_prefill_config(batch: int, heads: int, dk: int, dv: int, device: torch.device) -> PrefillConfig:
-    """Launch parameters for a shape: value slices small enough to give every SM a program at small B*H."""
+def default_prefill_config(
+    batch: int, heads: int, dk: int, dv: int, dtype: torch.dtype, device: torch.device
+) -> PrefillConfig:
+    """Launch parameters for a shape (small blocks under the CPU interpreter)."""
     if device.type != "cuda":
         return PrefillConfig(block_t=16, block_v=min(dv, 16), num_warps=1, num_stages=1)
-    block_v = min(dv, 64)
-    return PrefillConfig(block_t=64, block_v=block_v, num_warps=4, num_stages=2)
+    block_t, block_v = 64, min(dv, 64)
+    # each pipeline stage holds one block of q, k (block_t x dk) and v (block_t x block_v) in shared memory:
+    # 40 KB for bf16 at dk=128, 80 KB for fp32; keep the stages within ~180 KB of the H100's 227 KB
+    stage_bytes = block_t * (2 * dk + block_v) * dtype.itemsize
+    # H100, B=1, H=64, D=128, bf16 sweep (benchmarks/results/lightning_2026-11-26_sweep.json): 64-token blocks,
+    # 64 value columns (2 programs per head), 4 warps, 3 pipeline stages reached 78 % (16K) / 86 % (64K) of copy
+    # bandwidth; 2 stages 51-57 %, 8 warps or 128 value columns 38-64 %.
+    return PrefillConfig(block_t, block_v, num_warps=4, num_stages=max(1, min(3, (180 << 10) // stage_bytes)))
 
 
 def _is_pow2(n: int) -> bool:
@@ -184,7 +192,7 @@ def lightning_prefill_triton(
         initial_state = initial_state.float()
         if initial_state.stride(-1) != 1:
             initial_state = initial_state.contiguous()
-    cfg = config or default_prefill_config(B, H, DK, DV, q.device)
+    cfg = config or default_prefill_config(B, H, DK, DV, q.dtype, q.device)
     block_v = min(cfg.block_v, DV)
 
     if out is None:
