@@ -84,6 +84,18 @@ def test_route_dominant_expert():
     assert torch.equal(ids.long(), ref_ids) and rel_err(w, ref_w) < 1e-6
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy warns about the NaN arithmetic
+def test_route_non_finite_input_gives_distinct_valid_ids():
+    """A NaN token must not produce out-of-range or repeated expert ids (later stages index with them)."""
+    x, router, *_ = _inputs(5, 6, seed=4)
+    x[2, 3] = float("nan")
+    x[4, 0] = float("inf")
+    w, ids = routing.moe_route_triton(x, router, 3, block_t=16, block_k=16)
+    assert ((ids >= 0) & (ids < 6)).all()
+    assert all(len(set(row)) == 3 for row in ids.tolist())
+    assert torch.isnan(w[2]).all() and torch.isfinite(w[[0, 1, 3]]).all()
+
+
 # ------------------------------------------------------------------------------------------------ stage 2: align
 
 
@@ -260,7 +272,10 @@ MINIMAX = dict(hidden=6144, inter=1024, E=32, top_k=2)  # I reduced from 9216 to
 @pytest.fixture(scope="module")
 def minimax_weights():
     E, hidden, inter = MINIMAX["E"], MINIMAX["hidden"], MINIMAX["inter"]
-    _, router, w1, w3, w2 = _inputs(1, E, hidden=hidden, inter=inter, seed=0, dtype=torch.bfloat16, device="cuda")
+    g = torch.Generator("cuda").manual_seed(0)
+    router = torch.randn(E, hidden, device="cuda", generator=g) / hidden**0.5  # fp32, logits of order 1
+    w1, w3 = (torch.randn(E, inter, hidden, device="cuda", generator=g).bfloat16() / hidden**0.5 for _ in "13")
+    w2 = torch.randn(E, hidden, inter, device="cuda", generator=g).bfloat16() / inter**0.5
     return router, w1, w3, w2
 
 

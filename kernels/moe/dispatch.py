@@ -28,6 +28,7 @@ class MoeTritonConfig:
     # router
     route_block_t: int = 32
     route_block_k: int = 128
+    route_warps: int = 4
     # grouped path
     block_m: int = 64
     swiglu_block_n: int = 128
@@ -53,6 +54,7 @@ def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.de
         return MoeTritonConfig(
             route_block_t=16,
             route_block_k=32,
+            route_warps=1,
             block_m=16,
             swiglu_block_n=32,
             swiglu_block_k=32,
@@ -62,6 +64,8 @@ def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.de
             decode_block_k=32,
         )
     rows_per_expert = n_tokens * top_k / num_experts
+    if n_tokens <= 16:  # one router program reads all of router_weight: more warps, longer loads in flight
+        return MoeTritonConfig(route_block_t=16, route_block_k=256, route_warps=8)
     if rows_per_expert >= 512:  # compute-bound: big tiles; padding (< block_m per expert) is a few percent
         return MoeTritonConfig(block_m=128, swiglu_block_n=128, down_block_n=256)
     if rows_per_expert >= 64:
@@ -122,6 +126,7 @@ def moe_forward_triton(
         top_k,
         block_t=cfg.route_block_t,
         block_k=cfg.route_block_k,
+        num_warps=cfg.route_warps,
         out_weights=_empty((T, top_k), torch.float32, dev, poison),
         out_ids=_empty((T, top_k), torch.int32, dev, poison),
     )  # [T, top_k] fp32, int32

@@ -76,6 +76,9 @@ def _route_kernel(
     m = tl.max(logits, axis=1)
     p = tl.exp(logits - m[:, None])
     p = p / tl.sum(p, axis=1)[:, None]
+    # NaN (from non-finite x) -> 0, so the choice below always yields top_k distinct experts in [0, E): the
+    # later stages index with these ids (the weights stay NaN, and so does the output, as in the reference)
+    p = tl.where(p == p, p, 0.0)
     p = tl.where(e_mask[None, :], p, -1.0)  # padding experts below every probability
 
     offs_j = tl.arange(0, K_PAD)
@@ -84,6 +87,7 @@ def _route_kernel(
     for j in tl.static_range(TOP_K):
         best = tl.max(p, axis=1)  # [BLOCK_T]
         idx = tl.min(tl.where(p == best[:, None], offs_e[None, :], E_PAD), axis=1)  # lowest index among ties
+        idx = tl.minimum(idx, NUM_EXPERTS - 1)
         sel_w = tl.where(offs_j[None, :] == j, best[:, None], sel_w)
         sel_id = tl.where(offs_j[None, :] == j, idx[:, None], sel_id)
         p = tl.where(offs_e[None, :] == idx[:, None], -2.0, p)  # taken: never chosen again

@@ -1,0 +1,343 @@
+"""MiniMax MoE on the GPU: our Triton kernels against the device ceilings and PyTorch peers, in one process.
+
+    python -m benchmarks.moe --out benchmarks/results/moe.json [--quick] [--sweep]
+
+Problem: hidden 6144, 32 experts of I = 9216, top-2, bf16 (router fp32); T tokens in {1, 2, 4, 8, 16, 4096, 16384}.
+Measures:
+  * ceilings: device-to-device copy bandwidth (read + write) and a bf16 8192^3 matmul (benchmarks/common.py);
+  * ours: ``moe_forward_triton`` eagerly, and for T <= 16 also replayed from a CUDA graph (no launch gaps);
+  * loop: a per-expert PyTorch loop in bf16 (the structure of naive.py: nonzero, gather, 3 matmuls, index_add);
+  * grouped_mm: the same block through ``torch._grouped_mm`` (argsort, gather, 3 grouped GEMMs, scatter), if present;
+  * dense: cuBLAS GEMMs of the same useful FLOPs: T*top_k rows through [hidden -> 2I] and [I -> hidden];
+  * T <= 16: the bytes of the experts actually selected (distinct experts x 3 x I x hidden x 2 B) over the measured
+    copy bandwidth, the floor of a kernel that reads each selected weight once;
+  * per-stage times of our launches (each timed alone with its inputs precomputed);
+  * with ``--sweep``: tile configurations of the grouped GEMMs (T = 4096, 16384) and of the decode kernels
+    (T = 1, 16); the fastest is used for the rows of the main table in that size class and recorded in the JSON.
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, replace
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import copy_bandwidth_tbps, environment, matmul_tflops, time_ms, write_json
+
+HIDDEN, INTER, E, TOP_K = 6144, 9216, 32, 2
+TOKENS = (1, 2, 4, 8, 16, 4096, 16384)
+QUICK_TOKENS = (1, 16, 4096)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _route_torch(x: torch.Tensor, router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(x.float() @ router.t(), dim=-1)
+    w, ids = torch.topk(probs, top_k, dim=-1)
+    return w / w.sum(-1, keepdim=True), ids
+
+
+def moe_loop(x, router, w1, w3, w2, top_k):
+    """Per-expert PyTorch loop in the input dtype (naive.py's structure; nonzero synchronises with the host)."""
+    w, ids = _route_torch(x, router, top_k)
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        token, slot = torch.nonzero(ids == e, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        xe = x[token]
+        h = F.silu(xe @ w1[e].t()) * (xe @ w3[e].t())
+        out.index_add_(0, token, (h @ w2[e].t()) * w[token, slot, None].to(x.dtype))
+    return out
+
+
+def moe_grouped_mm(x, router, w1, w3, w2, top_k):
+    """The block through torch._grouped_mm (CUTLASS grouped GEMM); routing and permutation in PyTorch, no sync."""
+    T = x.shape[0]
+    w, ids = _route_torch(x, router, top_k)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)  # slots grouped by expert
+    offs = torch.bincount(flat, minlength=w1.shape[0]).cumsum(0).to(torch.int32)
+    xs = x[order // top_k]  # [T * top_k, hidden]
+    h = F.silu(torch._grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * torch._grouped_mm(xs, w3.transpose(1, 2), offs=offs)
+    ys = torch._grouped_mm(h, w2.transpose(1, 2), offs=offs) * w.reshape(-1)[order, None].to(x.dtype)
+    out = torch.empty_like(ys)
+    out[order] = ys
+    return out.view(T, top_k, -1).sum(1)
+
+
+def _timed(fn: Callable[[], Any], quick: bool) -> float:
+    return time_ms(fn, warmup=3 if quick else 5, iters=10 if quick else 20)
+
+
+def _graph_ms(fn: Callable[[], Any], quick: bool) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _timed(graph.replay, quick)
+
+
+def _try(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - a peer that fails is a result, not a crash
+        return f"error: {type(exc).__name__}: {str(exc)[:300]}"
+
+
+def stage_times(x, router, w1, w3, w2, top_k, cfg, quick) -> dict[str, float]:
+    """Each launch of ``moe_forward_triton`` timed alone, inputs precomputed."""
+    from kernels.moe import grouped, routing
+
+    T = x.shape[0]
+    t = {}
+    rk = dict(block_t=cfg.route_block_t, block_k=cfg.route_block_k, num_warps=cfg.route_warps)
+    t["route"] = _timed(lambda: routing.moe_route_triton(x, router, top_k, **rk), quick)
+    w, ids = routing.moe_route_triton(x, router, top_k, **rk)
+    if T <= cfg.decode_max_tokens:
+        kw = dict(block_n=cfg.decode_block_n, block_k=cfg.decode_block_k, num_warps=cfg.decode_warps, num_stages=cfg.decode_stages)
+        t["swiglu_decode"] = _timed(lambda: grouped.swiglu_decode(x, w1, w3, ids, **kw), quick)
+        h = grouped.swiglu_decode(x, w1, w3, ids, **kw)
+        t["down_combine_decode"] = _timed(lambda: grouped.down_combine_decode(h, w2, w, ids, out_dtype=x.dtype, **kw), quick)
+        return t
+    bm = cfg.block_m
+    t["align"] = _timed(lambda: routing.moe_align_triton(ids, E, bm, chunk=cfg.align_chunk), quick)
+    a = routing.moe_align_triton(ids, E, bm, chunk=cfg.align_chunk)
+    sw = dict(block_m=bm, block_n=cfg.swiglu_block_n, block_k=cfg.swiglu_block_k, group_m=cfg.group_m,
+              num_warps=cfg.swiglu_warps, num_stages=cfg.swiglu_stages)
+    dn = dict(block_m=bm, block_n=cfg.down_block_n, block_k=cfg.down_block_k, group_m=cfg.group_m,
+              num_warps=cfg.down_warps, num_stages=cfg.down_stages)
+    t["swiglu_grouped"] = _timed(lambda: grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, top_k, **sw), quick)
+    h = grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, top_k, **sw)
+    t["down_grouped"] = _timed(lambda: grouped.down_grouped(h, w2, a.sorted_slots, a.block_expert, w, **dn), quick)
+    yp = grouped.down_grouped(h, w2, a.sorted_slots, a.block_expert, w, **dn)
+    t["combine"] = _timed(lambda: grouped.combine(yp, a.inv_perm, T, top_k, out_dtype=x.dtype), quick)
+    return t
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+
+GROUPED_CANDIDATES = {
+    # (block_m, block_n, block_k, num_warps, num_stages)
+    "swiglu": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 4), (128, 64, 64, 4, 4)],
+    "down": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 4, 4)],
+}
+DECODE_CANDIDATES = [(16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 5), (64, 128, 4, 4), (16, 128, 2, 6)]
+
+
+def sweep_grouped(T, router, w1, w3, w2, flops) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Times swiglu_grouped and down_grouped alone per tile config; returns rows and the best (per block_m) pair."""
+    from kernels.moe import grouped, routing
+
+    x = torch.randn(T, HIDDEN, device="cuda").bfloat16()
+    w, ids = routing.moe_route_triton(x, router, TOP_K)
+    rows, best_by_bm = [], {}
+    for bm in sorted({c[0] for c in GROUPED_CANDIDATES["swiglu"]}):
+        a = routing.moe_align_triton(ids, E, bm)
+        align_ms = time_ms(lambda: routing.moe_align_triton(ids, E, bm), warmup=2, iters=10)
+        h = None
+        best = {"align_ms": align_ms}
+        for kind in ("swiglu", "down"):
+            for cbm, bn, bk, warps, stages in GROUPED_CANDIDATES[kind]:
+                if cbm != bm:
+                    continue
+                kw = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+                row = {"T": T, "stage": kind, **kw}
+                try:
+                    if kind == "swiglu":
+                        fn = lambda: grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, TOP_K, **kw)  # noqa: E731
+                    else:
+                        if h is None:
+                            h = grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, TOP_K, block_m=bm,
+                                                       block_n=64, block_k=64, num_warps=4, num_stages=3)
+                        fn = lambda: grouped.down_grouped(h, w2, a.sorted_slots, a.block_expert, w, **kw)  # noqa: E731
+                    ms = time_ms(fn, warmup=2, iters=10)
+                    stage_flops = flops * (2 / 3 if kind == "swiglu" else 1 / 3)
+                    row.update(ms=ms, tflops=stage_flops / (ms * 1e-3) / 1e12)
+                    if kind not in best or ms < best[kind]["ms"]:
+                        best[kind] = row
+                except Exception as exc:  # noqa: BLE001 - a config that does not compile is a sweep result
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+                print("  sweep", row, flush=True)
+        if "swiglu" in best and "down" in best:
+            best["total_ms"] = align_ms + best["swiglu"]["ms"] + best["down"]["ms"]
+            best_by_bm[bm] = best
+    del x
+    torch.cuda.empty_cache()
+    if not best_by_bm:
+        return rows, None
+    return rows, min(best_by_bm.values(), key=lambda b: b["total_ms"])
+
+
+def sweep_decode(T, router, w1, w3, w2) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    from kernels.moe import grouped, routing
+
+    x = torch.randn(T, HIDDEN, device="cuda").bfloat16()
+    w, ids = routing.moe_route_triton(x, router, TOP_K)
+    rows, totals = [], {}
+    for bn, bk, warps, stages in DECODE_CANDIDATES:
+        kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+        row = {"T": T, **kw}
+        try:
+            row["swiglu_ms"] = time_ms(lambda: grouped.swiglu_decode(x, w1, w3, ids, **kw), warmup=2, iters=10)
+            h = grouped.swiglu_decode(x, w1, w3, ids, **kw)
+            row["down_ms"] = time_ms(lambda: grouped.down_combine_decode(h, w2, w, ids, out_dtype=x.dtype, **kw), warmup=2, iters=10)
+            totals[(bn, bk, warps, stages)] = row["swiglu_ms"] + row["down_ms"]
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print("  sweep decode", row, flush=True)
+    return rows, totals
+
+
+# ------------------------------------------------------------------------------------------------ main table
+
+
+def bench_tokens(T, router, w1, w3, w2, cfg, copy_tbps, quick, has_grouped_mm) -> dict[str, Any]:
+    from kernels.moe.dispatch import moe_forward_triton
+
+    g = torch.Generator(device="cuda").manual_seed(T)
+    x = torch.randn(T, HIDDEN, device="cuda", generator=g).bfloat16()
+    M = T * TOP_K
+    flops = 6 * M * HIDDEN * INTER  # gate + up + down, useful rows only
+    row: dict[str, Any] = {"T": T, "flops": flops, "config": asdict(cfg)}
+    ours = lambda: moe_forward_triton(x, router, w1, w3, w2, TOP_K, config=cfg)  # noqa: E731
+    row["ours_ms"] = _try(lambda: _timed(ours, quick))
+    if isinstance(row["ours_ms"], float):
+        row["ours_tflops"] = flops / (row["ours_ms"] * 1e-3) / 1e12
+        row["stages_ms"] = _try(lambda: stage_times(x, router, w1, w3, w2, TOP_K, cfg, quick))
+    if T <= 16:
+        row["ours_graph_ms"] = _try(lambda: _graph_ms(ours, quick))
+        n_sel = int(torch.unique(_route_torch(x, router, TOP_K)[1]).numel())
+        sel_bytes = n_sel * 3 * INTER * HIDDEN * w1.element_size()
+        row.update(distinct_experts=n_sel, selected_weight_bytes=sel_bytes,
+                   read_selected_ms=sel_bytes / (copy_tbps * 1e12) * 1e3)
+        for key in ("ours_ms", "ours_graph_ms"):
+            if isinstance(row.get(key), float):
+                row[key.replace("_ms", "_over_read")] = row[key] / row["read_selected_ms"]
+    row["loop_ms"] = _try(lambda: _timed(lambda: moe_loop(x, router, w1, w3, w2, TOP_K), quick))
+    if has_grouped_mm:
+        row["grouped_mm_ms"] = _try(lambda: _timed(lambda: moe_grouped_mm(x, router, w1, w3, w2, TOP_K), quick))
+    else:
+        row["grouped_mm_ms"] = "torch._grouped_mm not available"
+
+    def dense():
+        a = torch.randn(M, HIDDEN, device="cuda").bfloat16()
+        w13 = torch.randn(2 * INTER, HIDDEN, device="cuda").bfloat16()
+        wd = torch.randn(HIDDEN, INTER, device="cuda").bfloat16()
+        hd = torch.randn(M, INTER, device="cuda").bfloat16()
+        return _timed(lambda: (a @ w13.t(), hd @ wd.t()), quick)
+
+    row["dense_ms"] = _try(dense)
+    if isinstance(row["dense_ms"], float):
+        row["dense_tflops"] = flops / (row["dense_ms"] * 1e-3) / 1e12
+    for peer in ("loop_ms", "grouped_mm_ms", "dense_ms"):
+        if isinstance(row.get(peer), float) and isinstance(row["ours_ms"], float):
+            row["speedup_vs_" + peer[:-3]] = row[peer] / row["ours_ms"]
+    # agreement with the bf16 loop (both round h to bf16; routing is fp32 in both)
+    row["rel_diff_vs_loop"] = _try(lambda: _rel(ours(), moe_loop(x, router, w1, w3, w2, TOP_K)))
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/moe.json", help="JSON output path")
+    parser.add_argument("--quick", action="store_true", help=f"T in {QUICK_TOKENS} only, fewer iterations")
+    parser.add_argument("--sweep", action="store_true", help="sweep tile configs first; use the fastest per size class")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.moe needs a CUDA GPU", file=sys.stderr)
+        return 2
+    from kernels.moe.dispatch import default_config
+
+    env = environment()
+    has_grouped_mm = hasattr(torch, "_grouped_mm")
+    print(f"device {env['device']}  torch {env['torch']}  triton {env['triton']}  grouped_mm {has_grouped_mm}", flush=True)
+    copy_tbps = copy_bandwidth_tbps()
+    mm_tflops = matmul_tflops()
+    print(f"ceilings: copy {copy_tbps:.3f} TB/s (read+write), bf16 matmul {mm_tflops:.1f} TFLOP/s", flush=True)
+    payload: dict[str, Any] = {
+        "environment": env,
+        "command": " ".join(["python -m benchmarks.moe", *(argv if argv is not None else sys.argv[1:])]),
+        "problem": {"hidden": HIDDEN, "intermediate": INTER, "experts": E, "top_k": TOP_K, "dtype": "bfloat16"},
+        "ceilings": {"copy_tbps": copy_tbps, "matmul_bf16_tflops": mm_tflops},
+    }
+
+    torch.manual_seed(0)
+    router = torch.randn(E, HIDDEN, device="cuda") / HIDDEN**0.5  # fp32, logits of order 1: balanced-ish routing
+    w1 = torch.randn(E, INTER, HIDDEN, device="cuda", dtype=torch.bfloat16).mul_(HIDDEN**-0.5)
+    w3 = torch.randn(E, INTER, HIDDEN, device="cuda", dtype=torch.bfloat16).mul_(HIDDEN**-0.5)
+    w2 = torch.randn(E, HIDDEN, INTER, device="cuda", dtype=torch.bfloat16).mul_(INTER**-0.5)
+
+    chosen: dict[int, Any] = {}  # T -> config override from the sweep
+    if args.sweep:
+        payload["sweep"] = {}
+        for T in (16384, 4096):
+            rows, best = sweep_grouped(T, router, w1, w3, w2, 6 * T * TOP_K * HIDDEN * INTER)
+            payload["sweep"][f"grouped_T{T}"] = {"rows": rows, "best": best}
+            if best is not None:
+                s, d = best["swiglu"], best["down"]
+                chosen[T] = replace(
+                    default_config(T, TOP_K, E, torch.device("cuda")),
+                    block_m=s["block_m"], swiglu_block_n=s["block_n"], swiglu_block_k=s["block_k"],
+                    swiglu_warps=s["num_warps"], swiglu_stages=s["num_stages"], down_block_n=d["block_n"],
+                    down_block_k=d["block_k"], down_warps=d["num_warps"], down_stages=d["num_stages"],
+                )
+        totals: dict[Any, float] = {}
+        payload["sweep"]["decode"] = []
+        for T in (1, 16):
+            rows, t = sweep_decode(T, router, w1, w3, w2)
+            payload["sweep"]["decode"] += rows
+            for k, v in t.items():
+                totals[k] = totals.get(k, 0.0) + v
+        if totals:
+            bn, bk, warps, stages = min(totals, key=totals.get)
+            for T in TOKENS:
+                if T <= 16:
+                    chosen[T] = replace(default_config(T, TOP_K, E, torch.device("cuda")), decode_block_n=bn,
+                                        decode_block_k=bk, decode_warps=warps, decode_stages=stages)
+        payload["sweep"]["chosen"] = {str(T): asdict(c) for T, c in chosen.items()}
+
+    payload["results"] = []
+    for T in QUICK_TOKENS if args.quick else TOKENS:
+        cfg = chosen.get(T, default_config(T, TOP_K, E, torch.device("cuda")))
+        row = bench_tokens(T, router, w1, w3, w2, cfg, copy_tbps, args.quick, has_grouped_mm)
+        payload["results"].append(row)
+        print("  ", {k: v for k, v in row.items() if k != "config"}, flush=True)
+
+    def f(v: Any, spec: str) -> str:
+        return format(v, spec) if isinstance(v, float) else "-"
+
+    print(f"\nMoE hidden {HIDDEN}, {E} experts x I {INTER}, top-{TOP_K}, bf16 on {env['device']}")
+    print(f"ceilings: copy {copy_tbps:.3f} TB/s, bf16 matmul {mm_tflops:.1f} TFLOP/s")
+    print(f"{'T':>6} {'ours ms':>9} {'graph ms':>9} {'TFLOP/s':>8} {'loop ms':>9} {'x loop':>7} {'gmm ms':>9} "
+          f"{'dense ms':>9} {'dense TF':>9} {'%dense':>7} {'read ms':>8} {'/read':>6} {'rel':>8}")
+    for r in payload["results"]:
+        pct = r["ours_tflops"] / r["dense_tflops"] * 100 if "ours_tflops" in r and "dense_tflops" in r else None
+        over = r.get("ours_graph_over_read", r.get("ours_over_read"))
+        print(f"{r['T']:>6} {f(r['ours_ms'], '9.3f')} {f(r.get('ours_graph_ms'), '9.3f')} {f(r.get('ours_tflops'), '8.1f')} "
+              f"{f(r['loop_ms'], '9.3f')} {f(r.get('speedup_vs_loop'), '6.2f')}x {f(r['grouped_mm_ms'], '9.3f')} "
+              f"{f(r['dense_ms'], '9.3f')} {f(r.get('dense_tflops'), '9.1f')} {f(pct, '6.1f')}% "
+              f"{f(r.get('read_selected_ms'), '8.3f')} {f(over, '6.2f')} {f(r['rel_diff_vs_loop'], '8.1e')}")
+    print("\nstages (ms):")
+    for r in payload["results"]:
+        if isinstance(r.get("stages_ms"), dict):
+            print(f"{r['T']:>6} " + "  ".join(f"{k} {v:.4f}" for k, v in r["stages_ms"].items()))
+    write_json(args.out, payload)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
