@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Build a MiniMax-01 engine folder: load weights, torch.export prefill/decode, lower, write folder + manifest.
+
+Examples:
+    python build.py --preset tiny --out engines/tiny                      # random-weight demo, CPU AOTInductor
+    python build.py --checkpoint /models/MiniMax-Text-01 --out engines/text01 --backend aoti --device cuda \\
+        --dtype bf16 --max-batch 8 --max-input-len 4096 --max-seq-len 32768
+
+Exit codes: 0 built; 2 bad request (settings, checkpoint, config), refused before any long work; 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import sys
+import time
+
+log = logging.getLogger("build")
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="build.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder: config.json + safetensors shards")
+    src.add_argument("--preset", choices=["tiny"], help="build a random-weight model of this preset (no checkpoint)")
+    p.add_argument("--out", required=True, metavar="ENGINE_DIR", help="engine folder to create")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "aoti", "onnx"], default="auto",
+                   help="lowering: auto = TensorRT when importable and a GPU is present, else AOTInductor")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="device the engine runs on (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights and KV-cache dtype (default fp32)")
+    p.add_argument("--max-batch", type=int, default=4, help="largest batch the engine accepts (default 4)")
+    p.add_argument("--max-input-len", type=int, default=64,
+                   help="longest prefill chunk in tokens (default 64); longer prompts are prefilled in chunks")
+    p.add_argument("--max-seq-len", type=int, default=128, help="longest context (prompt + generated, default 128)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing engine folder (only once complete)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def choose_backend(requested: str, device: str) -> str:
+    """``auto``: TensorRT when it is importable and the target is a GPU, else AOTInductor. Says which and why."""
+    if requested != "auto":
+        return requested
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+    if has_trt and device == "cuda":
+        log.info("backend auto -> tensorrt (tensorrt importable, GPU target)")
+        return "tensorrt"
+    log.info("backend auto -> aoti (%s)", "tensorrt is not installed" if not has_trt else "CPU target")
+    return "aoti"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    import torch
+
+    from export import BuildSettings, EngineFolderError, build_engine
+    from model import CheckpointError, ConfigError, MiniMaxConfig, MiniMaxForCausalLM
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        log.error("--device cuda: no CUDA device is available here")
+        return 2
+    backend = choose_backend(args.backend, device)
+    settings = BuildSettings(backend=backend, device=device, dtype=DTYPES[args.dtype], max_batch=args.max_batch,
+                             max_input_len=args.max_input_len, max_seq_len=args.max_seq_len)
+    try:  # everything cheap is checked before weights are read
+        config = MiniMaxConfig.from_pretrained(args.checkpoint) if args.checkpoint else MiniMaxConfig.preset(args.preset)
+        settings.validate(config.max_position_embeddings)
+        if backend != "aoti":
+            raise EngineFolderError(f"backend {backend!r} is not available in this version; use --backend aoti")
+        from pathlib import Path
+
+        if Path(args.out).exists() and not args.overwrite:
+            raise EngineFolderError(f"{args.out} already exists (pass --overwrite to replace it)")
+    except (ConfigError, EngineFolderError) as e:
+        log.error("%s", e)
+        return 2
+
+    start = time.perf_counter()
+    try:
+        if args.checkpoint:
+            log.info("loading %s (%s, %s)", args.checkpoint, settings.dtype, device)
+            model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=settings.torch_dtype, device=device)
+        else:
+            log.info("building a random-weight %r model (%s, %s)", args.preset, settings.dtype, device)
+            with torch.device(device):
+                model = MiniMaxForCausalLM(config, dtype=settings.torch_dtype).init_random_weights(seed=0)
+    except (ConfigError, CheckpointError) as e:
+        log.error("%s", e)
+        return 2
+    log.info("weights ready in %.1fs", time.perf_counter() - start)
+    try:
+        build_engine(model, settings, args.out, overwrite=args.overwrite)
+    except EngineFolderError as e:
+        log.error("%s", e)
+        return 2
+    log.info("built %s in %.1fs", args.out, time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+"""torch.export of the model's prefill/decode, the engine-folder contract and the lowerings (AOTInductor now)."""
+
+from .engine_folder import BuildSettings, EngineFolderError, read_manifest
+from .exporting import build_engine, export_programs
+
+__all__ = ["BuildSettings", "EngineFolderError", "read_manifest", "build_engine", "export_programs"]

@@ -1,0 +1,156 @@
+"""``torch.export`` of the model's explicit-state ``prefill`` and ``decode``, and the engine build pipeline.
+
+The two exported programs (saved as ``exported/{prefill,decode}.pt2``) are the single source of every lowering.
+Their signatures are the engine-folder contract's (``engine_folder.py``); the model's weights are parameters of
+the programs and the custom ops stay single nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim, ExportedProgram
+
+from model import MiniMaxForCausalLM, MiniMaxState
+
+from .engine_folder import (
+    FORMAT_VERSION,
+    BuildSettings,
+    program_io,
+    staged_folder,
+    symbolic_state_layout,
+    weights_sha256,
+    write_manifest,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PrefillProgram", "DecodeProgram", "export_programs", "build_engine", "example_inputs"]
+
+
+class PrefillProgram(nn.Module):
+    """``(input_ids [B, T], positions [B], state tensors) -> (last logits [B, 1, V], new state tensors)``."""
+
+    def __init__(self, model: MiniMaxForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, positions: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        logits, new = self.model.prefill(
+            input_ids, MiniMaxState.unflatten(self.model.config, state), positions, last_logits_only=True
+        )
+        return logits, new.flatten()
+
+
+class DecodeProgram(PrefillProgram):
+    """``(input_ids [B, 1], positions [B], state tensors) -> (logits [B, 1, V], new state tensors)``."""
+
+    def forward(self, input_ids: Tensor, positions: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        logits, new = self.model.decode(input_ids, positions, MiniMaxState.unflatten(self.model.config, state))
+        return logits, new.flatten()
+
+
+def example_inputs(model: MiniMaxForCausalLM, settings: BuildSettings, program: str, batch: int = 2, seq: int = 3):
+    """Sample inputs for export (batch 2, T 3: sizes that are not specialised as 0/1)."""
+    device = model.lm_head.weight.device
+    seq = min(seq, settings.max_input_len) if program == "prefill" else 1
+    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    positions = torch.zeros(batch, dtype=torch.long, device=device)
+    if program == "decode":
+        positions += 3
+    state = MiniMaxState.allocate(model.config, batch, settings.max_seq_len, settings.torch_dtype, device)
+    return ids, positions, state.flatten()
+
+
+def export_programs(model: MiniMaxForCausalLM, settings: BuildSettings) -> dict[str, ExportedProgram]:
+    """Export prefill (B and T dynamic) and decode (B dynamic) with the ranges of ``settings``."""
+    batch = Dim("batch", min=1, max=settings.max_batch)
+    seq = Dim("seq", min=2, max=settings.max_input_len)
+    n_state = len(model.config.state_layout(1, 1))
+    state_dims = [{0: batch}] * n_state
+    programs = {}
+    with torch.no_grad():
+        for name, wrapper, ids_dims in (
+            ("prefill", PrefillProgram(model), {0: batch, 1: seq}),
+            ("decode", DecodeProgram(model), {0: batch}),
+        ):
+            start = time.perf_counter()
+            args = example_inputs(model, settings, name)
+            programs[name] = torch.export.export(wrapper, args, dynamic_shapes=(ids_dims, {0: batch}, state_dims))
+            logger.info("exported %s in %.1fs", name, time.perf_counter() - start)
+    return programs
+
+
+def _lower_aoti(program: ExportedProgram, path: Path) -> None:
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+
+
+LOWERINGS: dict[str, Callable[[ExportedProgram, Path], None]] = {"aoti": _lower_aoti}
+ARTEFACT_SUFFIX = {"aoti": ".pt2"}
+
+
+def build_engine(
+    model: MiniMaxForCausalLM, settings: BuildSettings, out_dir: str | Path, overwrite: bool = False
+) -> dict[str, Any]:
+    """Export, lower and write a complete engine folder to ``out_dir``; return its manifest."""
+    config = model.config
+    settings.validate(config.max_position_embeddings)
+    if settings.backend not in LOWERINGS:
+        raise NotImplementedError(f"the {settings.backend!r} lowering is not available in this version")
+    if model.dtype != settings.torch_dtype:
+        raise ValueError(f"model weights are {model.dtype}, the build asks for {settings.dtype}")
+    model.eval()
+    timings: dict[str, float] = {}
+    with staged_folder(out_dir, overwrite=overwrite) as folder:
+        start = time.perf_counter()
+        programs = export_programs(model, settings)
+        timings["export_s"] = time.perf_counter() - start
+        (folder / "exported").mkdir()
+        for name, ep in programs.items():
+            torch.export.save(ep, folder / "exported" / f"{name}.pt2")
+        manifest_programs = {}
+        for name, ep in programs.items():
+            start = time.perf_counter()
+            artefact = f"{name}{ARTEFACT_SUFFIX[settings.backend]}"
+            logger.info("lowering %s with %s ...", name, settings.backend)
+            LOWERINGS[settings.backend](ep, folder / artefact)
+            timings[f"lower_{name}_s"] = time.perf_counter() - start
+            logger.info("lowered %s in %.1fs", name, timings[f"lower_{name}_s"])
+            manifest_programs[name] = {"file": artefact, "exported": f"exported/{name}.pt2",
+                                       **program_io(config.to_dict(), symbolic_state_layout(config, settings), name)}
+        start = time.perf_counter()
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "backend": settings.backend,
+            "device": settings.device,
+            "dtype": settings.dtype,
+            "model_config": config.to_dict(),
+            "profiles": {"max_batch": settings.max_batch, "max_input_len": settings.max_input_len,
+                         "max_seq_len": settings.max_seq_len},
+            "state_layout": symbolic_state_layout(config, settings),
+            "programs": manifest_programs,
+            "versions": _versions(),
+            "weights_sha256": weights_sha256(model),
+            "build_timings": timings,
+        }
+        manifest = write_manifest(folder, manifest)
+        timings["manifest_s"] = time.perf_counter() - start
+    logger.info("engine written to %s (%s)", out_dir, ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    return manifest
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    versions: dict[str, str | None] = {"torch": torch.__version__}
+    for pkg in ("triton", "tensorrt", "onnx", "onnxscript"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    return versions

@@ -1,0 +1,152 @@
+"""Export and build: exported programs == eager; the AOTInductor engine == eager over prefill + decode steps;
+the engine folder is complete or absent; bad requests fail before any long work."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import build
+from export import BuildSettings, EngineFolderError, build_engine, export_programs, read_manifest
+from export import exporting
+from export.exporting import DecodeProgram, PrefillProgram
+from model import MiniMaxConfig, MiniMaxForCausalLM
+from tests.utils import logit_report
+
+SETTINGS = BuildSettings(backend="aoti", device="cpu", dtype="float32", max_batch=4, max_input_len=24, max_seq_len=40)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return MiniMaxForCausalLM(MiniMaxConfig.preset("tiny")).init_random_weights(seed=2, std=0.1).eval()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    manifest = build_engine(tiny, SETTINGS, out)
+    return out, manifest
+
+
+def _run_steps(prefill, decode, ids, n_prompt, max_seq_len, config, dtype=torch.float32):
+    """Prefill ids[:, :n_prompt], then decode the remaining ids one by one; returns the logits of every step."""
+    from model import MiniMaxState
+
+    B = ids.shape[0]
+    state = MiniMaxState.allocate(config, B, max_seq_len, dtype).flatten()
+    # Engines take contiguous inputs only (AOTInductor compiles for the example inputs' strides and does not check).
+    logits, state = prefill(ids[:, :n_prompt].contiguous(), torch.zeros(B, dtype=torch.long), state)
+    steps = [logits]
+    for t in range(n_prompt, ids.shape[1]):
+        logits, state = decode(ids[:, t : t + 1].contiguous(), torch.full((B,), t, dtype=torch.long), state)
+        steps.append(logits)
+    return torch.cat(steps, 1), state
+
+
+@torch.no_grad()
+def test_exported_programs_equal_eager(tiny):
+    programs = export_programs(tiny, SETTINGS)
+    ids = torch.randint(0, tiny.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
+    eager = _run_steps(PrefillProgram(tiny), DecodeProgram(tiny), ids, 13, SETTINGS.max_seq_len, tiny.config)
+    exported = _run_steps(programs["prefill"].module(), programs["decode"].module(), ids, 13, SETTINGS.max_seq_len,
+                          tiny.config)
+    report = logit_report(exported[0], eager[0])
+    assert report["max_abs"] < 1e-5 and report["top1"] == 1.0, report
+    for a, b in zip(exported[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch, prompt", [(1, 2), (3, 19)])
+def test_aoti_engine_equals_eager_over_prefill_and_decode(tiny, engine, batch, prompt):
+    folder, manifest = engine
+    prefill = torch._inductor.aoti_load_package(str(folder / manifest["programs"]["prefill"]["file"]))
+    decode = torch._inductor.aoti_load_package(str(folder / manifest["programs"]["decode"]["file"]))
+    ids = torch.randint(0, tiny.config.vocab_size, (batch, prompt + 6), generator=torch.Generator().manual_seed(prompt))
+    ours = _run_steps(prefill, decode, ids, prompt, SETTINGS.max_seq_len, tiny.config)
+    ref = _run_steps(PrefillProgram(tiny), DecodeProgram(tiny), ids, prompt, SETTINGS.max_seq_len, tiny.config)
+    report = logit_report(ours[0], ref[0])
+    print(f"AOTI CPU vs eager, batch {batch}, prompt {prompt} + 6 decode steps: {report}")
+    assert report["max_abs"] < 1e-4 and report["kl_max"] < 1e-9 and report["top1"] == 1.0, report
+
+
+def test_manifest_describes_the_engine(tiny, engine):
+    folder, manifest = engine
+    assert read_manifest(folder) == json.loads((folder / "manifest.json").read_text())
+    assert manifest["backend"] == "aoti" and manifest["device"] == "cpu" and manifest["dtype"] == "float32"
+    assert MiniMaxConfig.from_dict(manifest["model_config"]) == tiny.config
+    assert manifest["profiles"] == {"max_batch": 4, "max_input_len": 24, "max_seq_len": 40}
+    names = [e["name"] for e in manifest["state_layout"]]
+    assert names == [e["name"] for e in tiny.config.state_layout(1, 40)]
+    prefill = manifest["programs"]["prefill"]
+    assert [i["name"] for i in prefill["inputs"]] == ["input_ids", "positions", *names]
+    assert [o["name"] for o in prefill["outputs"]] == ["logits", *(n + ".out" for n in names)]
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert set(manifest["files"]) == {"prefill.pt2", "decode.pt2", "exported/prefill.pt2", "exported/decode.pt2"}
+    assert len(manifest["weights_sha256"]) == 64
+
+
+def test_exported_programs_are_saved_and_reload(tiny, engine):
+    folder, _ = engine
+    ep = torch.export.load(folder / "exported" / "decode.pt2")
+    counts = [str(n.target) for n in ep.graph.nodes if str(n.target).startswith("minimax.")]
+    assert counts.count("minimax.lightning_decode.default") == len(tiny.config.lightning_layers)
+
+
+def test_damaged_engine_folders_are_refused(engine, tmp_path):
+    folder, _ = engine
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "decode.pt2").write_bytes(b"tampered")
+    with pytest.raises(EngineFolderError, match="decode.pt2 does not match its hash"):
+        read_manifest(copy)
+    (copy / "decode.pt2").unlink()
+    with pytest.raises(EngineFolderError, match="file decode.pt2 listed in the manifest is missing"):
+        read_manifest(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(EngineFolderError, match="engine format version 99"):
+        read_manifest(copy)
+    with pytest.raises(EngineFolderError, match="not an engine folder"):
+        read_manifest(tmp_path)
+
+
+def test_failed_build_leaves_nothing(tiny, tmp_path, monkeypatch):
+    def broken_lowering(program, path):
+        path.write_bytes(b"half written")
+        raise RuntimeError("compiler crashed")
+
+    monkeypatch.setitem(exporting.LOWERINGS, "aoti", broken_lowering)
+    with pytest.raises(RuntimeError, match="compiler crashed"):
+        build_engine(tiny, SETTINGS, tmp_path / "engine")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-input-len", "1"], "max_input_len must be >= 2"),
+        (["--max-input-len", "64", "--max-seq-len", "32"], "max_seq_len (32) must be >= max_input_len (64)"),
+        (["--max-batch", "0"], "max_batch must be >= 1"),
+        (["--max-seq-len", "5000"], "exceeds the model's max_position_embeddings (4096)"),
+        (["--backend", "onnx"], "backend 'onnx' is not available"),
+    ],
+)
+def test_build_cli_refuses_bad_settings_before_work(tmp_path, caplog, argv, message):
+    assert build.main(["--preset", "tiny", "--out", str(tmp_path / "e"), *argv]) == 2
+    assert message in caplog.text
+    assert not (tmp_path / "e").exists()
+
+
+def test_build_cli_refuses_mismatched_checkpoint(hf_checkpoint, tmp_path, caplog):
+    from tests.conftest import rewrite_config
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoint[1], ckpt)
+    rewrite_config(ckpt, lambda d: {**d, "hidden_size": 64})
+    assert build.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "e")]) == 2
+    assert "expected" in caplog.text and "has shape" in caplog.text
+    assert not (tmp_path / "e").exists()
