@@ -188,6 +188,7 @@ def load_checkpoint(
     model.load_state_dict(loaded, strict=True, assign=True)
     model.model.reset_buffers()
     model.eval()
+    model.log_kernel_choice()
     bad = [k for k, v in model.state_dict().items() if v.device.type == "meta"]
     if bad:  # cannot happen if the plan covers the model; a guard against a half-initialised model
         raise CheckpointError(f"{root}: tensors left uninitialised after loading: {', '.join(bad)}")

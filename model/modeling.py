@@ -34,6 +34,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["MiniMaxForCausalLM", "MiniMaxModel", "RMSNorm", "apply_partial_rope"]
 
 
+def kernel_choice(config: MiniMaxConfig, device: str) -> dict[str, str]:
+    """Which implementation ``torch.ops.minimax.*`` dispatch to for this config on ``device`` (a pure function).
+
+    The ops dispatch by device: the fp32 reference of ``kernels/*/naive.py`` on the CPU, the Triton kernels on
+    CUDA (lightning attention only for head dims the kernels take; otherwise the reference, said here).
+    """
+    if device != "cuda":
+        return {"lightning attention": "reference (naive.py)", "moe": "reference (naive.py)"}
+    from kernels.lightning_attention.chunk import supports_head_dims
+
+    lightning = ("triton (chunk.py prefill, recurrent.py decode)" if supports_head_dims(config.head_dim, config.head_dim)
+                 else f"reference (naive.py): head_dim {config.head_dim} is not a power of two in [16, 256]")
+    return {"lightning attention": lightning, "moe": "triton (routing.py, grouped.py via dispatch.py)"}
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32, weight applied in the input dtype (as the reference implementations do)."""
 
@@ -250,12 +265,18 @@ class MiniMaxForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=torch.float32)
         if self.lm_head.weight.device.type != "meta":
             self.model.reset_buffers()
+            self.log_kernel_choice()
+
+    def log_kernel_choice(self) -> dict[str, str]:
+        """Log (and return) which implementation each custom op runs for this model on its current device."""
+        device = self.lm_head.weight.device.type
+        choice = kernel_choice(self.config, device)
         logger.info(
-            "MiniMax model: %d layers (%d lightning, %d softmax), %s weights; kernels: lightning attention via "
-            "torch.ops.minimax.lightning_prefill/lightning_decode, MoE via torch.ops.minimax.moe "
-            "(fp32 reference implementation on every device)",
-            config.num_hidden_layers, len(config.lightning_layers), len(config.softmax_layers), dtype,
+            "MiniMax model: %d layers (%d lightning, %d softmax), %s weights on %s; kernels: %s",
+            self.config.num_hidden_layers, len(self.config.lightning_layers), len(self.config.softmax_layers),
+            self.dtype, device, "; ".join(f"{op}: {impl}" for op, impl in choice.items()),
         )
+        return choice
 
     @classmethod
     def from_pretrained(

@@ -119,3 +119,15 @@ def test_bfloat16_model_tracks_fp32(tiny):
 def test_decode_refuses_more_than_one_token(tiny):
     with pytest.raises(ValueError, match="one token per sequence"):
         tiny.decode(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long), tiny.new_state(1, 4))
+
+
+def test_kernel_choice_is_reported_per_device():
+    import dataclasses
+
+    from model.modeling import kernel_choice
+
+    config = MiniMaxConfig.preset("tiny")
+    assert kernel_choice(config, "cpu") == {"lightning attention": "reference (naive.py)", "moe": "reference (naive.py)"}
+    assert kernel_choice(config, "cuda")["lightning attention"].startswith("triton")
+    odd = dataclasses.replace(config, head_dim=24, rotary_dim=8)
+    assert "head_dim 24 is not a power of two" in kernel_choice(odd, "cuda")["lightning attention"]
