@@ -78,13 +78,17 @@ def _timed(fn: Callable[[], Any], quick: bool) -> float:
     return time_ms(fn, warmup=3 if quick else 5, iters=10 if quick else 20)
 
 
-def _graph_ms(fn: Callable[[], Any], quick: bool) -> float:
+def _graph_ms(fn: Callable[[], Any], quick: bool = False, reps: int = 10) -> float:
+    """Device time of ``fn`` without launch gaps: ``reps`` calls captured in one CUDA graph, replayed, divided."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return _timed(graph.replay, quick)
+        for _ in range(reps):
+            fn()
+    ms = time_ms(graph.replay, warmup=2, iters=5 if quick else 10) / reps
+    del graph
+    return ms
 
 
 def _try(fn: Callable[[], Any]) -> Any:
@@ -95,10 +99,15 @@ def _try(fn: Callable[[], Any]) -> Any:
 
 
 def stage_times(x, router, w1, w3, w2, top_k, cfg, quick) -> dict[str, float]:
-    """Each launch of ``moe_forward_triton`` timed alone, inputs precomputed."""
+    """Each launch of ``moe_forward_triton`` timed alone (CUDA-graph replays, no launch gaps), inputs precomputed."""
     from kernels.moe import grouped, routing
 
     T = x.shape[0]
+    reps = 10 if T <= 16 else 2
+
+    def _timed(fn: Callable[[], Any], quick: bool) -> float:  # noqa: F811 - graph replays, not the eager timer
+        return _graph_ms(fn, quick, reps=reps)
+
     t = {}
     rk = dict(block_t=cfg.route_block_t, block_k=cfg.route_block_k, num_warps=cfg.route_warps)
     t["route"] = _timed(lambda: routing.moe_route_triton(x, router, top_k, **rk), quick)
@@ -113,7 +122,7 @@ def stage_times(x, router, w1, w3, w2, top_k, cfg, quick) -> dict[str, float]:
     t["align"] = _timed(lambda: routing.moe_align_triton(ids, E, bm, chunk=cfg.align_chunk), quick)
     a = routing.moe_align_triton(ids, E, bm, chunk=cfg.align_chunk)
     sw = dict(block_m=bm, block_n=cfg.swiglu_block_n, block_k=cfg.swiglu_block_k, group_m=cfg.group_m,
-              num_warps=cfg.swiglu_warps, num_stages=cfg.swiglu_stages)
+              num_warps=cfg.swiglu_warps, num_stages=cfg.swiglu_stages, interleave=cfg.swiglu_interleave)
     dn = dict(block_m=bm, block_n=cfg.down_block_n, block_k=cfg.down_block_k, group_m=cfg.group_m,
               num_warps=cfg.down_warps, num_stages=cfg.down_stages)
     t["swiglu_grouped"] = _timed(lambda: grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, top_k, **sw), quick)
@@ -127,11 +136,21 @@ def stage_times(x, router, w1, w3, w2, top_k, cfg, quick) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ sweeps
 
 GROUPED_CANDIDATES = {
-    # (block_m, block_n, block_k, num_warps, num_stages)
-    "swiglu": [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 128, 64, 8, 4), (128, 64, 64, 4, 4)],
-    "down": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (128, 128, 64, 4, 4)],
+    # (block_m, block_n, block_k, num_warps, num_stages, interleave); interleave: swiglu only
+    "swiglu": [
+        (128, 128, 64, 8, 3, False), (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, True),
+        (128, 64, 64, 4, 4, True), (128, 64, 64, 8, 4, True), (64, 128, 64, 4, 4, True),
+    ],
+    "down": [
+        (128, 256, 64, 8, 3, False), (128, 256, 64, 8, 4, False), (128, 128, 64, 8, 4, False),
+        (64, 256, 64, 8, 3, False),
+    ],
 }
-DECODE_CANDIDATES = [(16, 256, 4, 4), (32, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 5), (64, 128, 4, 4), (16, 128, 2, 6)]
+DECODE_CANDIDATES = [  # (block_n, block_k, num_warps, num_stages)
+    (16, 256, 4, 4), (16, 128, 4, 3), (16, 128, 4, 4), (16, 128, 2, 4), (32, 128, 4, 3), (32, 256, 4, 3),
+    (16, 64, 4, 6),
+]
+DECODE_SWEEP_T = {1: (1, 2), 4: (3, 4, 5, 6, 7, 8), 16: tuple(range(9, 17))}  # swept T -> the T that use its best
 
 
 def sweep_grouped(T, router, w1, w3, w2, flops) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -143,14 +162,16 @@ def sweep_grouped(T, router, w1, w3, w2, flops) -> tuple[list[dict[str, Any]], d
     rows, best_by_bm = [], {}
     for bm in sorted({c[0] for c in GROUPED_CANDIDATES["swiglu"]}):
         a = routing.moe_align_triton(ids, E, bm)
-        align_ms = time_ms(lambda: routing.moe_align_triton(ids, E, bm), warmup=2, iters=10)
+        align_ms = _graph_ms(lambda: routing.moe_align_triton(ids, E, bm), reps=5)
         h = None
         best = {"align_ms": align_ms}
         for kind in ("swiglu", "down"):
-            for cbm, bn, bk, warps, stages in GROUPED_CANDIDATES[kind]:
+            for cbm, bn, bk, warps, stages, interleave in GROUPED_CANDIDATES[kind]:
                 if cbm != bm:
                     continue
                 kw = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+                if kind == "swiglu":
+                    kw["interleave"] = interleave
                 row = {"T": T, "stage": kind, **kw}
                 try:
                     if kind == "swiglu":
@@ -160,7 +181,7 @@ def sweep_grouped(T, router, w1, w3, w2, flops) -> tuple[list[dict[str, Any]], d
                             h = grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, TOP_K, block_m=bm,
                                                        block_n=64, block_k=64, num_warps=4, num_stages=3)
                         fn = lambda: grouped.down_grouped(h, w2, a.sorted_slots, a.block_expert, w, **kw)  # noqa: E731
-                    ms = time_ms(fn, warmup=2, iters=10)
+                    ms = _graph_ms(fn, reps=3)
                     stage_flops = flops * (2 / 3 if kind == "swiglu" else 1 / 3)
                     row.update(ms=ms, tflops=stage_flops / (ms * 1e-3) / 1e12)
                     if kind not in best or ms < best[kind]["ms"]:
@@ -182,16 +203,16 @@ def sweep_grouped(T, router, w1, w3, w2, flops) -> tuple[list[dict[str, Any]], d
 def sweep_decode(T, router, w1, w3, w2) -> tuple[list[dict[str, Any]], dict[str, float]]:
     from kernels.moe import grouped, routing
 
-    x = torch.randn(T, HIDDEN, device="cuda").bfloat16()
+    x = torch.randn(T, HIDDEN, device="cuda", generator=torch.Generator(device="cuda").manual_seed(T)).bfloat16()
     w, ids = routing.moe_route_triton(x, router, TOP_K)
     rows, totals = [], {}
     for bn, bk, warps, stages in DECODE_CANDIDATES:
         kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
         row = {"T": T, **kw}
         try:
-            row["swiglu_ms"] = time_ms(lambda: grouped.swiglu_decode(x, w1, w3, ids, **kw), warmup=2, iters=10)
+            row["swiglu_ms"] = _graph_ms(lambda: grouped.swiglu_decode(x, w1, w3, ids, **kw))
             h = grouped.swiglu_decode(x, w1, w3, ids, **kw)
-            row["down_ms"] = time_ms(lambda: grouped.down_combine_decode(h, w2, w, ids, out_dtype=x.dtype, **kw), warmup=2, iters=10)
+            row["down_ms"] = _graph_ms(lambda: grouped.down_combine_decode(h, w2, w, ids, out_dtype=x.dtype, **kw))
             totals[(bn, bk, warps, stages)] = row["swiglu_ms"] + row["down_ms"]
         except Exception as exc:  # noqa: BLE001
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -216,8 +237,8 @@ def bench_tokens(T, router, w1, w3, w2, cfg, copy_tbps, quick, has_grouped_mm) -
     if isinstance(row["ours_ms"], float):
         row["ours_tflops"] = flops / (row["ours_ms"] * 1e-3) / 1e12
         row["stages_ms"] = _try(lambda: stage_times(x, router, w1, w3, w2, TOP_K, cfg, quick))
+    row["ours_graph_ms"] = _try(lambda: _graph_ms(ours, quick, reps=10 if T <= 16 else 2))
     if T <= 16:
-        row["ours_graph_ms"] = _try(lambda: _graph_ms(ours, quick))
         n_sel = int(torch.unique(_route_torch(x, router, TOP_K)[1]).numel())
         sel_bytes = n_sel * 3 * INTER * HIDDEN * w1.element_size()
         row.update(distinct_experts=n_sel, selected_weight_bytes=sel_bytes,
@@ -291,20 +312,17 @@ def main(argv: list[str] | None = None) -> int:
                 chosen[T] = replace(
                     default_config(T, TOP_K, E, torch.device("cuda")),
                     block_m=s["block_m"], swiglu_block_n=s["block_n"], swiglu_block_k=s["block_k"],
-                    swiglu_warps=s["num_warps"], swiglu_stages=s["num_stages"], down_block_n=d["block_n"],
+                    swiglu_warps=s["num_warps"], swiglu_stages=s["num_stages"], swiglu_interleave=s["interleave"],
+                    down_block_n=d["block_n"],
                     down_block_k=d["block_k"], down_warps=d["num_warps"], down_stages=d["num_stages"],
                 )
-        totals: dict[Any, float] = {}
         payload["sweep"]["decode"] = []
-        for T in (1, 16):
-            rows, t = sweep_decode(T, router, w1, w3, w2)
+        for T_swept, users in DECODE_SWEEP_T.items():
+            rows, totals = sweep_decode(T_swept, router, w1, w3, w2)
             payload["sweep"]["decode"] += rows
-            for k, v in t.items():
-                totals[k] = totals.get(k, 0.0) + v
-        if totals:
-            bn, bk, warps, stages = min(totals, key=totals.get)
-            for T in TOKENS:
-                if T <= 16:
+            if totals:
+                bn, bk, warps, stages = min(totals, key=totals.get)
+                for T in users:
                     chosen[T] = replace(default_config(T, TOP_K, E, torch.device("cuda")), decode_block_n=bn,
                                         decode_block_k=bk, decode_warps=warps, decode_stages=stages)
         payload["sweep"]["chosen"] = {str(T): asdict(c) for T, c in chosen.items()}

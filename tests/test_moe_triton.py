@@ -47,7 +47,7 @@ def _inputs(T, E, hidden=HIDDEN, inter=INTER, seed=0, dtype=torch.float32, devic
 
 def _config(T, top_k, E, path):
     cfg = default_config(T, top_k, E, torch.device(DEVICE))
-    return replace(cfg, decode_max_tokens=1 << 30 if path == "decode" else 0)
+    return replace(cfg, decode_max_tokens=1 << 30 if path == "decode" else 0)  # "grouped*": the grouped path
 
 
 def _nan(shape, dtype=torch.float32):
@@ -176,8 +176,8 @@ def _expert_ref(x, w1, w3, w2, e):
     return h, h @ w2[e].float().t()
 
 
-@pytest.mark.parametrize("T,top_k,E", [(7, 2, 5), (33, 2, 8), (33, 1, 3)])
-def test_grouped_stages(T, top_k, E):
+@pytest.mark.parametrize("T,top_k,E,interleave", [(7, 2, 5, True), (33, 2, 8, True), (33, 1, 3, False)])
+def test_grouped_stages(T, top_k, E, interleave):
     x, router, w1, w3, w2 = _inputs(T, E, seed=T + E)
     weights, ids = naive.moe_route(x, router, top_k)
     ids32 = ids.to(torch.int32)
@@ -185,7 +185,8 @@ def test_grouped_stages(T, top_k, E):
     a = routing.moe_align_triton(ids32, E, bm, chunk=16)
     max_rows = a.sorted_slots.numel()
     h = grouped.swiglu_grouped(
-        x, w1, w3, a.sorted_slots, a.block_expert, top_k, block_m=bm, block_n=32, block_k=16, out=_nan((max_rows, INTER))
+        x, w1, w3, a.sorted_slots, a.block_expert, top_k, block_m=bm, block_n=32, block_k=16, interleave=interleave,
+        out=_nan((max_rows, INTER)),
     )
     y_perm = grouped.down_grouped(
         h, w2, a.sorted_slots, a.block_expert, weights, block_m=bm, block_n=16, block_k=32, out=_nan((max_rows, HIDDEN))
@@ -222,10 +223,13 @@ def test_decode_stages(T, top_k, E):
 @pytest.mark.parametrize("T", [1, 7, 33])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("E", [5, 8])
-@pytest.mark.parametrize("path", ["decode", "grouped"])
+@pytest.mark.parametrize("path", ["decode", "grouped", "grouped_two_products"])
 def test_forward_matches_reference(T, top_k, E, path):
     x, router, w1, w3, w2 = _inputs(T, E, seed=T + 10 * top_k + E)
-    y = moe_forward_triton(x, router, w1, w3, w2, top_k, config=_config(T, top_k, E, path), poison=True)
+    cfg = _config(T, top_k, E, path)
+    if path == "grouped_two_products":
+        cfg = replace(cfg, swiglu_interleave=False)
+    y = moe_forward_triton(x, router, w1, w3, w2, top_k, config=cfg, poison=True)
     assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
     assert rel_err(y, naive.moe_forward(x, router, w1, w3, w2, top_k)) < FP32_TOL
 

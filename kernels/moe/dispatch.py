@@ -35,6 +35,7 @@ class MoeTritonConfig:
     swiglu_block_k: int = 64
     swiglu_warps: int = 8
     swiglu_stages: int = 3
+    swiglu_interleave: bool = True
     down_block_n: int = 128
     down_block_k: int = 64
     down_warps: int = 8
@@ -66,8 +67,8 @@ def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.de
     rows_per_expert = n_tokens * top_k / num_experts
     if n_tokens <= 16:  # one router program reads all of router_weight: more warps, longer loads in flight
         return MoeTritonConfig(route_block_t=16, route_block_k=256, route_warps=8)
-    if rows_per_expert >= 512:  # compute-bound: big tiles; padding (< block_m per expert) is a few percent
-        return MoeTritonConfig(block_m=128, swiglu_block_n=128, down_block_n=256)
+    if rows_per_expert >= 128:  # compute-bound: 128 x 256 tiles (measured best at T = 4096 and 16384 on H100)
+        return MoeTritonConfig(route_block_t=64, block_m=128, swiglu_block_n=128, down_block_n=256)
     if rows_per_expert >= 64:
         return MoeTritonConfig(block_m=64, swiglu_block_n=128, down_block_n=128, swiglu_warps=4, down_warps=4)
     # few rows per expert: weight-bandwidth bound, small row blocks waste little
@@ -186,6 +187,7 @@ def moe_forward_triton(
         group_m=cfg.group_m,
         num_warps=cfg.swiglu_warps,
         num_stages=cfg.swiglu_stages,
+        interleave=cfg.swiglu_interleave,
         out=_empty((max_rows, inter), x.dtype, dev, poison),
     )  # [max_rows, I]
     y_perm = grouped.down_grouped(

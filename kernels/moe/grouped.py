@@ -80,6 +80,7 @@ def _swiglu_grouped_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), max_blocks, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -94,26 +95,48 @@ def _swiglu_grouped_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     a_ptrs = x_ptr + token.to(tl.int64)[:, None] * hidden + offs_k[None, :]  # [BLOCK_M, BLOCK_K] gathered rows
-    w_off = expert.to(tl.int64) * inter * hidden + offs_n.to(tl.int64)[None, :] * hidden + offs_k[:, None]
-    b1_ptrs = w1_ptr + w_off  # [BLOCK_K, BLOCK_N] view of w1[e, n, k]
-    b3_ptrs = w3_ptr + w_off
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_valid[:, None], other=0.0)
-            b1 = tl.load(b1_ptrs, mask=n_mask[None, :], other=0.0)
-            b3 = tl.load(b3_ptrs, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = (k0 + offs_k) < hidden
-            a = tl.load(a_ptrs, mask=row_valid[:, None] & k_mask[None, :], other=0.0)
-            b1 = tl.load(b1_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            b3 = tl.load(b3_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc_gate = tl.dot(a, b1.to(a.dtype), acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(a, b3.to(a.dtype), acc_up, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        b1_ptrs += BLOCK_K
-        b3_ptrs += BLOCK_K
+    if INTERLEAVE:
+        # One [BLOCK_K, 2 * BLOCK_N] weight tile whose even columns are rows of w1 and odd columns the same rows of
+        # w3: a single N = 2 * BLOCK_N tensor-core product per K step (wider than two N = BLOCK_N ones).
+        offs_c = tl.arange(0, 2 * BLOCK_N)
+        col_n = pid_n * BLOCK_N + offs_c // 2
+        c_mask = col_n < inter
+        w_off = expert.to(tl.int64) * inter * hidden + col_n.to(tl.int64)[None, :] * hidden + offs_k[:, None]
+        b_ptrs = tl.where((offs_c % 2 == 0)[None, :], w1_ptr + w_off, w3_ptr + w_off)  # [BLOCK_K, 2 * BLOCK_N]
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_valid[:, None], other=0.0)
+                b = tl.load(b_ptrs, mask=c_mask[None, :], other=0.0)
+            else:
+                k_mask = (k0 + offs_k) < hidden
+                a = tl.load(a_ptrs, mask=row_valid[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & c_mask[None, :], other=0.0)
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        acc_gate, acc_up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))  # column 2n + j -> (n, j)
+    else:
+        w_off = expert.to(tl.int64) * inter * hidden + offs_n.to(tl.int64)[None, :] * hidden + offs_k[:, None]
+        b1_ptrs = w1_ptr + w_off  # [BLOCK_K, BLOCK_N] view of w1[e, n, k]
+        b3_ptrs = w3_ptr + w_off
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_valid[:, None], other=0.0)
+                b1 = tl.load(b1_ptrs, mask=n_mask[None, :], other=0.0)
+                b3 = tl.load(b3_ptrs, mask=n_mask[None, :], other=0.0)
+            else:
+                k_mask = (k0 + offs_k) < hidden
+                a = tl.load(a_ptrs, mask=row_valid[:, None] & k_mask[None, :], other=0.0)
+                b1 = tl.load(b1_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                b3 = tl.load(b3_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc_gate = tl.dot(a, b1.to(a.dtype), acc_gate, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a, b3.to(a.dtype), acc_up, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K
+            b1_ptrs += BLOCK_K
+            b3_ptrs += BLOCK_K
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up  # silu(gate) * up; padding rows give 0
     h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * inter + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=n_mask[None, :])
@@ -313,6 +336,20 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+_SMEM_BUDGET = 200 * 1024  # bytes of pipelined operand tiles per program (H100/H200: 227 KB per block)
+
+
+def _fit_smem(num_stages: int, block_k: int, bytes_per_k: int) -> tuple[int, int]:
+    """Fewer stages (down to 2), then a shorter K tile (down to 16), until the operand buffers fit in shared memory
+    (fp32 operands or many decode rows would otherwise ask for more than the chip has)."""
+    while num_stages * block_k * bytes_per_k > _SMEM_BUDGET and (num_stages > 2 or block_k > 16):
+        if num_stages > 2:
+            num_stages -= 1
+        else:
+            block_k //= 2
+    return num_stages, block_k
+
+
 def _dot_precision(a: Tensor) -> str:
     """fp32 operands on the GPU use tf32x3 (close to fp32); 16-bit operands ignore the setting."""
     return "tf32x3" if (a.dtype == torch.float32 and a.device.type == "cuda") else "tf32"
@@ -332,14 +369,19 @@ def swiglu_grouped(
     group_m: int = 8,
     num_warps: int = 4,
     num_stages: int = 3,
+    interleave: bool = True,
     out: Tensor | None = None,
 ) -> Tensor:
-    """Stage 3: x [T, hidden], w1/w3 [E, I, hidden], alignment -> h [max_rows, I] (x.dtype, permuted rows)."""
+    """Stage 3: x [T, hidden], w1/w3 [E, I, hidden], alignment -> h [max_rows, I] (x.dtype, permuted rows).
+
+    ``interleave``: one product against a [BLOCK_K, 2 BLOCK_N] tile of interleaved w1/w3 rows (else two products).
+    """
     T, hidden = x.shape
     inter = w1.shape[1]
     max_rows = sorted_slots.shape[0]  # blocks in use end at or before max_rows
     max_blocks = block_expert.shape[0]
     h = torch.empty((max_rows, inter), dtype=x.dtype, device=x.device) if out is None else out
+    num_stages, block_k = _fit_smem(num_stages, block_k, (block_m + 2 * block_n) * x.element_size())
     grid = (max_blocks * triton.cdiv(inter, block_n),)
     _swiglu_grouped_kernel[grid](
         x,
@@ -359,6 +401,7 @@ def swiglu_grouped(
         GROUP_M=group_m,
         EVEN_K=hidden % block_k == 0,
         DOT_PRECISION=_dot_precision(x),
+        INTERLEAVE=interleave,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -385,6 +428,7 @@ def down_grouped(
     hidden = w2.shape[1]
     max_blocks = block_expert.shape[0]
     y_perm = torch.empty((rows, hidden), dtype=h.dtype, device=h.device) if out is None else out
+    num_stages, block_k = _fit_smem(num_stages, block_k, (block_m + block_n) * h.element_size())
     grid = (max_blocks * triton.cdiv(hidden, block_n),)
     _down_grouped_kernel[grid](
         h,
@@ -446,6 +490,8 @@ def swiglu_decode(
     E, inter = w1.shape[0], w1.shape[1]
     top_k = topk_ids.shape[1]
     h = torch.empty((T * top_k, inter), dtype=x.dtype, device=x.device) if out is None else out
+    t_pad = max(16, _next_pow2(T))
+    num_stages, block_k = _fit_smem(num_stages, block_k, (t_pad + 2 * block_n) * x.element_size())
     _swiglu_decode_kernel[(triton.cdiv(inter, block_n),)](
         x,
         w1,
@@ -458,7 +504,7 @@ def swiglu_decode(
         NUM_EXPERTS=E,
         TOP_K=top_k,
         K_PAD=_next_pow2(max(top_k, 2)),
-        T_PAD=max(16, _next_pow2(T)),
+        T_PAD=t_pad,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         EVEN_K=hidden % block_k == 0,
@@ -486,6 +532,8 @@ def down_combine_decode(
     T, top_k = topk_ids.shape
     E, hidden, inter = w2.shape
     y = torch.empty((T, hidden), dtype=out_dtype, device=h.device) if out is None else out
+    t_pad = max(16, _next_pow2(T))
+    num_stages, block_k = _fit_smem(num_stages, block_k, (t_pad + block_n) * h.element_size())
     _down_combine_decode_kernel[(triton.cdiv(hidden, block_n),)](
         h,
         w2,
@@ -498,7 +546,7 @@ def down_combine_decode(
         NUM_EXPERTS=E,
         TOP_K=top_k,
         K_PAD=_next_pow2(max(top_k, 2)),
-        T_PAD=max(16, _next_pow2(T)),
+        T_PAD=t_pad,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         EVEN_K=inter % block_k == 0,

@@ -3,17 +3,18 @@
 Semantics are those of ``naive.moe_route`` plus the grouping that the grouped GEMMs of ``grouped.py`` read.
 
 Stage 1, ``moe_route_triton`` — one launch, grid ``cdiv(T, BLOCK_T)``:
-    logits = x @ router_weight^T in fp32 (IEEE fp32 products, no tf32), softmax over E, top-k by repeated argmax
+    logits = x @ router_weight^T in fp32 (tf32x3 products on the GPU, never plain tf32), softmax over E, top-k by repeated argmax
     (ties go to the lowest expert index), weights renormalised to sum 1.
     reads  x [T, hidden], router_weight [E, hidden]
     writes topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32
 
-Stage 2, ``moe_align_triton`` — one launch of ONE program (a single program needs no grid-wide synchronisation):
+Stage 2, ``moe_align_triton`` — one launch, grid ``E``, one program per expert, no grid-wide synchronisation:
     a slot is one (token, k) pair, flat index s = token * top_k + k, S = T * top_k slots in all.
-    pass 1: per-expert counts; each expert's range is padded to a multiple of BLOCK_M rows; exclusive prefix sum of
-            the padded counts gives each expert's first row.
-    pass 2: each slot's row = its expert's first row + its rank among the slots of that expert (slot order, so the
-            permutation is deterministic); padding rows and the unused tail get the sentinel S.
+    pass 1 (every program, redundantly): per-expert counts; each expert's range is padded to a multiple of BLOCK_M
+            rows; the exclusive prefix sum of the padded counts gives each expert's first row.
+    pass 2 (program e): each slot of expert e gets row = first row of e + its rank among e's slots (a running
+            cumulative sum in slot order, so the permutation is deterministic); e's padding rows get the sentinel S
+            and e's blocks their expert id. Program 0 also writes counts, offsets and the unused tail.
     reads  topk_ids [S]
     writes sorted_slots   [max_rows]        slot stored at each permuted row, S for padding
            inv_perm       [S]               permuted row of each slot (sorted_slots[inv_perm[s]] == s)
@@ -52,6 +53,7 @@ def _route_kernel(
     K_PAD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -67,8 +69,9 @@ def _route_kernel(
         k_mask = (k0 + offs_k) < hidden
         xt = tl.load(x_ptrs, mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         rt = tl.load(r_ptrs, mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-        # fp32 router as in the reference: IEEE products, never tf32 (a flipped top-k choice is not a rounding error)
-        logits = tl.dot(xt, rt, logits, input_precision="ieee")
+        # fp32 router as in the reference: never plain tf32 (a flipped top-k choice is not a rounding error);
+        # tf32x3 on the GPU (x is bf16, exact in tf32, so only the router's low bits are split off: ~1e-7 relative)
+        logits = tl.dot(xt, rt, logits, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K
         r_ptrs += BLOCK_K
 
@@ -115,6 +118,10 @@ def _align_kernel(
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
+    # One program per expert. Each counts all slots (the ids are small and L2-resident), so every program knows
+    # every expert's start without any grid-wide synchronisation; then it places only its own expert's slots.
+    # All writes of different programs are disjoint.
+    e = tl.program_id(0)
     offs_e = tl.arange(0, E_PAD)
     e_mask = offs_e < NUM_EXPERTS
     offs_c = tl.arange(0, CHUNK)
@@ -128,39 +135,39 @@ def _align_kernel(
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     starts = tl.cumsum(padded, axis=0) - padded  # exclusive prefix sum: first row of each expert
     total = tl.sum(padded, axis=0)
-    tl.store(expert_counts_ptr + offs_e, counts, mask=e_mask)
-    tl.store(expert_offsets_ptr + offs_e, starts, mask=e_mask)
-    tl.store(expert_offsets_ptr + NUM_EXPERTS, total)
+    start = tl.sum(tl.where(offs_e == e, starts, 0), axis=0)
+    count = tl.sum(tl.where(offs_e == e, counts, 0), axis=0)
+    end = start + (count + BLOCK_M - 1) // BLOCK_M * BLOCK_M
 
-    # pass 2: row of each slot = first row of its expert + rank among that expert's slots (in slot order)
-    running = starts
+    # pass 2: row of each of this expert's slots = its first row + rank among its slots (slot order)
+    running = start
     for s0 in range(0, n_slots, CHUNK):
         s = s0 + offs_c
-        s_mask = s < n_slots
-        ids = tl.load(topk_ids_ptr + s, mask=s_mask, other=-1)
-        onehot = (ids[:, None] == offs_e[None, :]).to(tl.int32)  # [CHUNK, E_PAD]
-        before = tl.cumsum(onehot, axis=0) - onehot  # earlier slots of the same expert in this chunk
-        row = tl.sum(onehot * (before + running[None, :]), axis=1)  # [CHUNK]
-        tl.store(sorted_slots_ptr + row, s, mask=s_mask)
-        tl.store(inv_perm_ptr + s, row, mask=s_mask)
-        running += tl.sum(onehot, axis=0)
-
-    # padding rows at the end of each expert's range (fewer than BLOCK_M per expert)
+        ids = tl.load(topk_ids_ptr + s, mask=s < n_slots, other=-1)
+        mine = (ids == e).to(tl.int32)
+        row = running + tl.cumsum(mine, axis=0) - 1
+        tl.store(sorted_slots_ptr + row, s, mask=mine > 0)
+        tl.store(inv_perm_ptr + s, row, mask=mine > 0)
+        running += tl.sum(mine, axis=0)
+    # padding rows at the end of the range (fewer than BLOCK_M), and the expert of the range's blocks
     offs_m = tl.arange(0, BLOCK_M)
-    pad_rows = (starts + counts)[:, None] + offs_m[None, :]  # [E_PAD, BLOCK_M]
-    pad_mask = e_mask[:, None] & (offs_m[None, :] < (padded - counts)[:, None])
-    tl.store(sorted_slots_ptr + pad_rows, tl.zeros((E_PAD, BLOCK_M), dtype=tl.int32) + n_slots, mask=pad_mask)
-    # unused tail rows, and the expert of every block
-    for r0 in range(0, max_rows, CHUNK):
-        r = r0 + offs_c
-        tl.store(sorted_slots_ptr + r, tl.zeros((CHUNK,), dtype=tl.int32) + n_slots, mask=(r >= total) & (r < max_rows))
-    for b0 in range(0, max_blocks, CHUNK):
+    pad = start + count + offs_m
+    tl.store(sorted_slots_ptr + pad, tl.zeros((BLOCK_M,), dtype=tl.int32) + n_slots, mask=pad < end)
+    for b0 in range(start // BLOCK_M, end // BLOCK_M, CHUNK):
         b = b0 + offs_c
-        first = b * BLOCK_M
-        # the last expert whose first row is <= the block's first row (empty experts share their successor's start)
-        expert = tl.sum(((starts[None, :] <= first[:, None]) & e_mask[None, :]).to(tl.int32), axis=1) - 1
-        expert = tl.where(first < total, expert, -1)
-        tl.store(block_expert_ptr + b, expert, mask=b < max_blocks)
+        tl.store(block_expert_ptr + b, tl.zeros((CHUNK,), dtype=tl.int32) + e, mask=b < end // BLOCK_M)
+
+    if e == 0:  # shared outputs: counts, offsets, the unused tail rows and blocks
+        tl.store(expert_counts_ptr + offs_e, counts, mask=e_mask)
+        tl.store(expert_offsets_ptr + offs_e, starts, mask=e_mask)
+        tl.store(expert_offsets_ptr + NUM_EXPERTS, total)
+        for r0 in range(0, max_rows, CHUNK):
+            r = r0 + offs_c
+            tail = (r >= total) & (r < max_rows)
+            tl.store(sorted_slots_ptr + r, tl.zeros((CHUNK,), dtype=tl.int32) + n_slots, mask=tail)
+        for b0 in range(0, max_blocks, CHUNK):
+            b = b0 + offs_c
+            tl.store(block_expert_ptr + b, tl.zeros((CHUNK,), dtype=tl.int32) - 1, mask=(b * BLOCK_M >= total) & (b < max_blocks))
 
 
 def _next_pow2(n: int) -> int:
@@ -204,6 +211,7 @@ def moe_route_triton(
         K_PAD=_next_pow2(max(top_k, 2)),
         BLOCK_T=block_t,
         BLOCK_K=block_k,
+        DOT_PRECISION="tf32x3" if x.device.type == "cuda" else "ieee",
         num_warps=num_warps,
     )
     return weights, ids
@@ -233,8 +241,8 @@ def moe_align_triton(
     num_experts: int,
     block_m: int,
     *,
-    chunk: int = 256,
-    num_warps: int = 8,
+    chunk: int = 1024,
+    num_warps: int = 4,
     out: AlignResult | None = None,
 ) -> AlignResult:
     """Group slots by expert: topk_ids [T, top_k] (int32) -> ``AlignResult`` (see the module docstring).
@@ -254,7 +262,7 @@ def moe_align_triton(
             torch.empty(num_experts, dtype=torch.int32, device=dev),
             torch.empty(num_experts + 1, dtype=torch.int32, device=dev),
         )
-    _align_kernel[(1,)](
+    _align_kernel[(num_experts,)](
         topk_ids,
         out.sorted_slots,
         out.inv_perm,
