@@ -12,8 +12,9 @@ Measures:
   * T <= 16: the bytes of the experts actually selected (distinct experts x 3 x I x hidden x 2 B) over the measured
     copy bandwidth, the floor of a kernel that reads each selected weight once;
   * per-stage times of our launches (each timed alone with its inputs precomputed);
-  * with ``--sweep``: tile configurations of the grouped GEMMs (T = 4096, 16384) and of the decode kernels
-    (T = 1, 16); the fastest is used for the rows of the main table in that size class and recorded in the JSON.
+  * with ``--sweep``: tile configurations of the router (T = 1 + 16, 4096, 16384), the grouped GEMMs (T = 4096,
+    16384) and the decode kernels (T = 1, 4, 16; swiglu and down chosen separately); the fastest are used for the
+    rows of the main table in their size class and recorded in the JSON (``sweep.overrides``).
 Prints a table and writes JSON.
 """
 
@@ -109,14 +110,16 @@ def stage_times(x, router, w1, w3, w2, top_k, cfg, quick) -> dict[str, float]:
         return _graph_ms(fn, quick, reps=reps)
 
     t = {}
-    rk = dict(block_t=cfg.route_block_t, block_k=cfg.route_block_k, num_warps=cfg.route_warps)
+    rk = dict(block_t=cfg.route_block_t, block_k=cfg.route_block_k, num_warps=cfg.route_warps, use_dot=cfg.route_dot)
     t["route"] = _timed(lambda: routing.moe_route_triton(x, router, top_k, **rk), quick)
     w, ids = routing.moe_route_triton(x, router, top_k, **rk)
     if T <= cfg.decode_max_tokens:
         kw = dict(block_n=cfg.decode_block_n, block_k=cfg.decode_block_k, num_warps=cfg.decode_warps, num_stages=cfg.decode_stages)
+        kd = dict(block_n=cfg.decode_down_block_n, block_k=cfg.decode_down_block_k, num_warps=cfg.decode_down_warps,
+                  num_stages=cfg.decode_down_stages)
         t["swiglu_decode"] = _timed(lambda: grouped.swiglu_decode(x, w1, w3, ids, **kw), quick)
         h = grouped.swiglu_decode(x, w1, w3, ids, **kw)
-        t["down_combine_decode"] = _timed(lambda: grouped.down_combine_decode(h, w2, w, ids, out_dtype=x.dtype, **kw), quick)
+        t["down_combine_decode"] = _timed(lambda: grouped.down_combine_decode(h, w2, w, ids, out_dtype=x.dtype, **kd), quick)
         return t
     bm = cfg.block_m
     t["align"] = _timed(lambda: routing.moe_align_triton(ids, E, bm, chunk=cfg.align_chunk), quick)
@@ -136,21 +139,47 @@ def stage_times(x, router, w1, w3, w2, top_k, cfg, quick) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ sweeps
 
 GROUPED_CANDIDATES = {
-    # (block_m, block_n, block_k, num_warps, num_stages, interleave); interleave: swiglu only
+    # (block_m, block_n, block_k, num_warps, num_stages, interleave, group_m); interleave: swiglu only
     "swiglu": [
-        (128, 128, 64, 8, 3, False), (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, True),
-        (128, 64, 64, 4, 4, True), (128, 64, 64, 8, 4, True), (64, 128, 64, 4, 4, True),
+        (128, 128, 64, 8, 4, True, 8), (128, 128, 64, 8, 3, False, 8), (128, 128, 32, 8, 6, True, 8),
+        (128, 128, 64, 8, 4, True, 16), (128, 128, 64, 8, 4, True, 4), (64, 128, 64, 8, 4, True, 8),
     ],
     "down": [
-        (128, 256, 64, 8, 3, False), (128, 256, 64, 8, 4, False), (128, 128, 64, 8, 4, False),
-        (64, 256, 64, 8, 3, False),
+        (128, 256, 64, 8, 4, False, 8), (128, 256, 32, 8, 6, False, 8), (128, 256, 64, 8, 4, False, 16),
+        (128, 256, 64, 8, 4, False, 4), (64, 256, 64, 8, 4, False, 8),
     ],
 }
 DECODE_CANDIDATES = [  # (block_n, block_k, num_warps, num_stages)
-    (16, 256, 4, 4), (16, 128, 4, 3), (16, 128, 4, 4), (16, 128, 2, 4), (32, 128, 4, 3), (32, 256, 4, 3),
-    (16, 64, 4, 6),
+    (16, 256, 4, 4), (16, 128, 2, 4), (32, 128, 4, 3), (32, 128, 2, 4), (16, 128, 2, 6), (32, 64, 2, 6),
+    (64, 128, 4, 3),
 ]
 DECODE_SWEEP_T = {1: (1, 2), 4: (3, 4, 5, 6, 7, 8), 16: tuple(range(9, 17))}  # swept T -> the T that use its best
+ROUTE_CANDIDATES = {  # (block_t, block_k, num_warps, use_dot)
+    "decode": [(1, 256, 8, False), (2, 256, 8, False), (2, 128, 4, False), (4, 128, 8, False), (1, 512, 8, False)],
+    "prefill": [(16, 128, 4, True), (32, 128, 4, True), (64, 128, 4, True), (32, 64, 4, True), (64, 64, 8, True),
+                (16, 256, 8, True)],
+}
+
+
+def sweep_route(T, router, candidates) -> list[dict[str, Any]]:
+    from kernels.moe import routing
+
+    x = torch.randn(T, HIDDEN, device="cuda").bfloat16()
+    ref_w, ref_ids = _route_torch(x, router, TOP_K)
+    rows = []
+    for bt, bk, warps, dot in candidates:
+        kw = dict(block_t=bt, block_k=bk, num_warps=warps, use_dot=dot)
+        row = {"T": T, **kw}
+        try:
+            row["ms"] = _graph_ms(lambda: routing.moe_route_triton(x, router, TOP_K, **kw))
+            w, ids = routing.moe_route_triton(x, router, TOP_K, **kw)
+            row["ids_equal_torch"] = bool(torch.equal(ids.long(), ref_ids))
+            row["max_weight_diff"] = (w - ref_w).abs().max().item()
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print("  sweep route", row, flush=True)
+    return rows
 
 
 def sweep_grouped(T, router, w1, w3, w2, flops) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
@@ -166,10 +195,10 @@ def sweep_grouped(T, router, w1, w3, w2, flops) -> tuple[list[dict[str, Any]], d
         h = None
         best = {"align_ms": align_ms}
         for kind in ("swiglu", "down"):
-            for cbm, bn, bk, warps, stages, interleave in GROUPED_CANDIDATES[kind]:
+            for cbm, bn, bk, warps, stages, interleave, group_m in GROUPED_CANDIDATES[kind]:
                 if cbm != bm:
                     continue
-                kw = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+                kw = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, group_m=group_m)
                 if kind == "swiglu":
                     kw["interleave"] = interleave
                 row = {"T": T, "stage": kind, **kw}
@@ -200,12 +229,12 @@ def sweep_grouped(T, router, w1, w3, w2, flops) -> tuple[list[dict[str, Any]], d
     return rows, min(best_by_bm.values(), key=lambda b: b["total_ms"])
 
 
-def sweep_decode(T, router, w1, w3, w2) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def sweep_decode(T, router, w1, w3, w2) -> list[dict[str, Any]]:
     from kernels.moe import grouped, routing
 
     x = torch.randn(T, HIDDEN, device="cuda", generator=torch.Generator(device="cuda").manual_seed(T)).bfloat16()
     w, ids = routing.moe_route_triton(x, router, TOP_K)
-    rows, totals = [], {}
+    rows = []
     for bn, bk, warps, stages in DECODE_CANDIDATES:
         kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
         row = {"T": T, **kw}
@@ -213,12 +242,69 @@ def sweep_decode(T, router, w1, w3, w2) -> tuple[list[dict[str, Any]], dict[str,
             row["swiglu_ms"] = _graph_ms(lambda: grouped.swiglu_decode(x, w1, w3, ids, **kw))
             h = grouped.swiglu_decode(x, w1, w3, ids, **kw)
             row["down_ms"] = _graph_ms(lambda: grouped.down_combine_decode(h, w2, w, ids, out_dtype=x.dtype, **kw))
-            totals[(bn, bk, warps, stages)] = row["swiglu_ms"] + row["down_ms"]
         except Exception as exc:  # noqa: BLE001
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         rows.append(row)
         print("  sweep decode", row, flush=True)
-    return rows, totals
+    return rows
+
+
+def run_sweeps(router, w1, w3, w2) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """All sweeps; returns (their rows, per-T config overrides built from the fastest candidates)."""
+    out: dict[str, Any] = {}
+    overrides: dict[int, dict[str, Any]] = {T: {} for T in TOKENS}
+    # router: decode class by the sum over T = 1 and 16; prefill per T
+    rows = sweep_route(1, router, ROUTE_CANDIDATES["decode"]) + sweep_route(16, router, ROUTE_CANDIDATES["decode"])
+    out["route_decode"] = rows
+    ok = [r for r in rows if "ms" in r and r["ids_equal_torch"]]
+    totals: dict[tuple, float] = {}
+    for r in ok:
+        key = (r["block_t"], r["block_k"], r["num_warps"], r["use_dot"])
+        totals[key] = totals.get(key, 0.0) + r["ms"]
+    if totals:
+        bt, bk, warps, dot = min(totals, key=totals.get)
+        for T in TOKENS:
+            if T <= 16:
+                overrides[T].update(route_block_t=bt, route_block_k=bk, route_warps=warps, route_dot=dot)
+    for T in (4096, 16384):
+        rows = sweep_route(T, router, ROUTE_CANDIDATES["prefill"])
+        out[f"route_T{T}"] = rows
+        ok = [r for r in rows if "ms" in r]
+        if ok:
+            b = min(ok, key=lambda r: r["ms"])
+            overrides.setdefault(T, {}).update(route_block_t=b["block_t"], route_block_k=b["block_k"], route_warps=b["num_warps"],
+                                route_dot=b["use_dot"])
+    # grouped GEMMs per T
+    for T in (16384, 4096):
+        rows, best = sweep_grouped(T, router, w1, w3, w2, 6 * T * TOP_K * HIDDEN * INTER)
+        out[f"grouped_T{T}"] = {"rows": rows, "best": best}
+        if best is not None:
+            sw, dn = best["swiglu"], best["down"]
+            overrides.setdefault(T, {}).update(
+                block_m=sw["block_m"], swiglu_block_n=sw["block_n"], swiglu_block_k=sw["block_k"],
+                swiglu_warps=sw["num_warps"], swiglu_stages=sw["num_stages"], swiglu_interleave=sw["interleave"],
+                group_m=sw["group_m"], down_block_n=dn["block_n"], down_block_k=dn["block_k"],
+                down_warps=dn["num_warps"], down_stages=dn["num_stages"],
+            )  # group_m is shared by both kernels in the config: the swiglu choice (the larger stage) wins
+    # decode kernels: swiglu and down chosen separately per class of T
+    out["decode"] = []
+    for T_swept, users in DECODE_SWEEP_T.items():
+        rows = sweep_decode(T_swept, router, w1, w3, w2)
+        out["decode"] += rows
+        ok = [r for r in rows if "down_ms" in r]
+        if ok:
+            sw = min(ok, key=lambda r: r["swiglu_ms"])
+            dn = min(ok, key=lambda r: r["down_ms"])
+            for T in users:
+                if T in overrides:
+                    overrides[T].update(
+                        decode_block_n=sw["block_n"], decode_block_k=sw["block_k"], decode_warps=sw["num_warps"],
+                        decode_stages=sw["num_stages"], decode_down_block_n=dn["block_n"],
+                        decode_down_block_k=dn["block_k"], decode_down_warps=dn["num_warps"],
+                        decode_down_stages=dn["num_stages"],
+                    )
+    out["overrides"] = {str(T): o for T, o in overrides.items()}
+    return out, overrides
 
 
 # ------------------------------------------------------------------------------------------------ main table
@@ -301,35 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     w3 = torch.randn(E, INTER, HIDDEN, device="cuda", dtype=torch.bfloat16).mul_(HIDDEN**-0.5)
     w2 = torch.randn(E, HIDDEN, INTER, device="cuda", dtype=torch.bfloat16).mul_(INTER**-0.5)
 
-    chosen: dict[int, Any] = {}  # T -> config override from the sweep
+    overrides: dict[int, dict[str, Any]] = {}
     if args.sweep:
-        payload["sweep"] = {}
-        for T in (16384, 4096):
-            rows, best = sweep_grouped(T, router, w1, w3, w2, 6 * T * TOP_K * HIDDEN * INTER)
-            payload["sweep"][f"grouped_T{T}"] = {"rows": rows, "best": best}
-            if best is not None:
-                s, d = best["swiglu"], best["down"]
-                chosen[T] = replace(
-                    default_config(T, TOP_K, E, torch.device("cuda")),
-                    block_m=s["block_m"], swiglu_block_n=s["block_n"], swiglu_block_k=s["block_k"],
-                    swiglu_warps=s["num_warps"], swiglu_stages=s["num_stages"], swiglu_interleave=s["interleave"],
-                    down_block_n=d["block_n"],
-                    down_block_k=d["block_k"], down_warps=d["num_warps"], down_stages=d["num_stages"],
-                )
-        payload["sweep"]["decode"] = []
-        for T_swept, users in DECODE_SWEEP_T.items():
-            rows, totals = sweep_decode(T_swept, router, w1, w3, w2)
-            payload["sweep"]["decode"] += rows
-            if totals:
-                bn, bk, warps, stages = min(totals, key=totals.get)
-                for T in users:
-                    chosen[T] = replace(default_config(T, TOP_K, E, torch.device("cuda")), decode_block_n=bn,
-                                        decode_block_k=bk, decode_warps=warps, decode_stages=stages)
-        payload["sweep"]["chosen"] = {str(T): asdict(c) for T, c in chosen.items()}
+        payload["sweep"], overrides = run_sweeps(router, w1, w3, w2)
 
     payload["results"] = []
     for T in QUICK_TOKENS if args.quick else TOKENS:
-        cfg = chosen.get(T, default_config(T, TOP_K, E, torch.device("cuda")))
+        cfg = replace(default_config(T, TOP_K, E, torch.device("cuda")), **overrides.get(T, {}))
         row = bench_tokens(T, router, w1, w3, w2, cfg, copy_tbps, args.quick, has_grouped_mm)
         payload["results"].append(row)
         print("  ", {k: v for k, v in row.items() if k != "config"}, flush=True)

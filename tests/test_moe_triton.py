@@ -64,10 +64,12 @@ def _garbage(shape):
 @pytest.mark.parametrize("T", [1, 7, 33])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("E", [5, 8])
-def test_route_matches_reference(T, top_k, E):
-    x, router, *_ = _inputs(T, E, seed=T + 10 * top_k + E)
+@pytest.mark.parametrize("use_dot", [True, False])
+def test_route_matches_reference(T, top_k, E, use_dot):
+    x, router, *_ = _inputs(T, E, hidden=40, seed=T + 10 * top_k + E)  # hidden not a multiple of the K tile
     w, ids = routing.moe_route_triton(
-        x, router, top_k, block_t=16, block_k=16, out_weights=_nan((T, top_k)), out_ids=_garbage((T, top_k))
+        x, router, top_k, block_t=16 if use_dot else 2, block_k=16, use_dot=use_dot,
+        out_weights=_nan((T, top_k)), out_ids=_garbage((T, top_k)),
     )
     ref_w, ref_ids = naive.moe_route(x, router, top_k)
     assert ids.dtype == torch.int32 and w.dtype == torch.float32

@@ -29,6 +29,7 @@ class MoeTritonConfig:
     route_block_t: int = 32
     route_block_k: int = 128
     route_warps: int = 4
+    route_dot: bool = True
     # grouped path
     block_m: int = 64
     swiglu_block_n: int = 128
@@ -42,20 +43,25 @@ class MoeTritonConfig:
     down_stages: int = 3
     group_m: int = 8
     align_chunk: int = 256
-    # decode path
-    decode_block_n: int = 16
-    decode_block_k: int = 256
+    # decode path: swiglu_decode, then down_combine_decode
+    decode_block_n: int = 32
+    decode_block_k: int = 128
     decode_warps: int = 4
-    decode_stages: int = 4
+    decode_stages: int = 3
+    decode_down_block_n: int = 16
+    decode_down_block_k: int = 256
+    decode_down_warps: int = 4
+    decode_down_stages: int = 4
 
 
 def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.device) -> MoeTritonConfig:
     """Tiles by problem size. On CPU (``TRITON_INTERPRET=1``) small tiles keep the interpreter fast."""
     if device.type != "cuda":
         return MoeTritonConfig(
-            route_block_t=16,
+            route_block_t=16 if n_tokens > 16 else 2,
             route_block_k=32,
             route_warps=1,
+            route_dot=n_tokens > 16,
             block_m=16,
             swiglu_block_n=32,
             swiglu_block_k=32,
@@ -63,10 +69,12 @@ def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.de
             down_block_k=32,
             decode_block_n=16,
             decode_block_k=32,
+            decode_down_block_n=16,
+            decode_down_block_k=32,
         )
     rows_per_expert = n_tokens * top_k / num_experts
-    if n_tokens <= 16:  # one router program reads all of router_weight: more warps, longer loads in flight
-        return MoeTritonConfig(route_block_t=16, route_block_k=256, route_warps=8)
+    if n_tokens <= 16:  # router: FMA path, 2 tokens per program (each program streams all of router_weight)
+        return MoeTritonConfig(route_block_t=2, route_block_k=256, route_warps=8, route_dot=False)
     if rows_per_expert >= 128:  # compute-bound: 128 x 256 tiles (measured best at T = 4096 and 16384 on H100)
         return MoeTritonConfig(route_block_t=64, block_m=128, swiglu_block_n=128, down_block_n=256)
     if rows_per_expert >= 64:
@@ -128,6 +136,7 @@ def moe_forward_triton(
         block_t=cfg.route_block_t,
         block_k=cfg.route_block_k,
         num_warps=cfg.route_warps,
+        use_dot=cfg.route_dot,
         out_weights=_empty((T, top_k), torch.float32, dev, poison),
         out_ids=_empty((T, top_k), torch.int32, dev, poison),
     )  # [T, top_k] fp32, int32
@@ -150,10 +159,10 @@ def moe_forward_triton(
             topk_weights,
             topk_ids,
             out_dtype=x.dtype,
-            block_n=cfg.decode_block_n,
-            block_k=cfg.decode_block_k,
-            num_warps=cfg.decode_warps,
-            num_stages=cfg.decode_stages,
+            block_n=cfg.decode_down_block_n,
+            block_k=cfg.decode_down_block_k,
+            num_warps=cfg.decode_down_warps,
+            num_stages=cfg.decode_down_stages,
             out=y,
         )  # [T, hidden]
 

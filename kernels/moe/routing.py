@@ -3,7 +3,8 @@
 Semantics are those of ``naive.moe_route`` plus the grouping that the grouped GEMMs of ``grouped.py`` read.
 
 Stage 1, ``moe_route_triton`` — one launch, grid ``cdiv(T, BLOCK_T)``:
-    logits = x @ router_weight^T in fp32 (tf32x3 products on the GPU, never plain tf32), softmax over E, top-k by repeated argmax
+    logits = x @ router_weight^T in fp32 (many tokens: tensor cores with tf32x3 products, never plain tf32; a few
+    tokens: fp32 FMAs), softmax over E, top-k by repeated argmax
     (ties go to the lowest expert index), weights renormalised to sum 1.
     reads  x [T, hidden], router_weight [E, hidden]
     writes topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32
@@ -54,6 +55,7 @@ def _route_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -63,17 +65,37 @@ def _route_kernel(
     e_mask = offs_e < NUM_EXPERTS
 
     x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * hidden + offs_k[None, :]  # [BLOCK_T, BLOCK_K]
-    r_ptrs = router_ptr + offs_e[None, :] * hidden + offs_k[:, None]  # [BLOCK_K, E_PAD]
-    logits = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        k_mask = (k0 + offs_k) < hidden
-        xt = tl.load(x_ptrs, mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        rt = tl.load(r_ptrs, mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
-        # fp32 router as in the reference: never plain tf32 (a flipped top-k choice is not a rounding error);
-        # tf32x3 on the GPU (x is bf16, exact in tf32, so only the router's low bits are split off: ~1e-7 relative)
-        logits = tl.dot(xt, rt, logits, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K
-        r_ptrs += BLOCK_K
+    if USE_DOT:  # many tokens: tensor cores
+        r_ptrs = router_ptr + offs_e[None, :] * hidden + offs_k[:, None]  # [BLOCK_K, E_PAD]
+        logits = tl.zeros((BLOCK_T, E_PAD), dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k_mask = (k0 + offs_k) < hidden
+            xt = tl.load(x_ptrs, mask=t_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            rt = tl.load(r_ptrs, mask=k_mask[:, None] & e_mask[None, :], other=0.0).to(tl.float32)
+            # fp32 router as in the reference: never plain tf32 (a flipped top-k choice is not a rounding error);
+            # tf32x3 on the GPU (x is bf16, exact in tf32, so only the router's low bits are split off)
+            logits = tl.dot(xt, rt, logits, input_precision=DOT_PRECISION)
+            x_ptrs += BLOCK_K
+            r_ptrs += BLOCK_K
+    else:
+        # few tokens (decode): a [BLOCK_T, E, BLOCK_K] fp32 FMA accumulator, reduced over K once at the end. The
+        # K reduction is spread over all threads (a tensor-core product of 16 x 32 tiles would run it as one long
+        # dependent chain per warp), and the next router tile is loaded before the current one is used, so one
+        # program streams router_weight with loads in flight.
+        r_ptrs = router_ptr + offs_e[:, None] * hidden + offs_k[None, :]  # [E_PAD, BLOCK_K]
+        acc = tl.zeros((BLOCK_T, E_PAD, BLOCK_K), dtype=tl.float32)
+        xt = tl.load(x_ptrs, mask=t_mask[:, None] & (offs_k[None, :] < hidden), other=0.0)
+        rt = tl.load(r_ptrs, mask=e_mask[:, None] & (offs_k[None, :] < hidden), other=0.0)
+        for k0 in range(0, hidden, BLOCK_K):
+            x_ptrs += BLOCK_K
+            r_ptrs += BLOCK_K
+            k_next = (k0 + BLOCK_K + offs_k) < hidden
+            xt_next = tl.load(x_ptrs, mask=t_mask[:, None] & k_next[None, :], other=0.0)
+            rt_next = tl.load(r_ptrs, mask=e_mask[:, None] & k_next[None, :], other=0.0)
+            acc += xt.to(tl.float32)[:, None, :] * rt.to(tl.float32)[None, :, :]
+            xt = xt_next
+            rt = rt_next
+        logits = tl.sum(acc, axis=2)  # [BLOCK_T, E_PAD]
 
     logits = tl.where(e_mask[None, :], logits, float("-inf"))
     m = tl.max(logits, axis=1)
@@ -182,12 +204,14 @@ def moe_route_triton(
     block_t: int = 32,
     block_k: int = 128,
     num_warps: int = 4,
+    use_dot: bool = True,
     out_weights: Tensor | None = None,
     out_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Router: x [T, hidden], router_weight [E, hidden] -> (topk_weights [T, top_k] fp32, topk_ids [T, top_k] int32).
 
-    ``out_weights`` / ``out_ids`` (optional, contiguous) receive the results; otherwise they are allocated.
+    ``use_dot``: tensor-core logits (tiles of block_t >= 16 tokens); else fp32 FMA (any power-of-two block_t; the
+    fast choice for a few tokens). ``out_weights`` / ``out_ids`` (optional, contiguous) receive the results.
     """
     T, hidden = x.shape
     E = router_weight.shape[0]
@@ -212,6 +236,7 @@ def moe_route_triton(
         BLOCK_T=block_t,
         BLOCK_K=block_k,
         DOT_PRECISION="tf32x3" if x.device.type == "cuda" else "ieee",
+        USE_DOT=use_dot,
         num_warps=num_warps,
     )
     return weights, ids
@@ -241,7 +266,7 @@ def moe_align_triton(
     num_experts: int,
     block_m: int,
     *,
-    chunk: int = 1024,
+    chunk: int = 256,
     num_warps: int = 4,
     out: AlignResult | None = None,
 ) -> AlignResult:
