@@ -58,7 +58,7 @@ def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.de
     """Tiles by problem size. On CPU (``TRITON_INTERPRET=1``) small tiles keep the interpreter fast."""
     if device.type != "cuda":
         return MoeTritonConfig(
-            route_block_t=16 if n_tokens > 16 else 2,
+            route_block_t=16 if n_tokens > 16 else 1,
             route_block_k=32,
             route_warps=1,
             route_dot=n_tokens > 16,
@@ -73,10 +73,22 @@ def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.de
             decode_down_block_k=32,
         )
     rows_per_expert = n_tokens * top_k / num_experts
-    if n_tokens <= 16:  # router: FMA path, 2 tokens per program (each program streams all of router_weight)
-        return MoeTritonConfig(route_block_t=2, route_block_k=256, route_warps=8, route_dot=False)
-    if rows_per_expert >= 128:  # compute-bound: 128 x 256 tiles (measured best at T = 4096 and 16384 on H100)
-        return MoeTritonConfig(route_block_t=64, block_m=128, swiglu_block_n=128, down_block_n=256)
+    # Tiles below: the fastest of the sweep of ``benchmarks/moe.py --sweep`` on an H100 (2026-11-26; hidden 6144,
+    # E 32 x I 9216, top-2, bf16), see README.md. Classes that were not measured keep reasoned defaults.
+    if n_tokens <= 16:  # decode: FMA router (one token per program), selected-expert kernels
+        return MoeTritonConfig(
+            route_block_t=1, route_block_k=512, route_warps=8, route_dot=False,
+            decode_block_n=64, decode_block_k=128, decode_warps=4, decode_stages=3,
+            decode_down_block_n=16, decode_down_block_k=128, decode_down_warps=2, decode_down_stages=6,
+        )  # fmt: skip
+    if rows_per_expert >= 128:  # compute-bound: 128-row blocks, N = 256 tiles (gate/up interleaved), 4 stages
+        return MoeTritonConfig(
+            route_block_t=64 if rows_per_expert >= 512 else 16,
+            block_m=128, swiglu_block_n=128, swiglu_block_k=64, swiglu_warps=8, swiglu_stages=4, swiglu_interleave=True,
+            down_block_n=256, down_block_k=64, down_warps=8, down_stages=4,
+            group_m=16 if rows_per_expert >= 512 else 8,
+        )  # fmt: skip
+    # not measured below: smaller row blocks waste less padding when experts get few rows
     if rows_per_expert >= 64:
         return MoeTritonConfig(block_m=64, swiglu_block_n=128, down_block_n=128, swiglu_warps=4, down_warps=4)
     # few rows per expert: weight-bandwidth bound, small row blocks waste little
