@@ -2,14 +2,16 @@
 
 Semantics are those of ``naive.moe_experts``: y_t = sum_j w[t, j] * (silu(x_t w1_e^T) * (x_t w3_e^T)) w2_e^T with
 e = ids[t, j]. Products run on the tensor cores in the input dtype with fp32 accumulation; the SwiGLU activation h
-is stored in the input dtype between the two GEMMs; the top-k sum runs in fp32.
+is stored in the input dtype between the two GEMMs; the top-k sum runs in fp32. fp32 inputs use tf32x3 products
+on the GPU (exact fp32 under ``TRITON_INTERPRET=1``).
 
 Grouped path (many tokens), over the permutation of ``routing.moe_align_triton`` (rows grouped by expert, each
 expert's range padded to BLOCK_M rows):
   stage 3 ``swiglu_grouped``: one launch, grid ``max_blocks * cdiv(I, BLOCK_N)``. A program takes one BLOCK_M-row
       block (one expert) and one BLOCK_N slice of I, gathers the block's token rows of x, and accumulates the gate
-      (w1) and up (w3) products together (two accumulators, each x tile loaded once), then writes
-      h = silu(gate) * up.   reads x [T, hidden], w1/w3 [E, I, hidden]; writes h [max_rows, I]
+      (w1) and up (w3) products together (each x tile loaded once; by default as one N = 2 BLOCK_N product over
+      interleaved w1/w3 rows), then writes h = silu(gate) * up.
+      reads x [T, hidden], w1/w3 [E, I, hidden]; writes h [max_rows, I]
   stage 4 ``down_grouped``: one launch, grid ``max_blocks * cdiv(hidden, BLOCK_N)``: h rows (contiguous, no
       gather) times w2 of the block's expert, each row scaled by its routing weight.
       reads h, w2 [E, hidden, I], topk_weights; writes y_perm [max_rows, hidden] (permuted order)
