@@ -44,6 +44,13 @@ def matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
+def measure_ceilings() -> dict[str, float]:
+    """Measure and print the copy and bf16 matmul ceilings; returns the payload's ``ceilings`` entry."""
+    copy_tbps, mm_tflops = copy_bandwidth_tbps(), matmul_tflops()
+    print(f"ceilings: copy {copy_tbps:.3f} TB/s (read+write), bf16 matmul {mm_tflops:.1f} TFLOP/s", flush=True)
+    return {"copy_tbps": copy_tbps, "matmul_bf16_tflops": mm_tflops}
+
+
 def environment() -> dict[str, Any]:
     """Device, versions and date, recorded with every result."""
     import triton

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import copy_bandwidth_tbps, environment, matmul_tflops, time_ms, write_json
+from benchmarks.common import environment, measure_ceilings, time_ms, write_json
 
 H, D = 64, 128
 DEVICE = "cuda"
@@ -220,14 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     fla_chunk, fla_recurrent, fla_version = _load_fla()
     env["fla"] = fla_version
     print(f"device {env['device']}  torch {env['torch']}  triton {env['triton']}  fla {fla_version}", flush=True)
-    copy_tbps = copy_bandwidth_tbps()
-    mm_tflops = matmul_tflops()
-    print(f"ceilings: copy {copy_tbps:.3f} TB/s (read+write), bf16 matmul {mm_tflops:.1f} TFLOP/s", flush=True)
+    ceilings = measure_ceilings()
+    copy_tbps = ceilings["copy_tbps"]
 
     payload: dict[str, Any] = {
         "environment": env,
         "command": " ".join(["python -m benchmarks.lightning", *(argv if argv is not None else sys.argv[1:])]),
-        "ceilings": {"copy_tbps": copy_tbps, "matmul_bf16_tflops": mm_tflops},
+        "ceilings": ceilings,
     }
     if args.sweep:
         payload["sweep_prefill"] = [r for T in (16384, 65536) for r in sweep_prefill(T, copy_tbps)]

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import copy_bandwidth_tbps, environment, matmul_tflops, time_ms, write_json
+from benchmarks.common import environment, measure_ceilings, time_ms, write_json
 
 HIDDEN, INTER, E, TOP_K = 6144, 9216, 32, 2
 TOKENS = (1, 2, 4, 8, 16, 4096, 16384)
@@ -371,14 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     has_grouped_mm = hasattr(torch, "_grouped_mm")
     print(f"device {env['device']}  torch {env['torch']}  triton {env['triton']}  grouped_mm {has_grouped_mm}", flush=True)
-    copy_tbps = copy_bandwidth_tbps()
-    mm_tflops = matmul_tflops()
-    print(f"ceilings: copy {copy_tbps:.3f} TB/s (read+write), bf16 matmul {mm_tflops:.1f} TFLOP/s", flush=True)
+    ceilings = measure_ceilings()
+    copy_tbps = ceilings["copy_tbps"]
     payload: dict[str, Any] = {
         "environment": env,
         "command": " ".join(["python -m benchmarks.moe", *(argv if argv is not None else sys.argv[1:])]),
         "problem": {"hidden": HIDDEN, "intermediate": INTER, "experts": E, "top_k": TOP_K, "dtype": "bfloat16"},
-        "ceilings": {"copy_tbps": copy_tbps, "matmul_bf16_tflops": mm_tflops},
+        "ceilings": ceilings,
     }
 
     torch.manual_seed(0)
@@ -402,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         return format(v, spec) if isinstance(v, float) else "-"
 
     print(f"\nMoE hidden {HIDDEN}, {E} experts x I {INTER}, top-{TOP_K}, bf16 on {env['device']}")
-    print(f"ceilings: copy {copy_tbps:.3f} TB/s, bf16 matmul {mm_tflops:.1f} TFLOP/s")
+    print(f"ceilings: copy {copy_tbps:.3f} TB/s, bf16 matmul {ceilings['matmul_bf16_tflops']:.1f} TFLOP/s")
     print(f"{'T':>6} {'ours ms':>9} {'graph ms':>9} {'TFLOP/s':>8} {'loop ms':>9} {'x loop':>7} {'gmm ms':>9} "
           f"{'dense ms':>9} {'dense TF':>9} {'%dense':>7} {'read ms':>8} {'/read':>6} {'rel':>8}")
     for r in payload["results"]:

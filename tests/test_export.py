@@ -35,13 +35,13 @@ def _run_steps(prefill, decode, ids, n_prompt, max_seq_len, config, dtype=torch.
     """Prefill ids[:, :n_prompt], then decode the remaining ids one by one; returns the logits of every step."""
     from model import MiniMaxState
 
-    B = ids.shape[0]
-    state = MiniMaxState.allocate(config, B, max_seq_len, dtype).flatten()
+    B, device = ids.shape[0], ids.device
+    state = MiniMaxState.allocate(config, B, max_seq_len, dtype, device).flatten()
     # Engines take contiguous inputs only (AOTInductor compiles for the example inputs' strides and does not check).
-    logits, state = prefill(ids[:, :n_prompt].contiguous(), torch.zeros(B, dtype=torch.long), state)
+    logits, state = prefill(ids[:, :n_prompt].contiguous(), torch.zeros(B, dtype=torch.long, device=device), state)
     steps = [logits]
     for t in range(n_prompt, ids.shape[1]):
-        logits, state = decode(ids[:, t : t + 1].contiguous(), torch.full((B,), t, dtype=torch.long), state)
+        logits, state = decode(ids[:, t : t + 1].contiguous(), torch.full((B,), t, dtype=torch.long, device=device), state)
         steps.append(logits)
     return torch.cat(steps, 1), state
 

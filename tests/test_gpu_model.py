@@ -68,6 +68,7 @@ def test_bf16_model_on_gpu_tracks_fp32_reference():
 def test_aoti_cuda_engine_equals_eager(tmp_path):
     from export import BuildSettings, build_engine
     from export.exporting import DecodeProgram, PrefillProgram
+    from tests.test_export import _run_steps
 
     _, gpu = _models()
     settings = BuildSettings(backend="aoti", device="cuda", dtype="float32", max_batch=4, max_input_len=64,
@@ -78,17 +79,8 @@ def test_aoti_cuda_engine_equals_eager(tmp_path):
     assert manifest["device"] == "cuda"
     ids = torch.randint(0, CONFIG.vocab_size, (3, 61), generator=torch.Generator().manual_seed(2)).cuda()
 
-    def run(pre, dec):
-        from model import MiniMaxState
-
-        state = MiniMaxState.allocate(CONFIG, 3, 96, torch.float32, "cuda").flatten()
-        logits, state = pre(ids[:, :53].contiguous(), torch.zeros(3, dtype=torch.long, device="cuda"), state)
-        steps = [logits]
-        for t in range(53, 61):
-            logits, state = dec(ids[:, t : t + 1].contiguous(), torch.full((3,), t, device="cuda"), state)
-            steps.append(logits)
-        return torch.cat(steps, 1).cpu()
-
-    report = logit_report(run(prefill, decode), run(PrefillProgram(gpu), DecodeProgram(gpu)))
+    ours, _ = _run_steps(prefill, decode, ids, 53, 96, CONFIG)
+    ref, _ = _run_steps(PrefillProgram(gpu), DecodeProgram(gpu), ids, 53, 96, CONFIG)
+    report = logit_report(ours.cpu(), ref.cpu())
     print("AOTI CUDA engine vs eager (GPU), prefill 53 + 8 decode steps:", report)
     assert report["rel"] < 1e-4 and report["top1"] == 1.0, report
