@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import torch
 
-    from export import BuildSettings, EngineFolderError, build_engine
+    from export import BuildSettings, EngineFolderError, build_engine, check_lowering
     from model import CheckpointError, ConfigError, MiniMaxConfig, MiniMaxForCausalLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # everything cheap is checked before weights are read
         config = MiniMaxConfig.from_pretrained(args.checkpoint) if args.checkpoint else MiniMaxConfig.preset(args.preset)
         settings.validate(config.max_position_embeddings)
-        if backend != "aoti":
-            raise EngineFolderError(f"backend {backend!r} is not available in this version; use --backend aoti")
+        check_lowering(settings)
         from pathlib import Path
 
         if Path(args.out).exists() and not args.overwrite:

@@ -7,10 +7,11 @@ the programs and the custom ops stay single nodes.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ from model import MiniMaxForCausalLM, MiniMaxState
 from .engine_folder import (
     FORMAT_VERSION,
     BuildSettings,
+    EngineFolderError,
     program_io,
     staged_folder,
     symbolic_state_layout,
@@ -30,7 +32,7 @@ from .engine_folder import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PrefillProgram", "DecodeProgram", "export_programs", "build_engine", "example_inputs"]
+__all__ = ["PrefillProgram", "DecodeProgram", "export_programs", "build_engine", "example_inputs", "check_lowering"]
 
 
 class PrefillProgram(nn.Module):
@@ -86,12 +88,28 @@ def export_programs(model: MiniMaxForCausalLM, settings: BuildSettings) -> dict[
     return programs
 
 
-def _lower_aoti(program: ExportedProgram, path: Path) -> None:
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+# backend -> module implementing the lowering protocol (``check_available``, ``lower``; see ``aoti_lowering.py``).
+# Imported only when used, so that a backend's dependencies (onnx, tensorrt) are needed only by its users.
+LOWERINGS: dict[str, str] = {
+    "aoti": "export.aoti_lowering",
+    "onnx": "export.onnx_lowering",
+    "tensorrt": "export.tensorrt_lowering",
+}
 
 
-LOWERINGS: dict[str, Callable[[ExportedProgram, Path], None]] = {"aoti": _lower_aoti}
-ARTEFACT_SUFFIX = {"aoti": ".pt2"}
+def lowering_module(backend: str):
+    """The lowering module of ``backend``; ``EngineFolderError`` if there is none or it cannot be imported."""
+    if backend not in LOWERINGS:
+        raise EngineFolderError(f"backend {backend!r} is not one of {', '.join(LOWERINGS)}")
+    try:
+        return importlib.import_module(LOWERINGS[backend])
+    except ModuleNotFoundError as e:
+        raise EngineFolderError(f"backend {backend!r} is not available: {e}") from e
+
+
+def check_lowering(settings: BuildSettings) -> None:
+    """Refuse, before any long work, a build whose backend cannot run here (``EngineFolderError``)."""
+    lowering_module(settings.backend).check_available(settings)
 
 
 def build_engine(
@@ -100,8 +118,7 @@ def build_engine(
     """Export, lower and write a complete engine folder to ``out_dir``; return its manifest."""
     config = model.config
     settings.validate(config.max_position_embeddings)
-    if settings.backend not in LOWERINGS:
-        raise NotImplementedError(f"the {settings.backend!r} lowering is not available in this version")
+    check_lowering(settings)
     if model.dtype != settings.torch_dtype:
         raise ValueError(f"model weights are {model.dtype}, the build asks for {settings.dtype}")
     model.eval()
@@ -116,12 +133,11 @@ def build_engine(
         manifest_programs = {}
         for name, ep in programs.items():
             start = time.perf_counter()
-            artefact = f"{name}{ARTEFACT_SUFFIX[settings.backend]}"
             logger.info("lowering %s with %s ...", name, settings.backend)
-            LOWERINGS[settings.backend](ep, folder / artefact)
+            entries = lowering_module(settings.backend).lower(ep, folder, name, settings)
             timings[f"lower_{name}_s"] = time.perf_counter() - start
             logger.info("lowered %s in %.1fs", name, timings[f"lower_{name}_s"])
-            manifest_programs[name] = {"file": artefact, "exported": f"exported/{name}.pt2",
+            manifest_programs[name] = {**entries, "exported": f"exported/{name}.pt2",
                                        **program_io(config.to_dict(), symbolic_state_layout(config, settings), name)}
         start = time.perf_counter()
         manifest = {

@@ -11,7 +11,7 @@ import torch
 
 import build
 from export import BuildSettings, EngineFolderError, build_engine, export_programs, read_manifest
-from export import exporting
+from export import aoti_lowering, exporting
 from export.exporting import DecodeProgram, PrefillProgram
 from model import MiniMaxConfig, MiniMaxForCausalLM
 from tests.utils import logit_report
@@ -115,11 +115,11 @@ def test_damaged_engine_folders_are_refused(engine, tmp_path):
 
 
 def test_failed_build_leaves_nothing(tiny, tmp_path, monkeypatch):
-    def broken_lowering(program, path):
-        path.write_bytes(b"half written")
+    def broken_lowering(program, folder, name, settings):
+        (folder / f"{name}.pt2").write_bytes(b"half written")
         raise RuntimeError("compiler crashed")
 
-    monkeypatch.setitem(exporting.LOWERINGS, "aoti", broken_lowering)
+    monkeypatch.setattr(aoti_lowering, "lower", broken_lowering)
     with pytest.raises(RuntimeError, match="compiler crashed"):
         build_engine(tiny, SETTINGS, tmp_path / "engine")
     assert list(tmp_path.iterdir()) == []

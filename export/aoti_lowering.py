@@ -1,0 +1,27 @@
+"""AOTInductor lowering: each exported program becomes one ``.pt2`` package (CPU or CUDA).
+
+Lowering-module protocol (see ``exporting.LOWERINGS``): ``check_available(settings)`` raises ``EngineFolderError``
+when this backend cannot build for ``settings`` here (called before any long work), and
+``lower(program, folder, name, settings)`` writes the artefacts of program ``name`` into ``folder`` and returns the
+manifest entries of that program (at least ``"file"``, the artefact the runtime loads, relative to ``folder``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+from .engine_folder import BuildSettings
+
+
+def check_available(settings: BuildSettings) -> None:
+    """AOTInductor ships with torch: always available (a CUDA build needs a GPU, checked by the caller)."""
+
+
+def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSettings) -> dict[str, Any]:
+    path = folder / f"{name}.pt2"
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return {"file": path.name}
