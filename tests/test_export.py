@@ -11,7 +11,7 @@ import torch
 
 import build
 from export import BuildSettings, EngineFolderError, build_engine, export_programs, read_manifest
-from export import aoti_lowering, exporting
+from export import aoti_lowering
 from export.exporting import DecodeProgram, PrefillProgram
 from model import MiniMaxConfig, MiniMaxForCausalLM
 from tests.utils import logit_report
