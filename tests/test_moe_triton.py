@@ -45,9 +45,21 @@ def _inputs(T, E, hidden=HIDDEN, inter=INTER, seed=0, dtype=torch.float32, devic
     return x.to(device, dtype), router.to(device), *(w.to(device, dtype) for w in (w1, w3, w2))
 
 
+TMA_PATHS = {  # grouped path through the descriptor (TMA) kernels: config overrides
+    "grouped_tma": dict(grouped_tma=True),
+    "grouped_tma_permute_persistent": dict(grouped_tma=True, swiglu_permute=True, swiglu_persistent=True,
+                                           down_persistent=True),
+}
+
+
 def _config(T, top_k, E, path):
     cfg = default_config(T, top_k, E, torch.device(DEVICE))
-    return replace(cfg, decode_max_tokens=1 << 30 if path == "decode" else 0)  # "grouped*": the grouped path
+    cfg = replace(cfg, decode_max_tokens=1 << 30 if path == "decode" else 0)  # "grouped*": the grouped path
+    if path in TMA_PATHS:
+        cfg = replace(cfg, **TMA_PATHS[path])
+    elif path.startswith("grouped"):
+        cfg = replace(cfg, grouped_tma=False)
+    return cfg
 
 
 def _nan(shape, dtype=torch.float32):
@@ -206,6 +218,64 @@ def test_grouped_stages(T, top_k, E, interleave):
     assert rel_err(y, naive.moe_experts(x, weights, ids, w1, w3, w2)) < FP32_TOL
 
 
+@pytest.mark.parametrize("T,top_k,E", [(1, 2, 5), (17, 2, 8), (33, 1, 3)])
+@pytest.mark.parametrize("permute", [False, True])
+@pytest.mark.parametrize("persistent", [False, True])
+def test_grouped_tma_stages(T, top_k, E, permute, persistent):
+    """Descriptor kernels against per-slot references. hidden 40 and I 24 are not multiples of the tiles: K tails
+    come from TMA's zero fill, and N tiles that run past an expert's I rows read the next expert's (masked)."""
+    hidden, inter = 40, 24
+    x, router, w1, w3, w2 = _inputs(T, E, hidden=hidden, inter=inter, seed=3 * T + E)
+    weights, ids = naive.moe_route(x, router, top_k)
+    bm = 16
+    a = routing.moe_align_triton(ids.to(torch.int32), E, bm, chunk=16)
+    max_rows = a.sorted_slots.numel()
+    assert grouped.tma_supported(x, w1, w3, w2)
+    x_perm = None
+    total = int(a.expert_offsets[-1])
+    if permute:
+        x_perm = grouped.permute_rows(x, a.sorted_slots, a.expert_offsets, top_k, block_h=16,
+                                      out=_nan((max_rows, hidden)))
+        valid = a.sorted_slots[:total] < T * top_k
+        tok = (a.sorted_slots[:total] // top_k).long()
+        assert torch.equal(x_perm[:total][valid], x[tok[valid]]) and (x_perm[:total][~valid] == 0).all()
+    h = grouped.swiglu_grouped_tma(
+        x, w1, w3, a.sorted_slots, a.block_expert, a.expert_offsets, top_k, block_m=bm, block_n=16, block_k=16,
+        x_perm=x_perm, persistent=persistent, out=_nan((max_rows, inter)),
+    )
+    y_perm = grouped.down_grouped_tma(
+        h, w2, a.sorted_slots, a.block_expert, a.expert_offsets, weights, block_m=bm, block_n=16, block_k=16,
+        persistent=persistent, out=_nan((max_rows, hidden)),
+    )
+    inv = a.inv_perm.long()
+    for s in range(T * top_k):
+        t, e = s // top_k, int(ids.reshape(-1)[s])
+        h_ref, y_ref = _expert_ref(x[t : t + 1], w1, w3, w2, e)
+        assert rel_err(h[inv[s]], h_ref[0]) < FP32_TOL
+        assert rel_err(y_perm[inv[s]], weights.reshape(-1)[s] * y_ref[0]) < FP32_TOL
+    pad = a.sorted_slots[:total] >= T * top_k
+    assert (h[:total][pad] == 0).all() and (y_perm[:total][pad] == 0).all()
+    y = grouped.combine(y_perm, a.inv_perm, T, top_k, out_dtype=x.dtype, block_h=16, out=_nan((T, hidden)))
+    assert rel_err(y, naive.moe_experts(x, weights, ids, w1, w3, w2)) < FP32_TOL
+
+
+@pytest.mark.parametrize("path", ["grouped", *TMA_PATHS])
+def test_forward_many_tokens_skewed(path):
+    """T = 1000 with skewed routing (a few experts take most slots, some none): many blocks per expert, empty
+    experts, partial last blocks; every buffer poisoned."""
+    T, E, top_k = 1000, 8, 2
+    x, router, w1, w3, w2 = _inputs(T, E, seed=9)
+    x += 1.0  # a common direction: router rows along it win (0-2) or lose (5-7) for every token
+    router *= 0.2
+    router[:3] += 3.0 / HIDDEN
+    router[5:] -= 8.0 / HIDDEN
+    ids = naive.moe_route(x, router, top_k)[1]
+    counts = torch.bincount(ids.reshape(-1), minlength=E)
+    assert counts[:3].sum() > T * top_k * 3 // 4 and (counts[5:] == 0).all() and (counts[3:5] > 0).all(), counts
+    y = moe_forward_triton(x, router, w1, w3, w2, top_k, config=_config(T, top_k, E, path), poison=True)
+    assert rel_err(y, naive.moe_forward(x, router, w1, w3, w2, top_k)) < FP32_TOL
+
+
 @pytest.mark.parametrize("T,top_k,E", [(1, 2, 5), (7, 2, 8), (5, 1, 3)])
 def test_decode_stages(T, top_k, E):
     x, router, w1, w3, w2 = _inputs(T, E, seed=2 * T + E)
@@ -225,7 +295,7 @@ def test_decode_stages(T, top_k, E):
 @pytest.mark.parametrize("T", [1, 7, 33])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("E", [5, 8])
-@pytest.mark.parametrize("path", ["decode", "grouped", "grouped_two_products"])
+@pytest.mark.parametrize("path", ["decode", "grouped", "grouped_two_products", *TMA_PATHS])
 def test_forward_matches_reference(T, top_k, E, path):
     x, router, w1, w3, w2 = _inputs(T, E, seed=T + 10 * top_k + E)
     cfg = _config(T, top_k, E, path)
@@ -237,7 +307,7 @@ def test_forward_matches_reference(T, top_k, E, path):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("path", ["decode", "grouped"])
+@pytest.mark.parametrize("path", ["decode", "grouped", *TMA_PATHS])
 def test_forward_all_tokens_one_expert(top_k, path):
     """Every token's first choice is expert 3: one expert gets T rows (several blocks), most others none."""
     T, E = 33, 6
@@ -304,7 +374,22 @@ def test_gpu_minimax_bf16(T, minimax_weights):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("path", ["decode", "grouped"])
+@pytest.mark.parametrize("T", [17, 1000, 4096])
+@pytest.mark.parametrize("path", ["grouped", *TMA_PATHS])
+def test_gpu_minimax_bf16_grouped_kernels(T, path, minimax_weights):
+    """Each grouped-path kernel family (pointer / descriptor, gathered / permuted A, persistent) at MiniMax sizes."""
+    router, w1, w3, w2 = minimax_weights
+    x = torch.randn(T, MINIMAX["hidden"], device="cuda", generator=torch.Generator("cuda").manual_seed(T)).bfloat16()
+    cfg = _config(T, MINIMAX["top_k"], MINIMAX["E"], path)
+    y = moe_forward_triton(x, router, w1, w3, w2, MINIMAX["top_k"], config=cfg, poison=True)
+    assert rel_err(y, _naive_fp32(x, router, w1, w3, w2, MINIMAX["top_k"])) < 1e-2
+    y2 = moe_forward_triton(x, router, w1, w3, w2, MINIMAX["top_k"], config=cfg)
+    assert torch.equal(y, y2)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("path", ["decode", "grouped", "grouped_tma"])
 def test_gpu_fp32_tiny(path):
     T, E = 33, 5
     x, router, w1, w3, w2 = _inputs(T, E, hidden=64, inter=96, seed=1, device="cuda")
@@ -314,15 +399,16 @@ def test_gpu_fp32_tiny(path):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("T", [4, 300])
-def test_gpu_cuda_graph_capture(T, minimax_weights):
+@pytest.mark.parametrize("T,path", [(4, None), (300, None), (300, "grouped_tma_permute_persistent")])
+def test_gpu_cuda_graph_capture(T, path, minimax_weights):
     """No host synchronisation: the whole block captures into a CUDA graph and replays on new inputs."""
     router, w1, w3, w2 = minimax_weights
     x = torch.randn(T, MINIMAX["hidden"], device="cuda").bfloat16()
-    moe_forward_triton(x, router, w1, w3, w2, 2)  # compile outside the capture
+    cfg = None if path is None else _config(T, 2, MINIMAX["E"], path)
+    moe_forward_triton(x, router, w1, w3, w2, 2, config=cfg)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = moe_forward_triton(x, router, w1, w3, w2, 2)
+        y = moe_forward_triton(x, router, w1, w3, w2, 2, config=cfg)
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()

@@ -48,6 +48,10 @@ __all__ = [
     "combine",
     "swiglu_decode",
     "down_combine_decode",
+    "permute_rows",
+    "swiglu_grouped_tma",
+    "down_grouped_tma",
+    "tma_supported",
 ]
 
 
@@ -334,6 +338,151 @@ def _down_combine_decode_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
 
 
+# ------------------------------------------------------------------------------------------------ TMA variants
+# Tensor-descriptor (TMA on Hopper) versions of stages 3 and 4, plus an optional row permutation of x so that the
+# A operand of stage 3 is TMA-loadable too. New kernels beside the pointer-based ones above (whose parameter lists
+# and grids the TensorRT plugins rely on). Weights are read through host-built descriptors of the 2-D views
+# w1/w3 [E * I, hidden] and w2 [E * hidden, I]: a [BLOCK_N, BLOCK_K] tile at row ``expert * N + n0`` (a tile that
+# runs past the expert's last row reads the next expert's rows or TMA's zero fill, and those output columns are
+# masked at the store). The grid is either one program per tile or persistent (``num_programs`` programs stride
+# over the tiles); either way the number of tiles comes from ``expert_offsets[E]`` (rows in use), read on the
+# device, so no program visits an unused block and the launch stays free of host synchronisation.
+
+
+@triton.jit
+def _permute_rows_kernel(
+    x_ptr,  # [T, hidden]
+    x_perm_ptr,  # [max_rows, hidden]
+    sorted_slots_ptr,  # [max_rows] int32
+    expert_offsets_ptr,  # [E + 1] int32
+    n_slots,
+    hidden,
+    NUM_EXPERTS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """x_perm[r] = x[sorted_slots[r] // TOP_K] for the rows in use; padding rows get zeros, rows past the last
+    used one are not written (no kernel reads them)."""
+    rows_used = tl.load(expert_offsets_ptr + NUM_EXPERTS)
+    r0 = tl.program_id(0) * BLOCK_R
+    if r0 >= rows_used:
+        return
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rows_used
+    slot = tl.load(sorted_slots_ptr + offs_r, mask=r_mask, other=n_slots)
+    valid = slot < n_slots
+    token = tl.where(valid, slot // TOP_K, 0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < hidden
+    v = tl.load(x_ptr + token.to(tl.int64)[:, None] * hidden + offs_h[None, :], mask=valid[:, None] & h_mask[None, :], other=0.0)
+    tl.store(x_perm_ptr + offs_r.to(tl.int64)[:, None] * hidden + offs_h[None, :], v, mask=r_mask[:, None] & h_mask[None, :])
+
+
+@triton.jit
+def _swiglu_grouped_tma_kernel(
+    a_src,  # A_GATHER: x [T, hidden] (pointer); else descriptor of x_perm [max_rows, hidden], block [BLOCK_M, BLOCK_K]
+    w1_desc,  # descriptor of w1 viewed [E * I, hidden], block [BLOCK_N, BLOCK_K]
+    w3_desc,  # same for w3
+    h_ptr,  # [max_rows, I]
+    sorted_slots_ptr,  # [max_rows] int32
+    block_expert_ptr,  # [max_blocks] int32
+    expert_offsets_ptr,  # [E + 1] int32
+    n_slots,
+    hidden,
+    inter,
+    num_programs,
+    NUM_EXPERTS: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    A_GATHER: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    used_blocks = tl.load(expert_offsets_ptr + NUM_EXPERTS) // BLOCK_M
+    num_pid_n = tl.cdiv(inter, BLOCK_N)
+    num_tiles = used_blocks * num_pid_n
+    k_tiles = tl.cdiv(hidden, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
+        pid_m, pid_n = _grouped_pid(tile, used_blocks, num_pid_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m)
+        row0 = pid_m * BLOCK_M
+        w_row0 = expert * inter + pid_n * BLOCK_N
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        slot = tl.load(sorted_slots_ptr + offs_m)
+        row_valid = slot < n_slots
+        token = tl.where(row_valid, slot // TOP_K, 0)
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            k0 = ki * BLOCK_K
+            if A_GATHER:  # token rows of x gathered with pointer loads (cp.async)
+                a = tl.load(
+                    a_src + token.to(tl.int64)[:, None] * hidden + (k0 + offs_k)[None, :],
+                    mask=row_valid[:, None] & ((k0 + offs_k) < hidden)[None, :],
+                    other=0.0,
+                )
+            else:  # pre-permuted rows (padding rows are zeros): one TMA tile
+                a = a_src.load([row0, k0])
+            b1 = w1_desc.load([w_row0, k0])  # [BLOCK_N, BLOCK_K]
+            b3 = w3_desc.load([w_row0, k0])
+            acc_gate = tl.dot(a, b1.T, acc_gate, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a, b3.T, acc_up, input_precision=DOT_PRECISION)
+        h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * inter + offs_n[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=(offs_n < inter)[None, :])
+
+
+@triton.jit
+def _down_grouped_tma_kernel(
+    h_desc,  # descriptor of h [max_rows, I], block [BLOCK_M, BLOCK_K]
+    w2_desc,  # descriptor of w2 viewed [E * hidden, I], block [BLOCK_N, BLOCK_K]
+    y_perm_ptr,  # [max_rows, hidden]
+    sorted_slots_ptr,  # [max_rows] int32
+    block_expert_ptr,  # [max_blocks] int32
+    expert_offsets_ptr,  # [E + 1] int32
+    topk_weights_ptr,  # [S] fp32
+    n_slots,
+    hidden,
+    inter,
+    num_programs,
+    NUM_EXPERTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    FLATTEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    used_blocks = tl.load(expert_offsets_ptr + NUM_EXPERTS) // BLOCK_M
+    num_pid_n = tl.cdiv(hidden, BLOCK_N)
+    num_tiles = used_blocks * num_pid_n
+    k_tiles = tl.cdiv(inter, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=FLATTEN):
+        pid_m, pid_n = _grouped_pid(tile, used_blocks, num_pid_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m)
+        row0 = pid_m * BLOCK_M
+        w_row0 = expert * hidden + pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            k0 = ki * BLOCK_K
+            a = h_desc.load([row0, k0])  # [BLOCK_M, BLOCK_K]
+            b = w2_desc.load([w_row0, k0])  # [BLOCK_N, BLOCK_K]
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        slot = tl.load(sorted_slots_ptr + offs_m)
+        weight = tl.load(topk_weights_ptr + slot, mask=slot < n_slots, other=0.0)  # routing weight of each row
+        acc = acc * weight[:, None]
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        y_ptrs = y_perm_ptr + offs_m.to(tl.int64)[:, None] * hidden + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_perm_ptr.dtype.element_ty), mask=(offs_n < hidden)[None, :])
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -557,3 +706,177 @@ def down_combine_decode(
         num_stages=num_stages,
     )
     return y
+
+
+# ------------------------------------------------------------------------------------------------ TMA launchers
+
+
+def tma_supported(*tensors: Tensor) -> bool:
+    """Whether the descriptor kernels can take these tensors: 16-byte aligned bases and row strides, and on CUDA a
+    Hopper-or-newer device with 16-bit operands (fp32 keeps the pointer kernels and their tf32x3 products). CPU
+    tensors (``TRITON_INTERPRET=1``) qualify in any float dtype."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:  # pragma: no cover - Triton without host tensor descriptors
+        return False
+    for t in tensors:
+        if t.data_ptr() % 16 or (t.stride(-2) * t.element_size()) % 16 or t.stride(-1) != 1:
+            return False
+        if t.is_cuda and (t.dtype not in (torch.bfloat16, torch.float16)
+                          or torch.cuda.get_device_capability(t.device)[0] < 9):
+            return False
+    return True
+
+
+def _desc(t2d: Tensor, block: tuple[int, int]):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t2d, list(t2d.shape), list(t2d.stride()), list(block))
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _programs(n_tiles_bound: int, device: torch.device, persistent: bool) -> int:
+    """Grid size: one program per tile of the static bound, or (persistent) one per multiprocessor."""
+    if not persistent:
+        return n_tiles_bound
+    if device.type != "cuda":
+        return min(n_tiles_bound, 4)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return min(n_tiles_bound, _SM_COUNT[idx])
+
+
+def permute_rows(
+    x: Tensor,
+    sorted_slots: Tensor,
+    expert_offsets: Tensor,
+    top_k: int,
+    *,
+    block_r: int = 16,
+    block_h: int = 512,
+    out: Tensor | None = None,
+) -> Tensor:
+    """x [T, hidden] -> x_perm [max_rows, hidden]: row r holds x[sorted_slots[r] // top_k], zeros for padding rows;
+    rows past ``expert_offsets[E]`` are left unwritten (no kernel reads them)."""
+    T, hidden = x.shape
+    max_rows = sorted_slots.shape[0]
+    E = expert_offsets.shape[0] - 1
+    x_perm = torch.empty((max_rows, hidden), dtype=x.dtype, device=x.device) if out is None else out
+    block_h = min(block_h, _next_pow2(hidden))
+    grid = (triton.cdiv(max_rows, block_r), triton.cdiv(hidden, block_h))
+    _permute_rows_kernel[grid](
+        x, x_perm, sorted_slots, expert_offsets, T * top_k, hidden,
+        NUM_EXPERTS=E, TOP_K=top_k, BLOCK_R=block_r, BLOCK_H=block_h,
+    )  # fmt: skip
+    return x_perm
+
+
+def swiglu_grouped_tma(
+    x: Tensor,
+    w1: Tensor,
+    w3: Tensor,
+    sorted_slots: Tensor,
+    block_expert: Tensor,
+    expert_offsets: Tensor,
+    top_k: int,
+    *,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    group_m: int = 8,
+    num_warps: int = 8,
+    num_stages: int = 4,
+    x_perm: Tensor | None = None,
+    persistent: bool = False,
+    flatten: bool = False,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Stage 3 with descriptor (TMA) loads of w1/w3 tiles: same result as ``swiglu_grouped`` (two products, gate
+    and up, per K step). ``x_perm`` (from ``permute_rows``): A is TMA-loaded from it; else the token rows of x are
+    gathered with pointer loads. ``persistent``: one program per multiprocessor strides over the tiles."""
+    T, hidden = x.shape
+    E, inter = w1.shape[0], w1.shape[1]
+    max_rows = sorted_slots.shape[0]
+    max_blocks = block_expert.shape[0]
+    h = torch.empty((max_rows, inter), dtype=x.dtype, device=x.device) if out is None else out
+    num_stages, block_k = _fit_smem(num_stages, block_k, (block_m + 2 * block_n) * x.element_size())
+    a_src = x if x_perm is None else _desc(x_perm, (block_m, block_k))
+    n_prog = _programs(max_blocks * triton.cdiv(inter, block_n), x.device, persistent)
+    _swiglu_grouped_tma_kernel[(n_prog,)](
+        a_src,
+        _desc(w1.view(E * inter, hidden), (block_n, block_k)),
+        _desc(w3.view(E * inter, hidden), (block_n, block_k)),
+        h,
+        sorted_slots,
+        block_expert,
+        expert_offsets,
+        T * top_k,
+        hidden,
+        inter,
+        n_prog,
+        NUM_EXPERTS=E,
+        TOP_K=top_k,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=group_m,
+        A_GATHER=x_perm is None,
+        FLATTEN=flatten,
+        DOT_PRECISION=_dot_precision(x),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return h
+
+
+def down_grouped_tma(
+    h: Tensor,
+    w2: Tensor,
+    sorted_slots: Tensor,
+    block_expert: Tensor,
+    expert_offsets: Tensor,
+    topk_weights: Tensor,
+    *,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    group_m: int = 8,
+    num_warps: int = 8,
+    num_stages: int = 4,
+    persistent: bool = False,
+    flatten: bool = False,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Stage 4 with descriptor (TMA) loads of the h and w2 tiles: same result as ``down_grouped``."""
+    rows, inter = h.shape
+    E, hidden = w2.shape[0], w2.shape[1]
+    max_blocks = block_expert.shape[0]
+    y_perm = torch.empty((rows, hidden), dtype=h.dtype, device=h.device) if out is None else out
+    num_stages, block_k = _fit_smem(num_stages, block_k, (block_m + block_n) * h.element_size())
+    n_prog = _programs(max_blocks * triton.cdiv(hidden, block_n), h.device, persistent)
+    _down_grouped_tma_kernel[(n_prog,)](
+        _desc(h, (block_m, block_k)),
+        _desc(w2.view(E * hidden, inter), (block_n, block_k)),
+        y_perm,
+        sorted_slots,
+        block_expert,
+        expert_offsets,
+        topk_weights,
+        topk_weights.numel(),
+        hidden,
+        inter,
+        n_prog,
+        NUM_EXPERTS=E,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=group_m,
+        FLATTEN=flatten,
+        DOT_PRECISION=_dot_precision(h),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return y_perm
