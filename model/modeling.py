@@ -12,6 +12,17 @@ Entry points:
     prefill(input_ids, state, positions=None)         -> (logits, state)        (a chunk of T tokens)
     decode(input_ids, positions, state)               -> (logits, state)        (one token per sequence)
 All are pure functions of their inputs and the weights: no ``.item()``, no data-dependent Python branches.
+
+Ragged batches (left padding with a negative start position): a batch of prompts of lengths ``L_b`` padded on the
+left to ``L`` is passed with ``positions[b] = -(L - L_b)``, so token ``j`` of row ``b`` sits at absolute position
+``positions[b] + j`` and the pad tokens are exactly those at a negative position. Positions >= 0 behave as before.
+    * RoPE uses ``clamp(position, min=0)``.
+    * Lightning layers (prefill): k and v are zeroed at pads (``torch.where``, NaN-safe) before the op, so a zero
+      initial state stays exactly zero through the pads (pads only come before a row's first real token).
+    * Softmax layers: the KV-cache slot of a token is ``position mod S`` (S the cache length): pads write into the
+      last slots, which stay masked until the sequence reaches them and are overwritten before that (no collision
+      with real tokens while the padded chunk fits, ``L <= S``). The visibility mask uses ``clamp(position, min=0)``
+      so a pad query sees slot 0 and yields no NaN. Pad outputs are meaningless and are not used.
 """
 
 from __future__ import annotations
@@ -85,7 +96,7 @@ class _StepContext:
     """What every layer of one forward step shares."""
 
     decode: bool  # one token per sequence: lightning layers take the recurrent step
-    token_positions: Tensor  # [B, T] int64: absolute position of each input token
+    token_positions: Tensor  # [B, T] int64: absolute position of each input token (negative: a left pad)
     cos: Tensor  # [B, T, rotary_dim] fp32
     sin: Tensor  # [B, T, rotary_dim] fp32
 
@@ -116,6 +127,10 @@ class LightningAttention(nn.Module):
         if ctx.decode:
             o, lightning_state = torch.ops.minimax.lightning_decode(q, k, v, self.decay_rate, lightning_state)
         else:
+            # Left pads (negative positions) contribute nothing: the zero state stays zero through them.
+            real = (ctx.token_positions >= 0)[:, :, None, None]  # [B, T, 1, 1]
+            k = torch.where(real, k, torch.zeros((), dtype=k.dtype, device=k.device))
+            v = torch.where(real, v, torch.zeros((), dtype=v.dtype, device=v.device))
             o, lightning_state = torch.ops.minimax.lightning_prefill(q, k, v, self.decay_rate, lightning_state)
         o = self.norm(o.reshape(B, T, H * D))  # [B, T, H*D]
         o = torch.sigmoid(self.output_gate(x)) * o
@@ -144,13 +159,16 @@ class SoftmaxAttention(nn.Module):
         v = self.v_proj(x).view(B, T, KVH, D).transpose(1, 2)
         q = apply_partial_rope(q, ctx.cos, ctx.sin)
         k = apply_partial_rope(k, ctx.cos, ctx.sin)
-        # Write the new keys/values at their positions (out of place: the step stays a pure function).
-        slots = ctx.token_positions[:, None, :, None].expand(B, KVH, T, D)  # [B, KVH, T, D]
+        # Write the new keys/values at their positions (out of place: the step stays a pure function). Slot =
+        # position mod S: left pads (negative positions) land in the last slots, masked until overwritten.
+        S = key_cache.shape[2]
+        slots = torch.remainder(ctx.token_positions, S)[:, None, :, None].expand(B, KVH, T, D)  # [B, KVH, T, D]
         key_cache = key_cache.scatter(2, slots, k.to(key_cache.dtype))
         value_cache = value_cache.scatter(2, slots, v.to(value_cache.dtype))
-        S = key_cache.shape[2]
-        # Query at position p sees cache slots 0..p; later slots hold stale or zero entries and are masked.
-        visible = torch.arange(S, device=x.device)[None, None, :] <= ctx.token_positions[:, :, None]  # [B, T, S]
+        # Query at position p sees cache slots 0..p; later slots hold stale or zero entries and are masked. A pad
+        # query (p < 0) sees slot 0, so that its softmax has one finite entry (its output is not used).
+        query_positions = ctx.token_positions.clamp(min=0)  # [B, T]
+        visible = torch.arange(S, device=x.device)[None, None, :] <= query_positions[:, :, None]  # [B, T, S]
         keys = key_cache.repeat_interleave(H // KVH, dim=1).to(q.dtype)  # [B, H, S, D]
         values = value_cache.repeat_interleave(H // KVH, dim=1).to(q.dtype)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None], scale=1.0 / math.sqrt(D))
@@ -237,7 +255,8 @@ class MiniMaxModel(nn.Module):
     ) -> tuple[Tensor, MiniMaxState]:
         B, T = input_ids.shape
         token_positions = positions[:, None] + torch.arange(T, device=input_ids.device)[None, :]  # [B, T]
-        freqs = token_positions[..., None].float() * self.inv_freq  # [B, T, r/2] fp32
+        # Negative positions are left pads (see the module docstring); RoPE sees them at position 0.
+        freqs = token_positions.clamp(min=0)[..., None].float() * self.inv_freq  # [B, T, r/2] fp32
         emb = torch.cat((freqs, freqs), dim=-1)
         ctx = _StepContext(decode=decode, token_positions=token_positions, cos=emb.cos(), sin=emb.sin())
 
@@ -319,6 +338,7 @@ class MiniMaxForCausalLM(nn.Module):
 
         Returns ``(logits [B, T, V] fp32 (or [B, 1, V] with last_logits_only), new state)``; the input state is not
         modified. Calling prefill on consecutive chunks with the state carried equals one call on the whole.
+        A negative ``positions[b]`` marks the first ``-positions[b]`` tokens of row b as left pads (module docstring).
         """
         if positions is None:
             positions = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)

@@ -1,0 +1,87 @@
+"""Loading the compiled programs of an engine folder, one loader per backend.
+
+A loader is ``load_programs(folder, manifest, device) -> {"prefill": fn, "decode": fn}`` with
+
+    fn(input_ids [B, T] int64, positions [B] int64, state: list[Tensor]) -> (logits [B, 1, V] fp32, list[Tensor])
+
+state tensors in the manifest's ``state_layout`` order, every input contiguous and on ``device`` (the engine-folder
+contract, ``export/engine_folder.py``). ``BACKEND_LOADERS`` maps a manifest's ``backend`` to its loader, given as
+a callable or as ``"module:function"``, imported only when an engine of that backend is loaded (so TensorRT is
+needed only by TensorRT engines).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from export.engine_folder import EngineFolderError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BACKEND_LOADERS", "Program", "load_programs", "load_aoti_programs"]
+
+Program = Callable[[torch.Tensor, torch.Tensor, list], tuple]
+
+
+def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.device) -> dict[str, Program]:
+    """AOTInductor packages (``prefill.pt2`` / ``decode.pt2``), loaded with ``torch._inductor.aoti_load_package``.
+
+    Loaded single-threaded (the runtime calls from one thread; this is also what lets a CUDA graph capture the
+    call). On the project's H100 image Python must start with ``LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6``.
+    """
+    programs = {}
+    device_index = device.index if device.type == "cuda" and device.index is not None else -1
+    for name in ("prefill", "decode"):
+        path = Path(folder) / manifest["programs"][name]["file"]
+        programs[name] = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
+                                                           device_index=device_index)
+        logger.info("loaded %s (AOTInductor, %s)", path, device)
+    return programs
+
+
+def _refuse_onnx(folder: Path, manifest: dict[str, Any], device: torch.device) -> dict[str, Program]:
+    raise EngineFolderError(
+        f"{folder}: an 'onnx' engine folder holds ONNX models, which are inputs for trtexec / TensorRT "
+        "(build.py --backend tensorrt), not programs this runtime runs; build an 'aoti' or 'tensorrt' engine"
+    )
+
+
+BACKEND_LOADERS: dict[str, Callable[..., dict[str, Program]] | str] = {
+    "aoti": load_aoti_programs,
+    "tensorrt": "runtime.tensorrt:load_programs",
+    "onnx": _refuse_onnx,
+}
+
+
+def _resolve(backend: str, folder: Path) -> Callable[..., dict[str, Program]]:
+    if backend not in BACKEND_LOADERS:
+        raise EngineFolderError(f"{folder}: backend {backend!r} has no loader; known: {', '.join(BACKEND_LOADERS)}")
+    loader = BACKEND_LOADERS[backend]
+    if callable(loader):
+        return loader
+    module_name, _, function = loader.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:  # the module itself, or tensorrt under it, is missing
+        raise EngineFolderError(
+            f"{folder}: a {backend!r} engine needs {module_name} and its dependencies, which cannot be imported "
+            f"here ({type(e).__name__}: {e})"
+        ) from e
+    if not hasattr(module, function):
+        raise EngineFolderError(f"{folder}: {module_name} has no {function}(); cannot load a {backend!r} engine")
+    return getattr(module, function)
+
+
+def load_programs(folder: str | Path, manifest: dict[str, Any], device: torch.device) -> dict[str, Program]:
+    """The ``{"prefill": fn, "decode": fn}`` of the engine in ``folder`` (manifest already validated)."""
+    folder = Path(folder)
+    programs = _resolve(manifest["backend"], folder)(folder, manifest, device)
+    missing = {"prefill", "decode"} - set(programs)
+    if missing:
+        raise EngineFolderError(f"{folder}: the {manifest['backend']!r} loader gave no {sorted(missing)} program")
+    return programs

@@ -1,0 +1,405 @@
+"""``Engine``: an engine folder (or an eager model) behind one interface, with its decoding state and generation.
+
+    engine = Engine.load("engines/tiny")                       # manifest checked, programs loaded, state allocated
+    out = engine.generate([[5, 6, 7], [8, 9]], max_new_tokens=16)            # [B, T + N]
+    for tokens in engine.stream(ids, max_new_tokens=16, temperature=0.7, top_p=0.9, seed=0): ...   # [B] per step
+
+Ragged batches use left padding with a negative start position (``model/modeling.py``): prompts of lengths
+``L_b`` are padded on the left to ``L = max L_b`` and row ``b`` starts at position ``-(L - L_b)``, so every pad sits
+at a negative position, where the model neither changes the lightning state nor exposes a KV-cache slot.
+Prompts longer than the prefill profile (``max_input_len``) are prefilled in chunks that carry the state; the
+chunks are right-aligned (the last ones full), so pads only fall in the first chunk(s). A chunk of one token goes
+through ``decode`` (the prefill profile starts at T = 2); it is never a pad: a leading remainder of one token
+borrows a token from the next chunk, or, when ``max_input_len == 2``, is moved to the end (the last token of every
+row is real).
+
+Requests are validated in full before the state is touched; a refused request raises ``RequestError`` and leaves
+the engine usable. Each request starts from a zeroed state (rows ``0..B-1`` of the buffers allocated at load).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from export.engine_folder import DTYPES, EngineFolderError, read_manifest
+
+from .backends import Program, load_programs
+from .sampling import SamplingParams, sample
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Engine", "RequestError", "GenerationStats", "chunk_plan"]
+
+
+class RequestError(ValueError):
+    """A generation request the engine refuses (bad ids, too long, batch too large, ...); the engine stays usable."""
+
+
+@dataclass
+class GenerationStats:
+    """Timings of the last request (wall clock; CUDA is synchronised at the boundaries)."""
+
+    batch: int = 0
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens over the batch
+    padded_prompt_len: int = 0
+    prefill_chunks: int = 0
+    prefill_s: float = 0.0
+    decode_steps: int = 0  # decode calls after the prefill
+    decode_s: float = 0.0
+    new_tokens: int = 0  # tokens produced per row (the same for every row)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens produced per second of decoding, over the batch."""
+        return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def decode_ms_per_step(self) -> float:
+        return 1e3 * self.decode_s / self.decode_steps if self.decode_steps else float("nan")
+
+
+def chunk_plan(length: int, max_chunk: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` covering ``0..length``, each chunk at most ``max_chunk`` tokens, right-aligned.
+
+    The last chunks are full and the first takes the remainder. A chunk of one token can only be the last one
+    (whose tokens are never pads): a leading remainder of 1 borrows a token from the next chunk when
+    ``max_chunk >= 3``; with ``max_chunk == 2`` the odd token is processed last.
+    """
+    if length < 1 or max_chunk < 2:
+        raise ValueError(f"chunk_plan: length {length} must be >= 1 and max_chunk {max_chunk} >= 2")
+    n = -(-length // max_chunk)
+    sizes = [length - (n - 1) * max_chunk] + [max_chunk] * (n - 1)
+    if sizes[0] == 1 and n > 1:
+        if max_chunk >= 3:
+            sizes[0], sizes[1] = 2, max_chunk - 1
+        else:
+            sizes = sizes[1:] + [1]
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+@dataclass
+class _Request:
+    ids: Tensor  # [B, L] int64 on the engine's device, left padded
+    lengths: Tensor  # [B] int64 (CPU), real prompt lengths
+    max_new_tokens: int
+    sampling: SamplingParams
+    eos_token_id: int | None
+    seed: int | None
+    pad_token_id: int
+    prompt: Tensor  # [B, L] (CPU) what generate returns in front of the new tokens
+
+
+class Engine:
+    """Prefill/decode programs, the model config, the shape limits they were built for, and the decoding state.
+
+    Build with ``Engine.load(engine_dir)`` (an engine folder) or ``Engine.from_model(model, ...)`` (the eager model
+    behind the same interface: the parity and benchmark baseline).
+    """
+
+    def __init__(
+        self,
+        programs: dict[str, Program],
+        config: Any,
+        *,
+        device: torch.device | str,
+        state_layout: list[dict[str, Any]],
+        max_batch: int,
+        max_input_len: int,
+        max_seq_len: int,
+        backend: str,
+        dtype: str,
+        source: str = "",
+    ):
+        self.programs = programs
+        self.config = config
+        self.device = torch.device(device)
+        self.state_layout = state_layout
+        self.max_batch, self.max_input_len, self.max_seq_len = max_batch, max_input_len, max_seq_len
+        self.backend, self.dtype, self.source = backend, dtype, source
+        self.vocab_size: int = config.vocab_size
+        self.stats = GenerationStats()
+        self._buffers = self._allocate_state(max_batch)  # kept for the engine's life; requests use rows 0..B-1
+        self.state: list[Tensor] = [t[:0] for t in self._buffers]  # state of the current/last request
+        logger.info(
+            "engine %s: backend %s, %s on %s, batch <= %d, prefill chunk <= %d, context <= %d, state %.1f MiB",
+            source or "(unnamed)", backend, dtype, self.device, max_batch, max_input_len, max_seq_len,
+            sum(t.numel() * t.element_size() for t in self._buffers) / 2**20,
+        )
+
+    # ------------------------------------------------------------------------------------------------ creation
+    @classmethod
+    def load(cls, engine_dir: str | Path, device: str | torch.device | None = None,
+             verify_files: bool = True) -> "Engine":
+        """Read and check ``engine_dir/manifest.json``, load the programs of its backend, allocate the state.
+
+        ``device`` defaults to the device the engine was built for; another device type is refused
+        (``EngineFolderError``), as is a CUDA engine where no GPU is available.
+        """
+        folder = Path(engine_dir)
+        manifest = read_manifest(folder, verify_files=verify_files)
+        built_for = manifest["device"]
+        if built_for == "cuda" and not torch.cuda.is_available():
+            raise EngineFolderError(f"{folder}: engine was built for 'cuda' but no CUDA device is available here")
+        target = torch.device(device) if device is not None else torch.device(built_for)
+        if target.type != built_for:
+            raise EngineFolderError(
+                f"{folder}: engine was built for '{built_for}' and cannot run on '{target}'; "
+                f"rebuild it with build.py --device {target.type}"
+            )
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        if manifest["dtype"] not in DTYPES:
+            raise EngineFolderError(f"{folder}: unknown dtype {manifest['dtype']!r} in the manifest")
+        from model.config import MiniMaxConfig  # the config only, not the model
+
+        config = MiniMaxConfig.from_dict(manifest["model_config"])
+        programs = load_programs(folder, manifest, target)
+        profiles = manifest["profiles"]
+        return cls(programs, config, device=target, state_layout=manifest["state_layout"],
+                   max_batch=profiles["max_batch"], max_input_len=profiles["max_input_len"],
+                   max_seq_len=profiles["max_seq_len"], backend=manifest["backend"], dtype=manifest["dtype"],
+                   source=str(folder))
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, max_batch: int, max_input_len: int, max_seq_len: int) -> "Engine":
+        """The eager ``MiniMaxForCausalLM`` behind the engine interface (same limits and chunking as a built engine)."""
+        from export.engine_folder import BuildSettings
+        from export.exporting import DecodeProgram, PrefillProgram
+
+        dtype = next(k for k, v in DTYPES.items() if v == model.dtype)
+        device = model.lm_head.weight.device
+        BuildSettings(device=device.type, dtype=dtype, max_batch=max_batch, max_input_len=max_input_len,
+                      max_seq_len=max_seq_len).validate(model.config.max_position_embeddings)
+        model.eval()
+        layout = model.config.state_layout(batch_size=1, max_seq_len=max_seq_len, dtype=dtype)
+        for entry in layout:
+            entry["shape"][0] = "B"
+        return cls({"prefill": PrefillProgram(model), "decode": DecodeProgram(model)}, model.config, device=device,
+                   state_layout=layout, max_batch=max_batch, max_input_len=max_input_len, max_seq_len=max_seq_len,
+                   backend="eager", dtype=dtype, source="eager model")
+
+    def _allocate_state(self, batch: int) -> list[Tensor]:
+        tensors = []
+        for entry in self.state_layout:
+            shape = [batch if d == "B" else int(d) for d in entry["shape"]]
+            tensors.append(torch.zeros(shape, dtype=DTYPES[entry["dtype"]], device=self.device))
+        return tensors
+
+    def reset(self, batch: int) -> list[Tensor]:
+        """Zero the state of rows ``0..batch-1`` and make it the current state (``batch <= max_batch``)."""
+        if not 1 <= batch <= self.max_batch:
+            raise RequestError(f"batch {batch} is outside [1, max_batch={self.max_batch}]")
+        with torch.no_grad():
+            # A prefix of dim 0 of a contiguous tensor is contiguous (the programs need contiguous inputs).
+            self.state = [t[:batch].zero_() for t in self._buffers]
+        return self.state
+
+    # ------------------------------------------------------------------------------------------------ steps
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """One prefill chunk on the current state: ``[B, T]`` ids (2 <= T <= max_input_len) -> logits ``[B, V]``."""
+        logits, self.state = self.programs["prefill"](input_ids.contiguous(), positions.contiguous(), self.state)
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def decode(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """One decode step on the current state: ``[B, 1]`` ids at ``positions [B]`` -> logits ``[B, V]``."""
+        logits, self.state = self.programs["decode"](input_ids.contiguous(), positions.contiguous(), self.state)
+        return logits[:, -1]
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def _prepare(
+        self, input_ids: Any, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+        eos_token_id: int | None, seed: int | None, attention_mask: Any, pad_token_id: int | None,
+    ) -> _Request:
+        """Validate a request completely (nothing touches the state here) and build the left-padded batch."""
+        try:
+            sampling = SamplingParams(temperature, top_k, top_p)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        V = self.vocab_size
+        for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+            if value is not None and not (isinstance(value, int) and 0 <= value < V):
+                raise RequestError(f"{name} {value!r} is outside the vocabulary [0, {V})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+
+        rows, prompt = self._rows(input_ids, attention_mask, pad)
+        B = len(rows)
+        if B > self.max_batch:
+            raise RequestError(f"batch of {B} prompts exceeds the engine's max_batch {self.max_batch} (the batch "
+                               "size it was built for); split the request or rebuild with a larger --max-batch")
+        for b, row in enumerate(rows):
+            if len(row) == 0:
+                raise RequestError(f"prompt {b} is empty (at least one token is needed)")
+            bad = [(j, t) for j, t in enumerate(row) if not 0 <= t < V]
+            if bad:
+                j, t = bad[0]
+                raise RequestError(f"prompt {b}: token id {t} at index {j} is outside the vocabulary [0, {V})"
+                                   f" ({len(bad)} such id(s) in this prompt)")
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        L = int(lengths.max())
+        if L + max_new_tokens > self.max_seq_len:
+            b = int(lengths.argmax())
+            raise RequestError(
+                f"prompt {b} has {L} tokens; with max_new_tokens {max_new_tokens} the sequence would reach "
+                f"{L + max_new_tokens} tokens, past the engine's context length max_seq_len {self.max_seq_len}"
+            )
+        ids = torch.full((B, L), pad, dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, L - len(row):] = torch.tensor(row, dtype=torch.long)
+        if prompt is None:
+            prompt = ids
+        return _Request(ids.to(self.device), lengths, max_new_tokens, sampling, eos_token_id, seed, pad, prompt)
+
+    @staticmethod
+    def _rows(input_ids: Any, attention_mask: Any, pad: int) -> tuple[list[list[int]], Tensor | None]:
+        """Prompts as lists of ints, and the tensor to return in front of the new tokens (None: the padded ids)."""
+        if isinstance(input_ids, Tensor):
+            ids = input_ids.detach().cpu()
+            if ids.dim() == 1:
+                ids = ids[None]
+            if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise RequestError(f"input_ids must be an integer tensor [B, T], got {ids.dtype} {tuple(ids.shape)}")
+            if attention_mask is None:
+                return ids.tolist(), None
+            mask = torch.as_tensor(attention_mask).detach().cpu()
+            if mask.dim() == 1:
+                mask = mask[None]
+            if mask.shape != ids.shape:
+                raise RequestError(f"attention_mask {tuple(mask.shape)} must have the shape of input_ids "
+                                   f"{tuple(ids.shape)}")
+            if not ((mask == 0) | (mask == 1)).all():
+                raise RequestError("attention_mask must hold only 0 (pad) and 1 (token)")
+            mask = mask.long()
+            # left padding: once a row's mask is 1 it stays 1
+            not_left = (mask.cummax(dim=1).values != mask).any(dim=1)
+            if not_left.any():
+                b = int(not_left.nonzero()[0])
+                raise RequestError(f"attention_mask row {b} is not left padding (zeros, then ones); "
+                                   "pass left-padded prompts or a list of token lists")
+            rows = [row[mask_row.bool()].tolist() for row, mask_row in zip(ids, mask)]
+            T = ids.shape[1]
+            L = max((len(r) for r in rows), default=0)
+            return rows, ids[:, T - L:].masked_fill(mask[:, T - L:] == 0, pad) if L else None
+        if attention_mask is not None:
+            raise RequestError("attention_mask goes with a tensor input_ids; a list of token lists needs none")
+        if isinstance(input_ids, Sequence) and not isinstance(input_ids, (str, bytes)):
+            if len(input_ids) == 0:
+                raise RequestError("input_ids is empty: no prompt")
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
+                return [list(input_ids)], None  # one prompt
+            rows = []
+            for b, row in enumerate(input_ids):
+                if isinstance(row, Tensor):
+                    row = row.tolist()
+                if not isinstance(row, Sequence) or not all(isinstance(t, int) and not isinstance(t, bool) for t in row):
+                    raise RequestError(f"prompt {b} is not a list of integer token ids")
+                rows.append(list(row))
+            return rows, None
+        raise RequestError(f"input_ids must be a tensor [B, T], a list of token ids or a list of such lists; "
+                           f"got {type(input_ids).__name__}")
+
+    def stream(
+        self,
+        input_ids: Any,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        seed: int | None = None,
+        attention_mask: Any = None,
+        pad_token_id: int | None = None,
+    ) -> Iterator[Tensor]:
+        """Like ``generate``, but yields the new token of every row at each step (``[B]`` int64, on the engine's
+        device) as soon as it is chosen. Rows that already stopped yield ``eos_token_id``; the iterator ends after
+        ``max_new_tokens`` steps or when every row has produced ``eos_token_id``. The request is validated here,
+        before the first token (``RequestError``)."""
+        request = self._prepare(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
+                                attention_mask, pad_token_id)
+        return self._run(request)
+
+    def generate(
+        self,
+        input_ids: Any,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        seed: int | None = None,
+        attention_mask: Any = None,
+        pad_token_id: int | None = None,
+    ) -> Tensor:
+        """Prompt plus generated ids, ``[B, L + max_new_tokens]`` int64 on the CPU; greedy by default.
+
+        ``input_ids``: a tensor ``[B, T]`` (with an optional left-padding ``attention_mask``, 1 = token), one list
+        of ids, or a list of lists (ragged). The prompt part is left padded to the longest prompt ``L`` with
+        ``pad_token_id`` (default ``eos_token_id``, else 0). A row that produced ``eos_token_id`` stops there and is
+        padded after it with ``eos_token_id`` up to the full width. Sampling: ``temperature`` (0 = greedy),
+        ``top_k``, ``top_p`` (see ``runtime.sampling``), ``seed`` for a reproducible draw (None: torch's global
+        generator). Raises ``RequestError`` for a request it cannot serve (the engine stays usable).
+        """
+        request = self._prepare(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
+                                attention_mask, pad_token_id)
+        steps = [t.cpu() for t in self._run(request)]
+        B = request.ids.shape[0]
+        fill = request.eos_token_id if request.eos_token_id is not None else request.pad_token_id
+        new = torch.full((B, request.max_new_tokens), fill, dtype=torch.long)
+        if steps:
+            new[:, : len(steps)] = torch.stack(steps, dim=1)
+        return torch.cat([request.prompt.cpu(), new], dim=1)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def _run(self, request: _Request) -> Iterator[Tensor]:
+        ids, lengths = request.ids, request.lengths
+        B, L = ids.shape
+        stats = self.stats = GenerationStats(batch=B, prompt_tokens=int(lengths.sum()), padded_prompt_len=L)
+        generator = None
+        if request.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        start = (lengths - L).to(self.device)  # [B] position of column 0: negative for left pads
+        self.reset(B)
+        t0 = time.perf_counter()
+        for c0, c1 in chunk_plan(L, self.max_input_len):
+            step = self.decode if c1 - c0 == 1 else self.prefill
+            logits = step(ids[:, c0:c1], start + c0)
+            stats.prefill_chunks += 1
+        self._sync()
+        stats.prefill_s = time.perf_counter() - t0
+        positions = lengths.to(self.device)  # [B] next position of each row
+        finished = torch.zeros(B, dtype=torch.bool, device=self.device)
+        eos = request.eos_token_id
+        s = request.sampling
+        t0 = time.perf_counter()
+        for i in range(request.max_new_tokens):
+            token = sample(logits, s.temperature, s.top_k, s.top_p, generator)  # [B]
+            if eos is not None:
+                token = torch.where(finished, torch.full_like(token, eos), token)
+                finished |= token == eos
+            stats.new_tokens = i + 1
+            yield token
+            if i + 1 == request.max_new_tokens or (eos is not None and bool(finished.all())):
+                break
+            logits = self.decode(token[:, None], positions)
+            positions = positions + 1
+            stats.decode_steps += 1
+        self._sync()
+        stats.decode_s = time.perf_counter() - t0
