@@ -1,0 +1,135 @@
+"""Generate text with an engine folder: ``python -m runtime ENGINE_DIR --prompt "..." [--tokenizer DIR]``.
+
+Examples:
+    python -m runtime engines/tiny --prompt-ids 5,6,7 --max-new-tokens 16
+    python -m runtime engines/text01 --tokenizer /models/MiniMax-Text-01 --prompt "Hello" --temperature 0.7 --top-p 0.9
+
+The tokenizer is a Hugging Face tokenizer read from a local folder (``AutoTokenizer.from_pretrained(DIR)``);
+without ``--tokenizer`` the prompt must be given as ids and the new ids are printed. Text (or ids) is printed as
+it is produced; at the end: prefill time, decode tokens/s and peak memory (CUDA: max allocated; CPU: peak RSS).
+Exit codes: 0 done; 2 bad request or unusable engine folder (message on stderr); 1 failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("runtime")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine folder written by build.py")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs --tokenizer)")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--tokenizer", metavar="DIR", help="local Hugging Face tokenizer folder")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible output)")
+    p.add_argument("--eos-token-id", type=int, default=None,
+                   help="stop at this id (default: the tokenizer's eos, else the model config's)")
+    p.add_argument("--device", default=None, help="device to run on (default: the one the engine was built for)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log engine loading and steps")
+    return p
+
+
+def _peak_memory(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**20:.1f} MiB CUDA max allocated"
+    import resource
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"{rss_kib / 1024:.1f} MiB peak RSS"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from export.engine_folder import EngineFolderError
+
+    from .engine import Engine, RequestError
+
+    def refuse(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    tokenizer = None
+    if args.tokenizer:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError) as e:
+            return refuse(f"cannot load a tokenizer from {args.tokenizer}: {e}")
+    if args.prompt is not None and tokenizer is None:
+        return refuse("--prompt needs --tokenizer DIR (or give --prompt-ids)")
+    if args.prompt is not None:
+        ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+    else:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            return refuse(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
+
+    try:
+        engine = Engine.load(args.engine_dir, device=args.device)
+    except (EngineFolderError, ValueError, RuntimeError) as e:
+        return refuse(str(e))
+    eos = args.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else None
+    if eos is None:
+        eos = engine.config.eos_token_id
+    if eos is not None and not 0 <= eos < engine.vocab_size:
+        log.warning("eos id %s is outside the engine's vocabulary [0, %d): not stopping on EOS", eos, engine.vocab_size)
+        eos = None
+
+    try:
+        steps = engine.stream([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed)
+    except RequestError as e:
+        return refuse(str(e))
+
+    out = sys.stdout
+    generated: list[int] = []
+    printed = ""
+    if tokenizer is not None:
+        out.write(args.prompt)
+    for token in steps:
+        t = int(token[0])
+        if eos is not None and t == eos:
+            break
+        generated.append(t)
+        if tokenizer is None:
+            out.write(f"{',' if len(generated) > 1 else ''}{t}")
+        else:
+            # Decode the whole continuation and print what is new: multi-token characters come out whole.
+            text = tokenizer.decode(generated, skip_special_tokens=True)
+            if text.startswith(printed):
+                out.write(text[len(printed):])
+                printed = text
+        out.flush()
+    out.write("\n")
+    s = engine.stats
+    print(
+        f"[{len(ids)} prompt tokens, {s.new_tokens} new] prefill {1e3 * s.prefill_s:.1f} ms "
+        f"({s.prompt_tokens / s.prefill_s:.1f} tokens/s, {s.prefill_chunks} chunk(s)); "
+        f"decode {s.decode_tokens_per_s:.1f} tokens/s ({s.decode_ms_per_step:.2f} ms/step); "
+        f"peak memory {_peak_memory(engine.device)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
