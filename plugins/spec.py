@@ -1,0 +1,224 @@
+"""The plugin contract: names, inputs, outputs, attributes, shape and dtype rules of every TensorRT plugin.
+
+This table is the single source for the registration (``plugins/*.register``), the ONNX lowering (node op types,
+input/output order, attributes) and the tests. Namespace ``minimax``, version ``"1"``. Shapes (T tokens, B batch,
+H heads, Dk/Dv head dims, E experts, I intermediate, S = T * top_k slots, R = S + E (block_m - 1) padded rows,
+NB = cdiv(R, block_m) row blocks):
+
+| plugin                  | inputs                                                     | attrs               | outputs |
+|-------------------------|------------------------------------------------------------|---------------------|---------|
+| lightning_prefill       | q, k [B,T,H,Dk], v [B,T,H,Dv], s [H] f32, initial_state [B,H,Dk,Dv] f32 | —     | o [B,T,H,Dv], final_state f32 |
+| lightning_decode        | q, k, v [B,1,H,D*], s [H] f32, state [B,H,Dk,Dv] f32         | —                   | o [B,1,H,Dv], new_state f32 |
+| moe_route               | x [T,hidden], router_weight [E,hidden] f32                   | top_k               | topk_weights [T,top_k] f32, topk_ids i32 |
+| moe_align               | topk_ids [T,top_k] i32                                       | num_experts, block_m | sorted_slots [R], inv_perm [S], block_expert [NB], expert_counts [E], expert_offsets [E+1] (i32) |
+| moe_swiglu_grouped      | x, w1 [E,I,hidden], w3, sorted_slots [R], block_expert [NB]  | top_k, block_m      | h [R,I] |
+| moe_down_grouped        | h [R,I], w2 [E,hidden,I], sorted_slots, block_expert, topk_weights [T,top_k] | block_m | y_perm [R,hidden] |
+| moe_combine             | y_perm [R,hidden], inv_perm [S]                              | top_k               | y [T,hidden] |
+| moe_swiglu_decode       | x, w1, w3, topk_ids                                          | —                   | h [S,I] |
+| moe_down_combine_decode | h [S,I], w2, topk_weights, topk_ids                          | —                   | y [T,hidden] |
+
+Shape rules take a list of input shapes whose dims are ints or TensorRT ``ShapeExpr``s (see ``algebra.py``) and
+must not branch on dim values: TensorRT also calls them with placeholder ("fake") dims. Dtypes are torch dtypes
+here; ``register`` maps them to TensorRT's. Nothing here imports tensorrt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .algebra import Dim, cdiv
+
+__all__ = ["NAMESPACE", "VERSION", "PluginSpec", "PLUGINS", "FLOAT_DTYPES", "check_call"]
+
+NAMESPACE = "minimax"
+VERSION = "1"
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # activations / weights the kernels take
+
+Shape = tuple[Dim, ...]
+f32, i32 = torch.float32, torch.int32
+
+
+@dataclass(frozen=True)
+class PluginSpec:
+    """One plugin. ``dtype_combinations``: each entry gives the dtype of every input, then of every output."""
+
+    name: str
+    inputs: tuple[str, ...]
+    input_ranks: tuple[int, ...]
+    outputs: tuple[str, ...]
+    attrs: tuple[str, ...]  # all attributes are ints
+    output_shapes: Callable[[Sequence[Shape], Mapping[str, int]], tuple[Shape, ...]]
+    dtype_combinations: tuple[tuple[torch.dtype, ...], ...]
+
+    @property
+    def plugin_id(self) -> str:
+        return f"{NAMESPACE}::{self.name}"
+
+    def output_dtypes(self, input_dtypes: Sequence[torch.dtype]) -> tuple[torch.dtype, ...]:
+        """Output dtypes for the given input dtypes; ``ValueError`` when the combination is not supported."""
+        n = len(self.inputs)
+        for combo in self.dtype_combinations:
+            if tuple(combo[:n]) == tuple(input_dtypes):
+                return tuple(combo[n:])
+        allowed = sorted({tuple(str(d).removeprefix("torch.") for d in c[:n]) for c in self.dtype_combinations})
+        got = tuple(str(d).removeprefix("torch.") for d in input_dtypes)
+        raise ValueError(f"{self.name}: input dtypes {dict(zip(self.inputs, got))} are not supported; allowed: {allowed}")
+
+
+def check_call(spec: PluginSpec, shapes: Sequence[Shape], attrs: Mapping[str, int]) -> None:
+    """Arity, rank and attribute checks (``ValueError`` naming the plugin and the tensor or attribute)."""
+    if len(shapes) != len(spec.inputs):
+        raise ValueError(f"{spec.name}: expected {len(spec.inputs)} inputs {spec.inputs}; got {len(shapes)}")
+    for name, rank, shape in zip(spec.inputs, spec.input_ranks, shapes):
+        if len(shape) != rank:
+            raise ValueError(f"{spec.name}: input '{name}' must have rank {rank}; got shape {tuple(shape)}")
+    missing = set(spec.attrs) - set(attrs)
+    extra = set(attrs) - set(spec.attrs)
+    if missing or extra:
+        raise ValueError(f"{spec.name}: attributes must be {spec.attrs}; missing {sorted(missing)}, unknown {sorted(extra)}")
+    for a in spec.attrs:
+        if not isinstance(attrs[a], int) or isinstance(attrs[a], bool) or attrs[a] < 1:
+            raise ValueError(f"{spec.name}: attribute '{a}' must be a positive int; got {attrs[a]!r}")
+
+
+# --- shape rules (symbolic operand on the left; no branching on dim values) ---------------------------------------
+
+
+def _lightning_shapes(shapes, attrs):
+    (b, t, h, dk), v = shapes[0], shapes[2]
+    dv = v[3]
+    return (b, t, h, dv), (b, h, dk, dv)
+
+
+def _route_shapes(shapes, attrs):
+    t = shapes[0][0]
+    k = attrs["top_k"]
+    return (t, k), (t, k)
+
+
+def align_sizes(n_tokens: Dim, top_k: Dim, num_experts: int, block_m: int) -> tuple[Dim, Dim, Dim]:
+    """(S, R, NB): slots, padded-row bound and row-block bound of the alignment (``routing.align_max_rows``)."""
+    n_slots = n_tokens * top_k
+    max_rows = n_slots + num_experts * (block_m - 1)
+    return n_slots, max_rows, cdiv(max_rows, block_m)
+
+
+def _align_shapes(shapes, attrs):
+    t, k = shapes[0]
+    e, bm = attrs["num_experts"], attrs["block_m"]
+    s, r, nb = align_sizes(t, k, e, bm)
+    return (r,), (s,), (nb,), (e,), (e + 1,)
+
+
+def _swiglu_grouped_shapes(shapes, attrs):
+    return ((shapes[3][0], shapes[1][1]),)  # [R, I]
+
+
+def _down_grouped_shapes(shapes, attrs):
+    return ((shapes[0][0], shapes[1][1]),)  # [R, hidden]
+
+
+def _combine_shapes(shapes, attrs):
+    return ((shapes[1][0] // attrs["top_k"], shapes[0][1]),)  # [S / top_k, hidden]
+
+
+def _swiglu_decode_shapes(shapes, attrs):
+    t, k = shapes[3]
+    return ((t * k, shapes[1][1]),)  # [T * top_k, I]
+
+
+def _down_combine_decode_shapes(shapes, attrs):
+    return ((shapes[2][0], shapes[1][1]),)  # [T, hidden]
+
+
+_LIGHTNING_DTYPES = tuple((d, d, d, f32, f32, d, f32) for d in FLOAT_DTYPES)
+
+PLUGINS: dict[str, PluginSpec] = {
+    s.name: s
+    for s in (
+        PluginSpec(
+            "lightning_prefill",
+            ("q", "k", "v", "s", "initial_state"),
+            (4, 4, 4, 1, 4),
+            ("o", "final_state"),
+            (),
+            _lightning_shapes,
+            _LIGHTNING_DTYPES,
+        ),
+        PluginSpec(
+            "lightning_decode",
+            ("q", "k", "v", "s", "state"),
+            (4, 4, 4, 1, 4),
+            ("o", "new_state"),
+            (),
+            _lightning_shapes,
+            _LIGHTNING_DTYPES,
+        ),
+        PluginSpec(
+            "moe_route",
+            ("x", "router_weight"),
+            (2, 2),
+            ("topk_weights", "topk_ids"),
+            ("top_k",),
+            _route_shapes,
+            tuple((d, f32, f32, i32) for d in FLOAT_DTYPES),
+        ),
+        PluginSpec(
+            "moe_align",
+            ("topk_ids",),
+            (2,),
+            ("sorted_slots", "inv_perm", "block_expert", "expert_counts", "expert_offsets"),
+            ("num_experts", "block_m"),
+            _align_shapes,
+            ((i32,) * 6,),
+        ),
+        PluginSpec(
+            "moe_swiglu_grouped",
+            ("x", "w1", "w3", "sorted_slots", "block_expert"),
+            (2, 3, 3, 1, 1),
+            ("h",),
+            ("top_k", "block_m"),
+            _swiglu_grouped_shapes,
+            tuple((d, d, d, i32, i32, d) for d in FLOAT_DTYPES),
+        ),
+        PluginSpec(
+            "moe_down_grouped",
+            ("h", "w2", "sorted_slots", "block_expert", "topk_weights"),
+            (2, 3, 1, 1, 2),
+            ("y_perm",),
+            ("block_m",),
+            _down_grouped_shapes,
+            tuple((d, d, i32, i32, f32, d) for d in FLOAT_DTYPES),
+        ),
+        PluginSpec(
+            "moe_combine",
+            ("y_perm", "inv_perm"),
+            (2, 1),
+            ("y",),
+            ("top_k",),
+            _combine_shapes,
+            tuple((d, i32, d) for d in FLOAT_DTYPES),
+        ),
+        PluginSpec(
+            "moe_swiglu_decode",
+            ("x", "w1", "w3", "topk_ids"),
+            (2, 3, 3, 2),
+            ("h",),
+            (),
+            _swiglu_decode_shapes,
+            tuple((d, d, d, i32, d) for d in FLOAT_DTYPES),
+        ),
+        PluginSpec(
+            "moe_down_combine_decode",
+            ("h", "w2", "topk_weights", "topk_ids"),
+            (2, 3, 2, 2),
+            ("y",),
+            (),
+            _down_combine_decode_shapes,
+            tuple((d, d, f32, i32, d) for d in FLOAT_DTYPES),
+        ),
+    )
+}
