@@ -128,26 +128,57 @@ def stage_times(x, router, w1, w3, w2, top_k, cfg, quick) -> dict[str, float]:
               num_warps=cfg.swiglu_warps, num_stages=cfg.swiglu_stages, interleave=cfg.swiglu_interleave)
     dn = dict(block_m=bm, block_n=cfg.down_block_n, block_k=cfg.down_block_k, group_m=cfg.group_m,
               num_warps=cfg.down_warps, num_stages=cfg.down_stages)
-    t["swiglu_grouped"] = _timed(lambda: grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, top_k, **sw), quick)
-    h = grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, top_k, **sw)
-    t["down_grouped"] = _timed(lambda: grouped.down_grouped(h, w2, a.sorted_slots, a.block_expert, w, **dn), quick)
-    yp = grouped.down_grouped(h, w2, a.sorted_slots, a.block_expert, w, **dn)
+    tma = grouped.tma_supported(x, w1, w3, w2)
+    if tma and cfg.swiglu_tma:
+        del sw["interleave"]
+        if cfg.swiglu_permute:
+            t["permute_rows"] = _timed(lambda: grouped.permute_rows(x, a.sorted_slots, a.expert_offsets, top_k), quick)
+            sw["x_perm"] = grouped.permute_rows(x, a.sorted_slots, a.expert_offsets, top_k)
+        sw["persistent"] = cfg.swiglu_persistent
+        t["swiglu_grouped_tma"] = _timed(
+            lambda: grouped.swiglu_grouped_tma(x, w1, w3, a.sorted_slots, a.block_expert, a.expert_offsets, top_k, **sw),
+            quick)
+        h = grouped.swiglu_grouped_tma(x, w1, w3, a.sorted_slots, a.block_expert, a.expert_offsets, top_k, **sw)
+    else:
+        t["swiglu_grouped"] = _timed(
+            lambda: grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, top_k, **sw), quick)
+        h = grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, top_k, **sw)
+    if tma and cfg.down_tma:
+        dn["persistent"] = cfg.down_persistent
+        t["down_grouped_tma"] = _timed(
+            lambda: grouped.down_grouped_tma(h, w2, a.sorted_slots, a.block_expert, a.expert_offsets, w, **dn), quick)
+        yp = grouped.down_grouped_tma(h, w2, a.sorted_slots, a.block_expert, a.expert_offsets, w, **dn)
+    else:
+        t["down_grouped"] = _timed(lambda: grouped.down_grouped(h, w2, a.sorted_slots, a.block_expert, w, **dn), quick)
+        yp = grouped.down_grouped(h, w2, a.sorted_slots, a.block_expert, w, **dn)
     t["combine"] = _timed(lambda: grouped.combine(yp, a.inv_perm, T, top_k, out_dtype=x.dtype), quick)
     return t
 
 
 # ------------------------------------------------------------------------------------------------ sweeps
 
-GROUPED_CANDIDATES = {
-    # (block_m, block_n, block_k, num_warps, num_stages, interleave, group_m); interleave: swiglu only
+TMA_CANDIDATES = {
+    # swiglu: (block_m, block_n, block_k, num_warps, num_stages, permute, persistent, group_m, flatten)
     "swiglu": [
-        (128, 128, 64, 8, 4, True, 8), (128, 128, 64, 8, 3, False, 8), (128, 128, 32, 8, 6, True, 8),
-        (128, 128, 64, 8, 4, True, 16), (128, 128, 64, 8, 4, True, 4), (64, 128, 64, 8, 4, True, 8),
+        (128, 128, 64, 8, 4, False, False, 8, False), (128, 128, 64, 8, 4, True, False, 8, False),
+        (128, 128, 64, 8, 4, True, True, 8, False), (128, 128, 64, 8, 4, False, True, 8, False),
+        (128, 128, 64, 8, 4, True, True, 8, True), (128, 128, 64, 8, 3, True, False, 8, False),
+        (128, 64, 64, 4, 4, True, False, 8, False), (128, 128, 128, 8, 2, True, False, 8, False),
+        (128, 128, 64, 8, 4, True, False, 16, False), (64, 128, 64, 4, 4, True, False, 8, False),
+        (64, 128, 64, 4, 4, False, False, 8, False),
     ],
+    # down: (block_m, block_n, block_k, num_warps, num_stages, persistent, group_m, flatten)
     "down": [
-        (128, 256, 64, 8, 4, False, 8), (128, 256, 32, 8, 6, False, 8), (128, 256, 64, 8, 4, False, 16),
-        (128, 256, 64, 8, 4, False, 4), (64, 256, 64, 8, 4, False, 8),
+        (128, 256, 64, 8, 4, False, 8, False), (128, 256, 64, 8, 4, True, 8, False),
+        (128, 256, 64, 8, 4, True, 8, True), (128, 256, 64, 8, 3, False, 8, False),
+        (128, 128, 64, 8, 4, False, 8, False), (128, 128, 64, 4, 4, False, 8, False),
+        (128, 256, 64, 8, 4, False, 16, False), (128, 128, 128, 8, 3, False, 8, False),
+        (64, 256, 64, 4, 4, False, 8, False),
     ],
+}
+POINTER_REFERENCE = {  # the pointer kernels' sweep winners of 2026-11-26, timed again beside the TMA candidates
+    "swiglu": [(128, 128, 64, 8, 4, True, 16), (64, 128, 64, 8, 4, True, 8)],
+    "down": [(128, 256, 64, 8, 4, False, 16), (64, 256, 64, 8, 4, False, 8)],
 }
 DECODE_CANDIDATES = [  # (block_n, block_k, num_warps, num_stages)
     (16, 256, 4, 4), (16, 128, 2, 4), (32, 128, 4, 3), (32, 128, 2, 4), (16, 128, 2, 6), (32, 64, 2, 6),
@@ -182,51 +213,109 @@ def sweep_route(T, router, candidates) -> list[dict[str, Any]]:
     return rows
 
 
-def sweep_grouped(T, router, w1, w3, w2, flops) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Times swiglu_grouped and down_grouped alone per tile config; returns rows and the best (per block_m) pair."""
+def sweep_grouped_tma(T, router, w1, w3, w2, flops) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Descriptor (TMA) kernels and the pointer kernels' reference tiles, each stage timed alone (CUDA-graph
+    replays); per block_m the fastest swiglu (+ permute_rows when it uses it) and down; returns rows and the best
+    block_m's choice (by the sum align + permute + swiglu + down)."""
     from kernels.moe import grouped, routing
 
-    x = torch.randn(T, HIDDEN, device="cuda").bfloat16()
+    dev = router.device  # "cuda" (a CPU smoke test of this logic runs it under TRITON_INTERPRET=1)
+    x = torch.randn(T, HIDDEN, device=dev, generator=torch.Generator(device=dev).manual_seed(T)).to(w1.dtype)
     w, ids = routing.moe_route_triton(x, router, TOP_K)
     rows, best_by_bm = [], {}
-    for bm in sorted({c[0] for c in GROUPED_CANDIDATES["swiglu"]}):
+    sw_flops, dn_flops = flops * 2 / 3, flops / 3
+
+    def record(row, fn, stage_flops):
+        try:
+            ms = _graph_ms(fn, reps=3)
+            row.update(ms=ms, tflops=stage_flops / (ms * 1e-3) / 1e12)
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is a sweep result
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print("  sweep", row, flush=True)
+        return row
+
+    for bm in (128, 64):
         a = routing.moe_align_triton(ids, E, bm)
-        align_ms = _graph_ms(lambda: routing.moe_align_triton(ids, E, bm), reps=5)
-        h = None
-        best = {"align_ms": align_ms}
-        for kind in ("swiglu", "down"):
-            for cbm, bn, bk, warps, stages, interleave, group_m in GROUPED_CANDIDATES[kind]:
-                if cbm != bm:
-                    continue
-                kw = dict(block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, group_m=group_m)
-                if kind == "swiglu":
-                    kw["interleave"] = interleave
-                row = {"T": T, "stage": kind, **kw}
-                try:
-                    if kind == "swiglu":
-                        fn = lambda: grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, TOP_K, **kw)  # noqa: E731
-                    else:
-                        if h is None:
-                            h = grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, TOP_K, block_m=bm,
-                                                       block_n=64, block_k=64, num_warps=4, num_stages=3)
-                        fn = lambda: grouped.down_grouped(h, w2, a.sorted_slots, a.block_expert, w, **kw)  # noqa: E731
-                    ms = _graph_ms(fn, reps=3)
-                    stage_flops = flops * (2 / 3 if kind == "swiglu" else 1 / 3)
-                    row.update(ms=ms, tflops=stage_flops / (ms * 1e-3) / 1e12)
-                    if kind not in best or ms < best[kind]["ms"]:
-                        best[kind] = row
-                except Exception as exc:  # noqa: BLE001 - a config that does not compile is a sweep result
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-                rows.append(row)
-                print("  sweep", row, flush=True)
+        args = (a.sorted_slots, a.block_expert, a.expert_offsets)
+        best: dict[str, Any] = {"align_ms": _graph_ms(lambda: routing.moe_align_triton(ids, E, bm), reps=5)}
+        best["permute_ms"] = _graph_ms(lambda: grouped.permute_rows(x, a.sorted_slots, a.expert_offsets, TOP_K), reps=5)
+        x_perm = grouped.permute_rows(x, a.sorted_slots, a.expert_offsets, TOP_K)
+        h_ref = grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, TOP_K, block_m=bm, block_n=128,
+                                       block_k=64, num_warps=8 if bm == 128 else 4, num_stages=4)
+        y_ref = grouped.down_grouped(h_ref, w2, a.sorted_slots, a.block_expert, w, block_m=bm, block_n=256, block_k=64,
+                                     num_warps=8 if bm == 128 else 4, num_stages=4)
+        used = int(a.expert_offsets[-1])
+        cands = []  # (stage, kernel, kwargs, total extra ms)
+        for cbm, bn, bk, warps, stages, interleave, gm in POINTER_REFERENCE["swiglu"]:
+            if cbm == bm:
+                cands.append(("swiglu", "pointer", dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                                                        interleave=interleave, group_m=gm)))
+        for cbm, bn, bk, warps, stages, permute, persistent, gm, flat in TMA_CANDIDATES["swiglu"]:
+            if cbm == bm:
+                cands.append(("swiglu", "tma", dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                                                    permute=permute, persistent=persistent, group_m=gm, flatten=flat)))
+        for cbm, bn, bk, warps, stages, _, gm in POINTER_REFERENCE["down"]:
+            if cbm == bm:
+                cands.append(("down", "pointer", dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                                                      group_m=gm)))
+        for cbm, bn, bk, warps, stages, persistent, gm, flat in TMA_CANDIDATES["down"]:
+            if cbm == bm:
+                cands.append(("down", "tma", dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                                                  persistent=persistent, group_m=gm, flatten=flat)))
+        for stage, kernel, kw in cands:
+            row = {"T": T, "stage": stage, "kernel": kernel, "block_m": bm, **kw}
+            if stage == "swiglu":
+                if kernel == "pointer":
+                    fn = lambda: grouped.swiglu_grouped(x, w1, w3, a.sorted_slots, a.block_expert, TOP_K, block_m=bm, **kw)  # noqa: E731,B023
+                else:
+                    kk = {k: v for k, v in kw.items() if k != "permute"}
+                    xp = x_perm if kw["permute"] else None
+                    fn = lambda: grouped.swiglu_grouped_tma(x, w1, w3, *args, TOP_K, block_m=bm, x_perm=xp, **kk)  # noqa: E731,B023
+                record(row, fn, sw_flops)
+                extra = best["permute_ms"] if kw.get("permute") else 0.0
+                ref = h_ref
+            else:
+                if kernel == "pointer":
+                    fn = lambda: grouped.down_grouped(h_ref, w2, a.sorted_slots, a.block_expert, w, block_m=bm, **kw)  # noqa: E731,B023
+                else:
+                    fn = lambda: grouped.down_grouped_tma(h_ref, w2, *args, w, block_m=bm, **kw)  # noqa: E731,B023
+                record(row, fn, dn_flops)
+                extra = 0.0
+                ref = y_ref
+            if "ms" in row:
+                try:  # the rows in use must match the pointer kernels' reference to bf16 rounding
+                    row["rel_vs_pointer"] = _rel(fn()[:used], ref[:used])
+                except Exception as exc:  # noqa: BLE001
+                    row["rel_vs_pointer"] = f"error: {exc}"[:200]
+                ok = isinstance(row["rel_vs_pointer"], float) and row["rel_vs_pointer"] < 2e-2
+                if ok and (stage not in best or row["ms"] + extra < best[stage]["ms"] + best[stage + "_extra_ms"]):
+                    best[stage], best[stage + "_extra_ms"] = row, extra
         if "swiglu" in best and "down" in best:
-            best["total_ms"] = align_ms + best["swiglu"]["ms"] + best["down"]["ms"]
+            best["total_ms"] = best["align_ms"] + best["swiglu"]["ms"] + best["swiglu_extra_ms"] + best["down"]["ms"]
             best_by_bm[bm] = best
-    del x
-    torch.cuda.empty_cache()
+        x_perm = h_ref = y_ref = None  # free before the next block height
+        torch.cuda.empty_cache()
     if not best_by_bm:
         return rows, None
     return rows, min(best_by_bm.values(), key=lambda b: b["total_ms"])
+
+
+def grouped_overrides(best: dict[str, Any]) -> dict[str, Any]:
+    """MoeTritonConfig fields from a ``sweep_grouped_tma`` choice (group_m: the swiglu stage's, the larger one)."""
+    sw, dn = best["swiglu"], best["down"]
+    out = dict(block_m=sw["block_m"], swiglu_block_n=sw["block_n"], swiglu_block_k=sw["block_k"],
+               swiglu_warps=sw["num_warps"], swiglu_stages=sw["num_stages"], group_m=sw["group_m"],
+               down_block_n=dn["block_n"], down_block_k=dn["block_k"], down_warps=dn["num_warps"],
+               down_stages=dn["num_stages"])
+    out.update(swiglu_tma=sw["kernel"] == "tma", down_tma=dn["kernel"] == "tma")
+    if sw["kernel"] == "tma":
+        out.update(swiglu_permute=sw["permute"], swiglu_persistent=sw["persistent"])
+    else:
+        out.update(swiglu_interleave=sw["interleave"])
+    if dn["kernel"] == "tma":
+        out.update(down_persistent=dn["persistent"])
+    return out
 
 
 def sweep_decode(T, router, w1, w3, w2) -> list[dict[str, Any]]:
@@ -249,10 +338,25 @@ def sweep_decode(T, router, w1, w3, w2) -> list[dict[str, Any]]:
     return rows
 
 
-def run_sweeps(router, w1, w3, w2) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """All sweeps; returns (their rows, per-T config overrides built from the fastest candidates)."""
+def _sweep_grouped_into(out, overrides, router, w1, w3, w2) -> None:
+    """Grouped GEMMs per T (pointer reference tiles and TMA candidates): rows into ``out``, the best into
+    ``overrides``."""
+    for T in (16384, 4096):
+        rows, best = sweep_grouped_tma(T, router, w1, w3, w2, 6 * T * TOP_K * HIDDEN * INTER)
+        out[f"grouped_T{T}"] = {"rows": rows, "best": best}
+        if best is not None:
+            overrides.setdefault(T, {}).update(grouped_overrides(best))
+
+
+def run_sweeps(router, w1, w3, w2, only_grouped: bool = False) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """All sweeps (``only_grouped``: the grouped GEMMs only); returns (their rows, per-T config overrides built from
+    the fastest candidates)."""
     out: dict[str, Any] = {}
     overrides: dict[int, dict[str, Any]] = {T: {} for T in TOKENS}
+    if only_grouped:
+        _sweep_grouped_into(out, overrides, router, w1, w3, w2)
+        out["overrides"] = {str(T): o for T, o in overrides.items()}
+        return out, overrides
     # router: decode class by the sum over T = 1 and 16; prefill per T
     rows = sweep_route(1, router, ROUTE_CANDIDATES["decode"]) + sweep_route(16, router, ROUTE_CANDIDATES["decode"])
     out["route_decode"] = rows
@@ -274,18 +378,7 @@ def run_sweeps(router, w1, w3, w2) -> tuple[dict[str, Any], dict[int, dict[str, 
             b = min(ok, key=lambda r: r["ms"])
             overrides.setdefault(T, {}).update(route_block_t=b["block_t"], route_block_k=b["block_k"], route_warps=b["num_warps"],
                                 route_dot=b["use_dot"])
-    # grouped GEMMs per T
-    for T in (16384, 4096):
-        rows, best = sweep_grouped(T, router, w1, w3, w2, 6 * T * TOP_K * HIDDEN * INTER)
-        out[f"grouped_T{T}"] = {"rows": rows, "best": best}
-        if best is not None:
-            sw, dn = best["swiglu"], best["down"]
-            overrides.setdefault(T, {}).update(
-                block_m=sw["block_m"], swiglu_block_n=sw["block_n"], swiglu_block_k=sw["block_k"],
-                swiglu_warps=sw["num_warps"], swiglu_stages=sw["num_stages"], swiglu_interleave=sw["interleave"],
-                group_m=sw["group_m"], down_block_n=dn["block_n"], down_block_k=dn["block_k"],
-                down_warps=dn["num_warps"], down_stages=dn["num_stages"],
-            )  # group_m is shared by both kernels in the config: the swiglu choice (the larger stage) wins
+    _sweep_grouped_into(out, overrides, router, w1, w3, w2)
     # decode kernels: swiglu and down chosen separately per class of T
     out["decode"] = []
     for T_swept, users in DECODE_SWEEP_T.items():
@@ -362,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results/moe.json", help="JSON output path")
     parser.add_argument("--quick", action="store_true", help=f"T in {QUICK_TOKENS} only, fewer iterations")
     parser.add_argument("--sweep", action="store_true", help="sweep tile configs first; use the fastest per size class")
+    parser.add_argument("--sweep-grouped", action="store_true",
+                        help="sweep the grouped GEMMs only (pointer and TMA kernels, T = 4096 and 16384)")
+    parser.add_argument("--tokens", type=int, nargs="+", help="token counts of the main table (default: all)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.moe needs a CUDA GPU", file=sys.stderr)
@@ -387,11 +483,11 @@ def main(argv: list[str] | None = None) -> int:
     w2 = torch.randn(E, HIDDEN, INTER, device="cuda", dtype=torch.bfloat16).mul_(INTER**-0.5)
 
     overrides: dict[int, dict[str, Any]] = {}
-    if args.sweep:
-        payload["sweep"], overrides = run_sweeps(router, w1, w3, w2)
+    if args.sweep or args.sweep_grouped:
+        payload["sweep"], overrides = run_sweeps(router, w1, w3, w2, only_grouped=not args.sweep)
 
     payload["results"] = []
-    for T in QUICK_TOKENS if args.quick else TOKENS:
+    for T in args.tokens or (QUICK_TOKENS if args.quick else TOKENS):
         cfg = replace(default_config(T, TOP_K, E, torch.device("cuda")), **overrides.get(T, {}))
         row = bench_tokens(T, router, w1, w3, w2, cfg, copy_tbps, args.quick, has_grouped_mm)
         payload["results"].append(row)

@@ -43,10 +43,11 @@ class MoeTritonConfig:
     down_stages: int = 3
     group_m: int = 8
     align_chunk: int = 256
-    # grouped path, descriptor (TMA) kernels: used where ``grouped.tma_supported`` (Hopper+, 16-bit, aligned rows),
-    # else the pointer kernels above run with the same tiles. swiglu_permute: x rows are permuted first
-    # (``permute_rows``) so that A is TMA-loaded too; *_persistent: one program per multiprocessor.
-    grouped_tma: bool = False
+    # grouped path, descriptor (TMA) kernels per stage: used where ``grouped.tma_supported`` (Hopper+, 16-bit,
+    # aligned rows), else the pointer kernels above run with the same tiles. swiglu_permute: x rows are permuted
+    # first (``permute_rows``) so that A is TMA-loaded too; *_persistent: one program per multiprocessor.
+    swiglu_tma: bool = False
+    down_tma: bool = False
     swiglu_permute: bool = False
     swiglu_persistent: bool = False
     down_persistent: bool = False
@@ -202,7 +203,8 @@ def moe_forward_triton(
             _empty((E + 1,), torch.int32, dev, poison),
         ),
     )
-    if cfg.grouped_tma and grouped.tma_supported(x, w1, w3, w2):
+    tma = (cfg.swiglu_tma or cfg.down_tma) and grouped.tma_supported(x, w1, w3, w2)
+    if tma and cfg.swiglu_tma:
         x_perm = None
         if cfg.swiglu_permute:
             x_perm = grouped.permute_rows(
@@ -226,6 +228,24 @@ def moe_forward_triton(
             persistent=cfg.swiglu_persistent,
             out=_empty((max_rows, inter), x.dtype, dev, poison),
         )  # [max_rows, I]
+    else:
+        h = grouped.swiglu_grouped(
+            x,
+            w1,
+            w3,
+            align.sorted_slots,
+            align.block_expert,
+            top_k,
+            block_m=bm,
+            block_n=cfg.swiglu_block_n,
+            block_k=cfg.swiglu_block_k,
+            group_m=cfg.group_m,
+            num_warps=cfg.swiglu_warps,
+            num_stages=cfg.swiglu_stages,
+            interleave=cfg.swiglu_interleave,
+            out=_empty((max_rows, inter), x.dtype, dev, poison),
+        )  # [max_rows, I]
+    if tma and cfg.down_tma:
         y_perm = grouped.down_grouped_tma(
             h,
             w2,
@@ -242,37 +262,20 @@ def moe_forward_triton(
             persistent=cfg.down_persistent,
             out=_empty((max_rows, hidden), x.dtype, dev, poison),
         )  # [max_rows, hidden]
-        return grouped.combine(y_perm, align.inv_perm, T, top_k, out_dtype=x.dtype, out=y)  # [T, hidden]
-
-    h = grouped.swiglu_grouped(
-        x,
-        w1,
-        w3,
-        align.sorted_slots,
-        align.block_expert,
-        top_k,
-        block_m=bm,
-        block_n=cfg.swiglu_block_n,
-        block_k=cfg.swiglu_block_k,
-        group_m=cfg.group_m,
-        num_warps=cfg.swiglu_warps,
-        num_stages=cfg.swiglu_stages,
-        interleave=cfg.swiglu_interleave,
-        out=_empty((max_rows, inter), x.dtype, dev, poison),
-    )  # [max_rows, I]
-    y_perm = grouped.down_grouped(
-        h,
-        w2,
-        align.sorted_slots,
-        align.block_expert,
-        topk_weights,
-        block_m=bm,
-        block_n=cfg.down_block_n,
-        block_k=cfg.down_block_k,
-        group_m=cfg.group_m,
-        num_warps=cfg.down_warps,
-        num_stages=cfg.down_stages,
-        out=_empty((max_rows, hidden), x.dtype, dev, poison),
-    )  # [max_rows, hidden]
+    else:
+        y_perm = grouped.down_grouped(
+            h,
+            w2,
+            align.sorted_slots,
+            align.block_expert,
+            topk_weights,
+            block_m=bm,
+            block_n=cfg.down_block_n,
+            block_k=cfg.down_block_k,
+            group_m=cfg.group_m,
+            num_warps=cfg.down_warps,
+            num_stages=cfg.down_stages,
+            out=_empty((max_rows, hidden), x.dtype, dev, poison),
+        )  # [max_rows, hidden]
     return grouped.combine(y_perm, align.inv_perm, T, top_k, out_dtype=x.dtype, out=y)  # [T, hidden]
 

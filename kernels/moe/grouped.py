@@ -37,6 +37,8 @@ Weights must be contiguous in the documented layouts.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import triton
 import triton.language as tl
@@ -715,9 +717,7 @@ def tma_supported(*tensors: Tensor) -> bool:
     """Whether the descriptor kernels can take these tensors: 16-byte aligned bases and row strides, and on CUDA a
     Hopper-or-newer device with 16-bit operands (fp32 keeps the pointer kernels and their tf32x3 products). CPU
     tensors (``TRITON_INTERPRET=1``) qualify in any float dtype."""
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:  # pragma: no cover - Triton without host tensor descriptors
+    if importlib.util.find_spec("triton.tools.tensor_descriptor") is None:  # pragma: no cover - older Triton
         return False
     for t in tensors:
         if t.data_ptr() % 16 or (t.stride(-2) * t.element_size()) % 16 or t.stride(-1) != 1:
