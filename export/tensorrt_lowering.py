@@ -161,6 +161,7 @@ class BuildPlan:
     parser_flags: tuple[str, ...] = ()
     workspace_bytes: int = 1 << 30
     builder_optimization_level: int = 3  # TensorRT's default: the full tactic search
+    tf32: bool = True  # TF32 matmuls for fp32 tensors (TensorRT's default); off for fp32 builds (eager parity)
     opt_batch: int = 1
     opt_input_len: int | None = None  # None: max_input_len
     timing_cache: str = TIMING_CACHE_NAME
@@ -179,6 +180,7 @@ def plan_build(program: str, settings: BuildSettings, plugin_names: Sequence[str
         program=program,
         parser_flags=tuple(parser_flags(plugin_names)),
         workspace_bytes=workspace_limit(total_device_memory, weight_bytes),
+        tf32=settings.dtype != "float32",
         notes={
             "precision": f"strongly typed: tensor dtypes from the ONNX graph ({settings.dtype} weights)",
             "plugins": "AOT (ONNX nodes carry aot=1; PREFER_AOT_PYTHON_PLUGINS as well)",
@@ -268,7 +270,7 @@ def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSett
         "optimization_profile": {n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in profile.items()},
         "tensorrt": {"version": trt.__version__, "network_flags": list(plan.network_flags),
                      "parser_flags": list(plan.parser_flags), "workspace_bytes": plan.workspace_bytes,
-                     "builder_optimization_level": plan.builder_optimization_level},
+                     "builder_optimization_level": plan.builder_optimization_level, "tf32": plan.tf32},
     }
 
 
@@ -350,6 +352,8 @@ def build_serialized_engine(onnx_path: Path, plan: BuildPlan, settings: BuildSet
     config.add_optimization_profile(profile)
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
     config.builder_optimization_level = plan.builder_optimization_level
+    if not plan.tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     config.progress_monitor = _progress_monitor(plan.program)
     cache = config.create_timing_cache(timing_cache or b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
