@@ -69,7 +69,8 @@ def _function(payload: Payload):
     from cuda.bindings import driver as cu
 
     if payload.ptx not in _MODULES:
-        module = _cu_check(cu.cuModuleLoadData(payload.ptx.encode() + b"\0"), f"cuModuleLoadData({payload.kernel_name})")
+        image = ctypes.create_string_buffer(payload.ptx.encode())  # NUL-terminated PTX text
+        module = _cu_check(cu.cuModuleLoadData(ctypes.addressof(image)), f"cuModuleLoadData({payload.kernel_name})")
         fn = _cu_check(cu.cuModuleGetFunction(module, payload.kernel_name.encode()), "cuModuleGetFunction")
         if payload.shared_mem > _DEFAULT_SHARED:
             attr = cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
