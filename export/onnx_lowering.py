@@ -1,0 +1,426 @@
+"""ONNX lowering: each exported program becomes one ``.onnx`` graph whose custom ops are TensorRT-plugin nodes.
+
+What the ONNX folder is for: it is the input of TensorRT. ``trtexec --onnx=prefill.onnx`` or polygraphy, with our
+plugins registered, and the TensorRT lowering (``export/tensorrt_lowering.py``, which calls ``lower`` below to get
+the graphs it parses) build engines from it. This project's runtime does not execute ONNX folders; on a machine
+without TensorRT the graphs are checked structurally and evaluated numerically on the CPU by
+``export/onnx_reference.py`` (``onnx.reference`` with our reference kernels as custom ops).
+
+Lowering (``torch.onnx.export(program, dynamo=True, custom_translation_table=...)``): dynamic batch ``B`` and
+prefill length ``T`` are kept (graph inputs carry dims named "B" and "T"); tensor names are the engine-folder
+contract's (``engine_folder.program_io``: input_ids, positions, state names -> logits, "<state>.out"); weights
+are initializers, written to an external data file ``<program>.onnx.data`` beside the graph when they exceed
+``EXTERNAL_DATA_THRESHOLD`` bytes. The model's custom ops become nodes of domain ``minimax`` (opset import
+``("minimax", 1)``) whose op type, input/output order and attributes are exactly the TensorRT plugins'
+(namespace "minimax", version "1"); every node carries ``plugin_namespace="minimax"``, ``plugin_version="1"``
+and ``aot=1`` (the ONNX parser's plugin importer then picks the AOT implementation; tensorrt_notes.md §1.7):
+
+    minimax::lightning_prefill(q, k, v, s, initial_state) -> lightning_prefill node: (o, final_state)
+    minimax::lightning_decode(q, k, v, s, state)         -> lightning_decode node: (o, new_state)
+    minimax::moe(x, router_weight, w1, w3, w2, top_k)    -> a chain of plugin nodes (``kernels/moe/stages.py``):
+        grouped: moe_route -> moe_align -> moe_swiglu_grouped -> moe_down_grouped -> moe_combine
+        decode:  moe_route -> moe_swiglu_decode -> moe_down_combine_decode
+
+The decode program takes the decode chain when every step has at most ``decode_max_tokens`` tokens (max_batch
+<= 16, ``kernels/moe/dispatch.py``), as the Triton launcher does; the prefill program always takes the grouped
+chain. ``block_m`` (rows per expert block of the grouped chain) is ``dispatch.default_config(n, top_k, E,
+cuda).block_m`` for the program's largest token count n (prefill: max_batch * max_input_len; decode:
+max_batch): the plugins run on the GPU, the largest chunks are where the grouped GEMMs spend their time, and
+any block_m gives the same result (only the padding changes). It is recorded in the manifest entry.
+
+Each custom node type has a registered ONNX ``OpSchema`` (domain "minimax", version 1): with it the onnxscript
+tracer emits the node from a plain translation function, and ``onnx.checker`` checks the nodes' inputs, outputs
+and attributes (notes §4). Intermediate tensors between plugin nodes get their dtype and symbolic shape
+(``R = S + E*(block_m-1)`` rows etc.) in the graph's value_info.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+
+from .engine_folder import BuildSettings, EngineFolderError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DOMAIN",
+    "PLUGIN_VERSION",
+    "PLUGIN_ATTRIBUTES",
+    "EXTERNAL_DATA_THRESHOLD",
+    "PLUGIN_OPS",
+    "check_available",
+    "lower",
+    "moe_plan",
+    "register_schemas",
+    "save_onnx",
+    "to_onnx",
+]
+
+DOMAIN = "minimax"  # ONNX node domain = TensorRT plugin namespace
+PLUGIN_VERSION = "1"
+PLUGIN_ATTRIBUTES = {"plugin_namespace": DOMAIN, "plugin_version": PLUGIN_VERSION, "aot": 1}
+EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to <program>.onnx.data
+OPSET = 18  # ai.onnx opset: torch's onnxscript library's own opset; TensorRT 10.x parses it
+
+_FLOAT = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+# op type -> (inputs [(name, type or "T")], outputs [(name, type or "T")], int attributes). "T" is the activation
+# dtype (fp32 / fp16 / bf16), the same for every "T" tensor of a node. The plugin contract: do not change.
+PLUGIN_OPS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[str]]] = {
+    "lightning_prefill": (
+        [("q", "T"), ("k", "T"), ("v", "T"), ("s", "tensor(float)"), ("initial_state", "tensor(float)")],
+        [("o", "T"), ("final_state", "tensor(float)")],
+        [],
+    ),
+    "lightning_decode": (
+        [("q", "T"), ("k", "T"), ("v", "T"), ("s", "tensor(float)"), ("state", "tensor(float)")],
+        [("o", "T"), ("new_state", "tensor(float)")],
+        [],
+    ),
+    "moe_route": (
+        [("x", "T"), ("router_weight", "tensor(float)")],
+        [("topk_weights", "tensor(float)"), ("topk_ids", "tensor(int32)")],
+        ["top_k"],
+    ),
+    "moe_align": (
+        [("topk_ids", "tensor(int32)")],
+        [("sorted_slots", "tensor(int32)"), ("inv_perm", "tensor(int32)"), ("block_expert", "tensor(int32)"),
+         ("expert_counts", "tensor(int32)"), ("expert_offsets", "tensor(int32)")],
+        ["num_experts", "block_m"],
+    ),
+    "moe_swiglu_grouped": (
+        [("x", "T"), ("w1", "T"), ("w3", "T"), ("sorted_slots", "tensor(int32)"), ("block_expert", "tensor(int32)")],
+        [("h", "T")],
+        ["top_k", "block_m"],
+    ),
+    "moe_down_grouped": (
+        [("h", "T"), ("w2", "T"), ("sorted_slots", "tensor(int32)"), ("block_expert", "tensor(int32)"),
+         ("topk_weights", "tensor(float)")],
+        [("y_perm", "T")],
+        ["block_m"],
+    ),
+    "moe_combine": ([("y_perm", "T"), ("inv_perm", "tensor(int32)")], [("y", "T")], ["top_k"]),
+    "moe_swiglu_decode": (
+        [("x", "T"), ("w1", "T"), ("w3", "T"), ("topk_ids", "tensor(int32)")],
+        [("h", "T")],
+        [],
+    ),
+    "moe_down_combine_decode": (
+        [("h", "T"), ("w2", "T"), ("topk_weights", "tensor(float)"), ("topk_ids", "tensor(int32)")],
+        [("y", "T")],
+        [],
+    ),
+}  # fmt: skip
+
+
+def check_available(settings: BuildSettings) -> None:
+    """Refuse (``EngineFolderError``) when onnx or onnxscript is missing; the graphs themselves need no GPU."""
+    missing = [pkg for pkg in ("onnx", "onnxscript") if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise EngineFolderError(
+            f"backend 'onnx' needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "
+            f"installed (pip install .[dev])"
+        )
+
+
+def register_schemas() -> None:
+    """Register an ONNX ``OpSchema`` (domain ``minimax``, version 1) for every plugin op, once per process."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    for op_type, (inputs, outputs, int_attrs) in PLUGIN_OPS.items():
+        if onnx.defs.has(op_type, DOMAIN):
+            continue
+        attributes = [
+            OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=True),
+            OpSchema.Attribute("plugin_version", OpSchema.AttrType.STRING, "TensorRT plugin version", required=True),
+            OpSchema.Attribute("aot", OpSchema.AttrType.INT, "1: TensorRT uses the AOT implementation", required=True),
+        ] + [OpSchema.Attribute(a, OpSchema.AttrType.INT, a, required=True) for a in int_attrs]
+        schema = OpSchema(
+            op_type,
+            DOMAIN,
+            1,
+            doc=f"TensorRT plugin {DOMAIN}::{op_type} v{PLUGIN_VERSION} (semantics: kernels/moe/stages.py, "
+            "kernels/lightning_attention/naive.py)",
+            inputs=[OpSchema.FormalParameter(name, type_str) for name, type_str in inputs],
+            outputs=[OpSchema.FormalParameter(name, type_str) for name, type_str in outputs],
+            type_constraints=[("T", _FLOAT, "activation dtype")],
+            attributes=attributes,
+        )
+        onnx.defs.register_schema(schema)
+
+
+def moe_plan(settings: BuildSettings, program: str, top_k: int, num_experts: int) -> dict[str, Any]:
+    """The MoE chain of ``program``: ``{"path": "grouped"|"decode", "block_m": int|None, "tokens": n}`` (see the
+    module docstring for the choice)."""
+    from kernels.moe.dispatch import MoeTritonConfig, default_config
+
+    if program == "decode" and settings.max_batch <= MoeTritonConfig().decode_max_tokens:
+        return {"path": "decode", "block_m": None, "tokens": settings.max_batch}
+    tokens = settings.max_batch * (settings.max_input_len if program == "prefill" else 1)
+    block_m = default_config(tokens, top_k, num_experts, torch.device("cuda")).block_m
+    return {"path": "grouped", "block_m": block_m, "tokens": tokens}
+
+
+# ------------------------------------------------------------------------------------------- translation
+
+
+def _dim(d) -> str | int:
+    """An ir dimension as an int or its symbolic expression (a string)."""
+    return d if isinstance(d, int) else str(d.value)
+
+
+def _group(a: str) -> str:
+    return f"({a})" if re.search(r"[+\-/]", a) else a
+
+
+def _mul(a: str | int, b: int) -> str | int:
+    return a * b if isinstance(a, int) else f"{_group(a)}*{b}"
+
+
+def _add(a: str | int, b: int) -> str | int:
+    return a + b if isinstance(a, int) else (a if b == 0 else f"{a}+{b}")
+
+
+def _cdiv(a: str | int, b: int) -> str | int:
+    return -(-a // b) if isinstance(a, int) else f"ceil({_group(a)}/{b})"
+
+
+def _annotate(value, dtype, shape: list) -> None:
+    """Set dtype and (symbolic) shape of an intermediate value, so that the graph's value_info describes it."""
+    from onnxscript import ir
+
+    value.dtype = dtype
+    value.shape = ir.Shape([ir.SymbolicDim(d) if isinstance(d, str) else d for d in shape])
+
+
+def _translation_table(plan: dict[str, Any]) -> dict:
+    """``custom_translation_table`` for the exporter: our three custom ops -> plugin nodes."""
+    import onnxscript
+    from onnxscript import ir
+
+    register_schemas()
+    op = onnxscript.values.Opset(DOMAIN, 1)
+    attrs = PLUGIN_ATTRIBUTES
+
+    def lightning_prefill(q, k, v, s, initial_state):
+        o, state = op.lightning_prefill(q, k, v, s, initial_state, **attrs)
+        _annotate(o, q.dtype, [*q.shape[:3], v.shape[3]])
+        _annotate(state, ir.DataType.FLOAT, list(initial_state.shape))
+        return o, state
+
+    def lightning_decode(q, k, v, s, state):
+        o, new_state = op.lightning_decode(q, k, v, s, state, **attrs)
+        _annotate(o, q.dtype, [*q.shape[:3], v.shape[3]])
+        _annotate(new_state, ir.DataType.FLOAT, list(state.shape))
+        return o, new_state
+
+    def moe(x, router_weight, w1, w3, w2, top_k: int):
+        tokens, hidden = _dim(x.shape[0]), x.shape[1]
+        E, inter = w1.shape[0], w1.shape[1]
+        slots = _mul(tokens, top_k)
+        topk_weights, topk_ids = op.moe_route(x, router_weight, top_k=top_k, **attrs)
+        _annotate(topk_weights, ir.DataType.FLOAT, [tokens, top_k])
+        _annotate(topk_ids, ir.DataType.INT32, [tokens, top_k])
+        if plan["path"] == "decode":
+            h = op.moe_swiglu_decode(x, w1, w3, topk_ids, **attrs)
+            _annotate(h, x.dtype, [slots, inter])
+            y = op.moe_down_combine_decode(h, w2, topk_weights, topk_ids, **attrs)
+            _annotate(y, x.dtype, [tokens, hidden])
+            return y
+        bm = plan["block_m"]
+        rows = _add(slots, E * (bm - 1))
+        blocks = _cdiv(rows, bm)
+        sorted_slots, inv_perm, block_expert, counts, offsets = op.moe_align(
+            topk_ids, num_experts=E, block_m=bm, **attrs
+        )
+        for value, shape in ((sorted_slots, [rows]), (inv_perm, [slots]), (block_expert, [blocks]),
+                             (counts, [E]), (offsets, [E + 1])):  # fmt: skip
+            _annotate(value, ir.DataType.INT32, shape)
+        h = op.moe_swiglu_grouped(x, w1, w3, sorted_slots, block_expert, top_k=top_k, block_m=bm, **attrs)
+        _annotate(h, x.dtype, [rows, inter])
+        y_perm = op.moe_down_grouped(h, w2, sorted_slots, block_expert, topk_weights, block_m=bm, **attrs)
+        _annotate(y_perm, x.dtype, [rows, hidden])
+        y = op.moe_combine(y_perm, inv_perm, top_k=top_k, **attrs)
+        _annotate(y, x.dtype, [tokens, hidden])
+        return y
+
+    return {
+        torch.ops.minimax.lightning_prefill.default: lightning_prefill,
+        torch.ops.minimax.lightning_decode.default: lightning_decode,
+        torch.ops.minimax.moe.default: moe,
+    }
+
+
+# ------------------------------------------------------------------------------------------- names
+
+
+_LIGHTNING_PARAM = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.qkv_proj\.weight$")
+_SOFTMAX_PARAM = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.q_proj\.weight$")
+
+
+def contract_names(program: ExportedProgram, name: str) -> tuple[list[str], list[str]]:
+    """Input and output tensor names of the engine-folder contract for ``program``.
+
+    The state order is ``MiniMaxConfig.state_layout``'s (lightning states by layer, then key caches, then value
+    caches of the softmax layers); the layer plan is read from the program's parameter names and checked against
+    its inputs (count, rank, lightning states fp32).
+    """
+    lightning, softmax = [], []
+    for key in program.state_dict:
+        if m := _LIGHTNING_PARAM.search(key):
+            lightning.append(int(m.group(1)))
+        elif m := _SOFTMAX_PARAM.search(key):
+            softmax.append(int(m.group(1)))
+    lightning, softmax = sorted(lightning), sorted(softmax)
+    states = ([f"lightning_state.{i}" for i in lightning] + [f"key_cache.{i}" for i in softmax]
+              + [f"value_cache.{i}" for i in softmax])  # fmt: skip
+    user_inputs = [s for s in program.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    if len(user_inputs) != 2 + len(states):
+        raise EngineFolderError(
+            f"{name}: the exported program has {len(user_inputs)} inputs, the layer plan "
+            f"({len(lightning)} lightning + {len(softmax)} softmax layers) gives 2 + {len(states)}"
+        )
+    for spec, state in zip(user_inputs[2:], states):
+        meta = placeholders[spec.arg.name].meta["val"]
+        if meta.dim() != 4 or (state.startswith("lightning") and meta.dtype != torch.float32):
+            raise EngineFolderError(
+                f"{name}: input {spec.arg.name} ({state}) is {meta.dtype} {tuple(meta.shape)}, not a 4-d state"
+                f"{' in fp32' if state.startswith('lightning') else ''}"
+            )
+    inputs = ["input_ids", "positions", *states]
+    return inputs, ["logits", *(s + ".out" for s in states)]
+
+
+def _rename_dims(model, name: str) -> None:
+    """Name the dynamic dims "B" (batch) and "T" (prefill length) everywhere, from input_ids' symbols."""
+    ids = model.graph.inputs[0]
+    symbols = {}
+    for axis, label in ((0, "B"), (1, "T")):
+        d = ids.shape[axis]
+        if not isinstance(d, int):
+            symbols[str(d.value)] = label
+    if not symbols:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, symbols)) + r")\b")
+
+    def rename(value) -> None:
+        if value is None or value.shape is None:
+            return
+        dims = [d if isinstance(d, int) or d.value is None else pattern.sub(lambda m: symbols[m.group(1)], d.value)
+                for d in value.shape]  # fmt: skip
+        from onnxscript import ir
+
+        value.shape = ir.Shape(dims)
+
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        rename(value)
+    for node in model.graph:
+        for value in node.outputs:
+            rename(value)
+
+
+def to_onnx(program: ExportedProgram, name: str, settings: BuildSettings):
+    """Export ``program`` to an ``onnxscript.ir.Model`` with plugin nodes and contract names; returns
+    ``(ir model, moe plan)``."""
+    import warnings
+
+    inputs, outputs = contract_names(program, name)
+    top_k, experts = _moe_sizes(program)
+    plan = moe_plan(settings, name, top_k, experts)
+    logger.info("onnx %s: moe chain %s%s", name, plan["path"],
+                f", block_m {plan['block_m']} (for {plan['tokens']} tokens)" if plan["block_m"] else "")
+    start = time.perf_counter()
+    with warnings.catch_warnings(), _quiet("onnxscript", "onnx_ir", "torch.onnx"):
+        warnings.simplefilter("ignore", FutureWarning)
+        onnx_program = torch.onnx.export(
+            program,
+            dynamo=True,
+            custom_translation_table=_translation_table(plan),
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=OPSET,
+            optimize=True,
+            verbose=False,
+        )
+    logger.info("onnx %s: exported in %.1fs", name, time.perf_counter() - start)
+    model = onnx_program.model
+    _rename_dims(model, name)
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph if n.domain not in ("", DOMAIN)})
+    if foreign:
+        raise EngineFolderError(f"{name}: the ONNX graph has nodes TensorRT cannot parse: {', '.join(foreign)}")
+    got_in = [v.name for v in model.graph.inputs]
+    got_out = [v.name for v in model.graph.outputs]
+    if got_in != inputs or got_out != outputs:
+        raise EngineFolderError(f"{name}: ONNX graph names {got_in} -> {got_out}, expected {inputs} -> {outputs}")
+    return model, plan
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """The exporter's passes log every rewrite at INFO; keep our build log readable (warnings still show)."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _moe_sizes(program: ExportedProgram) -> tuple[int, int]:
+    """(top_k, num_experts) of the program's ``minimax::moe`` nodes (all layers share them)."""
+    sizes = {(n.args[5], n.args[2].meta["val"].shape[0]) for n in program.graph.nodes
+             if n.op == "call_function" and n.target == torch.ops.minimax.moe.default}  # fmt: skip
+    if len(sizes) != 1:
+        raise EngineFolderError(f"expected minimax::moe nodes of one (top_k, num_experts); found {sorted(sizes)}")
+    return sizes.pop()
+
+
+def save_onnx(model, path: Path) -> str | None:
+    """Write ``model`` to ``path``; its initializers go to ``<path name>.data`` beside it when they exceed
+    ``EXTERNAL_DATA_THRESHOLD`` bytes. Checked with ``onnx.checker`` (by path, so external data works).
+    Returns the external data file name (relative to the folder) or None."""
+    import onnx
+    from onnxscript import ir
+
+    weight_bytes = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    data = f"{path.name}.data" if weight_bytes > EXTERNAL_DATA_THRESHOLD else None
+    start = time.perf_counter()
+    if data:
+        ir.save(model, path, external_data=data)
+    else:
+        ir.save(model, path)
+    register_schemas()  # the checker then checks our nodes against their schemas too
+    onnx.checker.check_model(str(path), full_check=True)
+    logger.info("onnx: wrote %s (%.1f MB of weights%s), checked, in %.1fs", path.name, weight_bytes / 1e6,
+                f" in {data}" if data else "", time.perf_counter() - start)
+    return data
+
+
+def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSettings) -> dict[str, Any]:
+    """Write ``<name>.onnx`` (+ ``<name>.onnx.data`` when the weights are large) into ``folder``, checked with
+    ``onnx.checker``. Returns the manifest entries of the program."""
+    model, plan = to_onnx(program, name, settings)
+    data = save_onnx(model, folder / f"{name}.onnx")
+    return {
+        "file": f"{name}.onnx",
+        "external_data": data,
+        "opset": OPSET,
+        "plugin_namespace": DOMAIN,
+        "plugin_version": PLUGIN_VERSION,
+        "moe_path": plan["path"],
+        "moe_block_m": plan["block_m"],
+    }
