@@ -1,8 +1,9 @@
 """MiniMax MoE on the GPU: our Triton kernels against the device ceilings and PyTorch peers, in one process.
 
-    python -m benchmarks.moe --out benchmarks/results/moe.json [--quick] [--sweep]
+    python -m benchmarks.moe --out benchmarks/results/moe.json [--quick] [--sweep | --sweep-grouped] [--tokens T ...]
 
-Problem: hidden 6144, 32 experts of I = 9216, top-2, bf16 (router fp32); T tokens in {1, 2, 4, 8, 16, 4096, 16384}.
+Problem: hidden 6144, 32 experts of I = 9216, top-2, bf16 (router fp32); T tokens in {1, 2, 4, 8, 16, 1024, 4096,
+16384}.
 Measures:
   * ceilings: device-to-device copy bandwidth (read + write) and a bf16 8192^3 matmul (benchmarks/common.py);
   * ours: ``moe_forward_triton`` eagerly, and for T <= 16 also replayed from a CUDA graph (no launch gaps);
@@ -13,8 +14,10 @@ Measures:
     copy bandwidth, the floor of a kernel that reads each selected weight once;
   * per-stage times of our launches (each timed alone with its inputs precomputed);
   * with ``--sweep``: tile configurations of the router (T = 1 + 16, 4096, 16384), the grouped GEMMs (T = 4096,
-    16384) and the decode kernels (T = 1, 4, 16; swiglu and down chosen separately); the fastest are used for the
-    rows of the main table in their size class and recorded in the JSON (``sweep.overrides``).
+    16384: the pointer kernels' reference tiles and the TMA kernels' candidates, each stage alone) and the decode
+    kernels (T = 1, 4, 16; swiglu and down chosen separately); the fastest are used for the rows of the main table
+    in their size class and recorded in the JSON (``sweep.overrides``). ``--sweep-grouped``: the grouped GEMMs
+    only (``--sweep-tokens`` picks their T); ``--tokens``: the T of the main table.
 Prints a table and writes JSON.
 """
 
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from benchmarks.common import environment, measure_ceilings, time_ms, write_json
 
 HIDDEN, INTER, E, TOP_K = 6144, 9216, 32, 2
-TOKENS = (1, 2, 4, 8, 16, 4096, 16384)
+TOKENS = (1, 2, 4, 8, 16, 1024, 4096, 16384)
 QUICK_TOKENS = (1, 16, 4096)
 
 
@@ -338,10 +341,13 @@ def sweep_decode(T, router, w1, w3, w2) -> list[dict[str, Any]]:
     return rows
 
 
+SWEEP_GROUPED_T = (16384, 4096)
+
+
 def _sweep_grouped_into(out, overrides, router, w1, w3, w2) -> None:
     """Grouped GEMMs per T (pointer reference tiles and TMA candidates): rows into ``out``, the best into
     ``overrides``."""
-    for T in (16384, 4096):
+    for T in SWEEP_GROUPED_T:
         rows, best = sweep_grouped_tma(T, router, w1, w3, w2, 6 * T * TOP_K * HIDDEN * INTER)
         out[f"grouped_T{T}"] = {"rows": rows, "best": best}
         if best is not None:
@@ -458,7 +464,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-grouped", action="store_true",
                         help="sweep the grouped GEMMs only (pointer and TMA kernels, T = 4096 and 16384)")
     parser.add_argument("--tokens", type=int, nargs="+", help="token counts of the main table (default: all)")
+    parser.add_argument("--sweep-tokens", type=int, nargs="+", help=f"T of the grouped sweep (default {SWEEP_GROUPED_T})")
     args = parser.parse_args(argv)
+    if args.sweep_tokens:
+        global SWEEP_GROUPED_T
+        SWEEP_GROUPED_T = tuple(args.sweep_tokens)
     if not torch.cuda.is_available():
         print("benchmarks.moe needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -361,7 +361,7 @@ def _naive_fp32(x, router, w1, w3, w2, top_k):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("T", [1, 5, 16, 17, 333, 4096])
+@pytest.mark.parametrize("T", [1, 5, 16, 17, 333, 1024, 4096, 16384])
 def test_gpu_minimax_bf16(T, minimax_weights):
     router, w1, w3, w2 = minimax_weights
     x = torch.randn(T, MINIMAX["hidden"], device="cuda", generator=torch.Generator("cuda").manual_seed(T)).bfloat16()
@@ -374,7 +374,7 @@ def test_gpu_minimax_bf16(T, minimax_weights):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("T", [17, 1000, 4096])
+@pytest.mark.parametrize("T", [17, 1000, 1024, 4096])
 @pytest.mark.parametrize("path", ["grouped", *TMA_PATHS])
 def test_gpu_minimax_bf16_grouped_kernels(T, path, minimax_weights):
     """Each grouped-path kernel family (pointer / descriptor, gathered / permuted A, persistent) at MiniMax sizes."""
