@@ -132,7 +132,7 @@ def test_failed_build_leaves_nothing(tiny, tmp_path, monkeypatch):
         (["--max-input-len", "64", "--max-seq-len", "32"], "max_seq_len (32) must be >= max_input_len (64)"),
         (["--max-batch", "0"], "max_batch must be >= 1"),
         (["--max-seq-len", "5000"], "exceeds the model's max_position_embeddings (4096)"),
-        (["--backend", "onnx"], "backend 'onnx' is not available"),
+        (["--backend", "onnx", "--max-seq-len", "5000"], "exceeds the model's max_position_embeddings (4096)"),
     ],
 )
 def test_build_cli_refuses_bad_settings_before_work(tmp_path, caplog, argv, message):
