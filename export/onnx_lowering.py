@@ -69,7 +69,7 @@ DOMAIN = "minimax"  # ONNX node domain = TensorRT plugin namespace
 PLUGIN_VERSION = "1"
 PLUGIN_ATTRIBUTES = {"plugin_namespace": DOMAIN, "plugin_version": PLUGIN_VERSION, "aot": 1}
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to <program>.onnx.data
-OPSET = 18  # ai.onnx opset: torch's onnxscript library's own opset; TensorRT 10.x parses it
+OPSET = 18  # ai.onnx opset of torch's onnxscript library (TORCHLIB_OPSET); TensorRT 10 parsers document opsets 9-22 (not run here)
 
 _FLOAT = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
@@ -341,7 +341,8 @@ def to_onnx(program: ExportedProgram, name: str, settings: BuildSettings):
     logger.info("onnx %s: moe chain %s%s", name, plan["path"],
                 f", block_m {plan['block_m']} (for {plan['tokens']} tokens)" if plan["block_m"] else "")
     start = time.perf_counter()
-    with warnings.catch_warnings(), _quiet("onnxscript", "onnx_ir", "torch.onnx"):
+    with warnings.catch_warnings(), _quiet("onnxscript", "onnx_ir", "torch.onnx"), \
+            _quiet("torch.onnx._internal.exporter._registration", level=logging.ERROR):  # "torchvision is not installed"
         warnings.simplefilter("ignore", FutureWarning)
         onnx_program = torch.onnx.export(
             program,
@@ -367,12 +368,12 @@ def to_onnx(program: ExportedProgram, name: str, settings: BuildSettings):
 
 
 @contextlib.contextmanager
-def _quiet(*names: str):
+def _quiet(*names: str, level: int = logging.WARNING):
     """The exporter's passes log every rewrite at INFO; keep our build log readable (warnings still show)."""
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+        lg.setLevel(max(lg.getEffectiveLevel(), level))
     try:
         yield
     finally:

@@ -94,6 +94,41 @@ def test_checker_accepts_the_graphs_and_refuses_a_broken_plugin_node(engine, nam
 # ------------------------------------------------------------------------------------------------ structure
 
 
+def test_plugin_table_is_the_plugin_spec():
+    """The lowering's node table equals the TensorRT plugins' contract (``plugins/spec.py``)."""
+    from plugins import spec
+
+    assert (spec.NAMESPACE, spec.VERSION) == (onnx_lowering.DOMAIN, onnx_lowering.PLUGIN_VERSION)
+    assert set(onnx_lowering.PLUGIN_OPS) == set(spec.PLUGINS)
+    for op_type, (inputs, outputs, attrs) in onnx_lowering.PLUGIN_OPS.items():
+        plugin = spec.PLUGINS[op_type]
+        assert tuple(n for n, _ in inputs) == plugin.inputs and tuple(n for n, _ in outputs) == plugin.outputs
+        assert tuple(attrs) == plugin.attrs, op_type
+
+
+_TORCH_DTYPES = {ir.DataType.FLOAT: torch.float32, ir.DataType.BFLOAT16: torch.bfloat16,
+                 ir.DataType.FLOAT16: torch.float16, ir.DataType.INT32: torch.int32}
+
+
+def _check_against_spec(model, sizes: dict[str, int]) -> int:
+    """Every plugin node: dtypes are a combination the plugin registers, and the symbolic output shapes in the graph
+    equal the plugin's shape rule for concrete ``sizes`` of the dynamic dims. Returns the number of nodes checked."""
+    from plugins import spec
+
+    def dims(v):
+        return tuple(d if isinstance(d, int) else _eval_dim(d.value, **sizes) for d in v.shape)
+
+    nodes = _plugin_nodes(model)
+    for node in nodes:
+        plugin = spec.PLUGINS[node.op_type]
+        in_dtypes = [_TORCH_DTYPES[v.dtype] for v in node.inputs]
+        assert plugin.output_dtypes(in_dtypes) == tuple(_TORCH_DTYPES[v.dtype] for v in node.outputs), node.name
+        attrs = {k: v for k, v in _attrs(node).items() if k in plugin.attrs}
+        expected = plugin.output_shapes([dims(v) for v in node.inputs], attrs)
+        assert tuple(dims(v) for v in node.outputs) == tuple(tuple(s) for s in expected), node.name
+    return len(nodes)
+
+
 @pytest.mark.parametrize("name", ["prefill", "decode"])
 def test_graph_inputs_and_outputs_are_the_contract(tiny, graphs, name):
     model = graphs[name]
@@ -164,6 +199,13 @@ def test_moe_chains_are_wired_as_the_contract(graphs, name):
         assert list(swiglu.inputs[3:]) == [sorted_slots, block_expert]
         assert down.inputs[0] is swiglu.outputs[0] and list(down.inputs[2:]) == [sorted_slots, block_expert, topk_weights]
         assert list(combine.inputs) == [down.outputs[0], inv_perm] and combine.op_type == "moe_combine"
+
+
+@pytest.mark.parametrize("name", ["prefill", "decode"])
+def test_plugin_nodes_match_the_plugin_shape_and_dtype_rules(graphs, name):
+    n_nodes = 6 + 8 * len(GROUPED if name == "prefill" else DECODE)
+    for B, T in ((1, 2), (3, 19)):
+        assert _check_against_spec(graphs[name], {"B": B, "T": T if name == "prefill" else 1}) == n_nodes
 
 
 def test_intermediate_shapes_are_the_static_bounds(graphs):
@@ -265,6 +307,7 @@ def test_bf16_graph_feeds_the_plugins_bf16_activations_and_fp32_state(tmp_path):
     }
     for node in _plugin_nodes(graph):
         assert ([v.dtype for v in node.inputs], [v.dtype for v in node.outputs]) == expected[node.op_type], node.name
+    assert _check_against_spec(graph, {"B": 20, "T": 1}) == 6 + 8 * len(GROUPED)
     key_cache = next(v for v in graph.graph.inputs if v.name.startswith("key_cache"))
     assert key_cache.dtype == bf16 and graph.graph.outputs[0].dtype == f32  # logits fp32
     onnx_lowering.save_onnx(graph, tmp_path / "decode.onnx")  # passes the checker
