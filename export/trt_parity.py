@@ -8,8 +8,8 @@ names) and return the engine-folder outputs (``logits``, ``<state>.out``):
 - ``tensorrt_runner(plan)``: polygraphy's ``TrtRunner`` over ``EngineFromPath`` (needs TensorRT and a GPU);
 - ``ProgramRunner(fn, ...)``: any engine-folder program ``fn(input_ids, positions, state)`` — eager PyTorch
   (``exporting.PrefillProgram(model)``), an exported program's ``.module()``, a ``runtime`` program;
-- ``OnnxReferenceRunner(onnx)``: ``export.onnx_reference.evaluate`` (``onnx.reference`` with our ops' reference
-  kernels, CPU, fp32).
+- ``OnnxReferenceRunner(onnx)``: ``export.onnx_reference.OnnxReferenceProgram`` (``onnx.reference`` with our ops'
+  reference kernels, CPU, fp32).
 
 ``compare`` then calls ``Comparator.compare_accuracy`` with ``CompareFunc.simple(check_error_stat="elemwise")``
 (an element passes when within atol OR within rtol; NaN always fails) and per-output tolerances from
@@ -138,27 +138,13 @@ class ProgramRunner(_base_runner()):
         return OrderedDict(zip(self.output_names, [t.detach().cpu() for t in (logits, *state)]))
 
 
-class OnnxReferenceRunner(_base_runner()):
-    """polygraphy runner over ``export.onnx_reference.evaluate`` (CPU, our ops as ``onnx.reference`` kernels)."""
+def OnnxReferenceRunner(onnx_path: str | Path, manifest: Mapping[str, Any], program: str, name: str | None = None
+                        ) -> ProgramRunner:
+    """A runner over ``export.onnx_reference.OnnxReferenceProgram`` (CPU, fp32 graphs, our ops as ``onnx.reference``
+    kernels), with the same feeds and outputs as the other runners."""
+    from export.onnx_reference import OnnxReferenceProgram
 
-    def __init__(self, onnx_path: str | Path, manifest: Mapping[str, Any], program: str, name: str | None = None):
-        super().__init__(name=name, prefix=f"{program}-onnx-reference")
-        self.onnx_path, self.manifest, self.program = Path(onnx_path), manifest, program
-        self.output_names = [t["name"] for t in _program(manifest, program)["outputs"]]
-
-    def get_input_metadata_impl(self):
-        return input_metadata(self.manifest, self.program)
-
-    def infer_impl(self, feed_dict):
-        from export.onnx_reference import evaluate
-
-        feeds = {n: torch.as_tensor(v).cpu().numpy() for n, v in feed_dict.items()}  # fp32 models only (numpy)
-        start = time.perf_counter()
-        outputs = evaluate(self.onnx_path, feeds)
-        self.inference_time = time.perf_counter() - start
-        if isinstance(outputs, Mapping):
-            outputs = [outputs[n] for n in self.output_names]
-        return OrderedDict((n, torch.as_tensor(v)) for n, v in zip(self.output_names, outputs))
+    return ProgramRunner(OnnxReferenceProgram(onnx_path), manifest, program, name=name or f"onnx-reference[{program}]")
 
 
 def tensorrt_runner(plan_path: str | Path, name: str | None = None):
