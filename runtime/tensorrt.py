@@ -321,6 +321,7 @@ class DecodeGraph:
         self.logits = torch.empty(shapes["logits"], dtype=b.outputs[0].dtype, device=dev)
         self.graphs = []
         stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))  # the static buffers' zero fills come first
         for src in (0, 1):
             ins = {s.name: t for s, t in zip(b.inputs, (self.input_ids, self.positions, *self.sets[src]))}
             outs = {"logits": self.logits} | {
