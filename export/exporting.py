@@ -164,7 +164,7 @@ def _versions() -> dict[str, str | None]:
     import importlib.metadata as md
 
     versions: dict[str, str | None] = {"torch": torch.__version__}
-    for pkg in ("triton", "tensorrt", "onnx", "onnxscript"):
+    for pkg in ("triton", "tensorrt", "torch_tensorrt", "onnx", "onnxscript"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
