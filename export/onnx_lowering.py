@@ -8,7 +8,9 @@ without TensorRT the graphs are checked structurally and evaluated numerically o
 
 Lowering (``torch.onnx.export(program, dynamo=True, custom_translation_table=...)``): dynamic batch ``B`` and
 prefill length ``T`` are kept (graph inputs carry dims named "B" and "T"); tensor names are the engine-folder
-contract's (``engine_folder.program_io``: input_ids, positions, state names -> logits, "<state>.out"); weights
+contract's (``engine_folder.program_io``: input_ids, positions, state names -> logits, "<state>.out"; the
+protocol does not pass the config, so ``contract_names`` reads the layer plan from the program's parameter names
+and checks it against the program's inputs); weights
 are initializers, written to an external data file ``<program>.onnx.data`` beside the graph when they exceed
 ``EXTERNAL_DATA_THRESHOLD`` bytes. The model's custom ops become nodes of domain ``minimax`` (opset import
 ``("minimax", 1)``) whose op type, input/output order and attributes are exactly the TensorRT plugins'
@@ -69,7 +71,7 @@ DOMAIN = "minimax"  # ONNX node domain = TensorRT plugin namespace
 PLUGIN_VERSION = "1"
 PLUGIN_ATTRIBUTES = {"plugin_namespace": DOMAIN, "plugin_version": PLUGIN_VERSION, "aot": 1}
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of initializers above which weights go to <program>.onnx.data
-OPSET = 18  # ai.onnx opset of torch's onnxscript library (TORCHLIB_OPSET); TensorRT 10 parsers document opsets 9-22 (not run here)
+OPSET = 18  # ai.onnx opset of torch's onnxscript library (TORCHLIB_OPSET); no TensorRT parser has been run on it here
 
 _FLOAT = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
