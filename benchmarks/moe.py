@@ -457,6 +457,7 @@ def bench_tokens(T, router, w1, w3, w2, cfg, copy_tbps, quick, has_grouped_mm) -
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SWEEP_GROUPED_T
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/moe.json", help="JSON output path")
     parser.add_argument("--quick", action="store_true", help=f"T in {QUICK_TOKENS} only, fewer iterations")
@@ -467,7 +468,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-tokens", type=int, nargs="+", help=f"T of the grouped sweep (default {SWEEP_GROUPED_T})")
     args = parser.parse_args(argv)
     if args.sweep_tokens:
-        global SWEEP_GROUPED_T
         SWEEP_GROUPED_T = tuple(args.sweep_tokens)
     if not torch.cuda.is_available():
         print("benchmarks.moe needs a CUDA GPU", file=sys.stderr)
