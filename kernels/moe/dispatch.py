@@ -103,13 +103,13 @@ def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.de
             group_m=8,
         )  # fmt: skip
     if rows_per_expert >= 64:
-        # 64-row blocks (less padding); TMA kernels, as measured at 64-row blocks in the same sweep (T = 4096 and
-        # 16384: SwiGLU 4.91 / 15.95 ms vs pointer 5.31 / 17.53; down 2.48 / 7.30 vs 2.54 / 8.69); this class
-        # itself (T ~ 1000-2000 at 32 experts, top-2) is timed in the main table at T = 1024.
+        # T ~ 1000-2000 (32 experts, top-2): the T = 1024 sweep of 2026-11-26 picked 128-row blocks (64-row ones were
+        # not faster), SwiGLU with gathered A (no permutation pass) and a non-persistent down with K = 128 tiles.
         return MoeTritonConfig(
-            block_m=64, swiglu_block_n=128, swiglu_block_k=64, swiglu_warps=4, swiglu_stages=4,
-            swiglu_tma=True, swiglu_permute=True,
-            down_block_n=256, down_block_k=64, down_warps=4, down_stages=4, down_tma=True,
+            block_m=128, swiglu_block_n=128, swiglu_block_k=64, swiglu_warps=8, swiglu_stages=4,
+            swiglu_tma=True, swiglu_permute=False,
+            down_block_n=128, down_block_k=128, down_warps=8, down_stages=3, down_tma=True,
+            group_m=8,
         )  # fmt: skip
     # few rows per expert: weight-bandwidth bound, small row blocks waste little
     return MoeTritonConfig(
