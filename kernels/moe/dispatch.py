@@ -2,6 +2,8 @@
 
     T <= decode_max_tokens (decode):  route -> swiglu_decode -> down_combine_decode                 (3 launches)
     otherwise (grouped):              route -> align -> swiglu_grouped -> down_grouped -> combine   (5 launches)
+    grouped with TMA (config ``swiglu_tma`` / ``down_tma``, where ``grouped.tma_supported``): the same chain with
+        [permute_rows ->] swiglu_grouped_tma and down_grouped_tma (descriptor loads; optional persistent grid)
 
 The path and the tile sizes are a pure function of the shapes (``default_config``), never of the data, so one
 call is a fixed sequence of launches with no host synchronisation (CUDA-graph capturable). Every intermediate has
