@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import build
+pytest.importorskip("polygraphy", reason="polygraphy (a dev dependency: pip install -e .[dev]) is not installed")
+
+import build  # noqa: E402
 from export import BuildSettings, EngineFolderError, export_programs
 from export import tensorrt_lowering as trl
 from export import torch_tensorrt_lowering as ttl
