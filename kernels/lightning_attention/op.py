@@ -1,11 +1,22 @@
 """``torch.library`` registration of lightning attention: ``minimax::lightning_prefill`` and ``minimax::lightning_decode``.
 
-Both ops are functional (no input is mutated) and return new contiguous tensors; the fake kernels return exactly
-those shapes, dtypes and strides so that ``torch.export`` keeps each call as one node and AOTInductor plans the
-right buffers. The default implementation (every device, CPU included) is the fp32 reference of ``naive.py``; on
-CUDA the Triton kernels of ``chunk.py`` (prefill) and ``recurrent.py`` (decode) are registered instead (head dims
-that the kernels do not take, i.e. not a power of two in [16, 256], run the reference there too). Their modules (and
-triton) are imported on the first CUDA call only.
+Both ops are functional (no input is mutated) and return new contiguous tensors. They are
+``torch.library.triton_op``s: the body holds only PyTorch ops and ``wrap_triton`` launches, so when Inductor lowers
+them (AOTInductor, ``torch.compile``) the Triton kernels of ``chunk.py`` (prefill) and ``recurrent.py`` (decode) are
+compiled into the output (a CUDA AOTInductor package holds them as ``.cubin`` files and needs neither Python nor this
+module to run); ``torch.export`` keeps each call as one node. The body branches on static facts only (device, head
+dims):
+
+* CUDA, head dims the kernels take (powers of two in [16, 256]), eager (real tensors): the launchers
+  ``chunk.lightning_prefill_triton`` / ``recurrent.lightning_decode_triton``;
+* the same, traced (fake / functional tensors, symbolic B and T): ``traced.py``, the same kernels launched through
+  ``wrap_triton`` (choices made without guards on B or T, see that module);
+* anything else (other devices, other head dims): ``minimax::lightning_prefill_reference`` /
+  ``minimax::lightning_decode_reference``, opaque ``custom_op``s holding the fp32 reference of ``naive.py`` (Inductor
+  keeps each as one extern call instead of tracing the reference's Python loops).
+
+The body is also the fake kernel (``triton_op`` registers it): outputs have the shapes, dtypes and (contiguous)
+strides of the real kernels. Triton is imported on the first CUDA call only.
 """
 
 from __future__ import annotations
@@ -19,50 +30,78 @@ from . import naive
 REFERENCE_BLOCK_SIZE = 256
 
 
-@torch.library.custom_op("minimax::lightning_prefill", mutates_args=())
+@torch.library.custom_op("minimax::lightning_prefill_reference", mutates_args=())
+def lightning_prefill_reference(
+    q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The fp32 reference (``naive.lightning_attention_blockwise``) as an opaque op."""
+    return naive.lightning_attention_blockwise(q, k, v, s, initial_state, block_size=REFERENCE_BLOCK_SIZE)
+
+
+@lightning_prefill_reference.register_fake
+def _lightning_prefill_reference_fake(
+    q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor
+) -> tuple[Tensor, Tensor]:
+    B, T, H, _ = q.shape
+    return q.new_empty((B, T, H, v.shape[-1])), initial_state.new_empty(initial_state.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("minimax::lightning_decode_reference", mutates_args=())
+def lightning_decode_reference(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """The fp32 reference (``naive.lightning_attention_decode_step``) as an opaque op."""
+    return naive.lightning_attention_decode_step(q, k, v, s, state)
+
+
+@lightning_decode_reference.register_fake
+def _lightning_decode_reference_fake(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    B, T, H, _ = q.shape
+    return q.new_empty((B, T, H, v.shape[-1])), state.new_empty(state.shape, dtype=torch.float32)
+
+
+def _use_triton(q: Tensor, v: Tensor) -> bool:
+    if q.device.type != "cuda":
+        return False
+    from .chunk import supports_head_dims
+
+    return supports_head_dims(q.shape[-1], v.shape[-1])
+
+
+def _eager() -> bool:
+    """Whether the body runs on real tensors: ``triton_op`` turns ``wrap_triton`` off exactly for that call."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    return not is_wrap_triton_enabled()
+
+
+@torch.library.triton_op("minimax::lightning_prefill", mutates_args=())
 def lightning_prefill(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
     """q, k [B, T, H, Dk]; v [B, T, H, Dv]; s [H] fp32; initial_state [B, H, Dk, Dv] fp32.
 
     Returns ``(o [B, T, H, Dv] in q.dtype, final_state [B, H, Dk, Dv] fp32)`` (semantics in ``naive.py``).
     """
-    return naive.lightning_attention_blockwise(q, k, v, s, initial_state, block_size=REFERENCE_BLOCK_SIZE)
+    if not _use_triton(q, v):
+        return torch.ops.minimax.lightning_prefill_reference(q, k, v, s, initial_state)
+    if _eager():
+        from .chunk import lightning_prefill_triton
+
+        return lightning_prefill_triton(q, k, v, s, initial_state)  # new contiguous o [B, T, H, Dv], state
+    from .traced import lightning_prefill_traceable
+
+    return lightning_prefill_traceable(q, k, v, s, initial_state)  # new contiguous o [B, T, H, Dv], state
 
 
-@lightning_prefill.register_kernel("cuda")
-def _lightning_prefill_cuda(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
-    from .chunk import lightning_prefill_triton, supports_head_dims
-
-    if not supports_head_dims(q.shape[-1], v.shape[-1]):
-        return naive.lightning_attention_blockwise(q, k, v, s, initial_state, block_size=REFERENCE_BLOCK_SIZE)
-    return lightning_prefill_triton(q, k, v, s, initial_state)  # new contiguous o [B, T, H, Dv], state [B, H, Dk, Dv]
-
-
-@lightning_prefill.register_fake
-def _lightning_prefill_fake(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
-    B, T, H, _ = q.shape
-    return q.new_empty((B, T, H, v.shape[-1])), initial_state.new_empty(initial_state.shape)
-
-
-@torch.library.custom_op("minimax::lightning_decode", mutates_args=())
+@torch.library.triton_op("minimax::lightning_decode", mutates_args=())
 def lightning_decode(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """q, k [B, 1, H, Dk]; v [B, 1, H, Dv]; s [H] fp32; state [B, H, Dk, Dv] fp32 (not modified).
 
     Returns ``(o [B, 1, H, Dv] in q.dtype, new_state [B, H, Dk, Dv] fp32)``.
     """
-    return naive.lightning_attention_decode_step(q, k, v, s, state)
+    if not _use_triton(q, v):
+        return torch.ops.minimax.lightning_decode_reference(q, k, v, s, state)
+    if _eager():
+        from .recurrent import lightning_decode_triton
 
+        return lightning_decode_triton(q, k, v, s, state)  # new contiguous o [B, 1, H, Dv], state [B, H, Dk, Dv]
+    from .traced import lightning_decode_traceable
 
-@lightning_decode.register_kernel("cuda")
-def _lightning_decode_cuda(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    from .chunk import supports_head_dims
-    from .recurrent import lightning_decode_triton
-
-    if not supports_head_dims(q.shape[-1], v.shape[-1]):
-        return naive.lightning_attention_decode_step(q, k, v, s, state)
-    return lightning_decode_triton(q, k, v, s, state)  # new contiguous o [B, 1, H, Dv], state [B, H, Dk, Dv]
-
-
-@lightning_decode.register_fake
-def _lightning_decode_fake(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    B, T, H, _ = q.shape
-    return q.new_empty((B, T, H, v.shape[-1])), state.new_empty(state.shape)
+    return lightning_decode_traceable(q, k, v, s, state)  # new contiguous o [B, 1, H, Dv], state [B, H, Dk, Dv]

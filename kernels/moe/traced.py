@@ -1,0 +1,166 @@
+"""Traceable launch of the Triton MoE: the body that ``minimax::moe`` (a ``torch.library.triton_op``) runs when it is
+traced (``torch.export`` fake propagation, AOTInductor / ``torch.compile`` lowering), so that Inductor compiles the
+kernels into its output (for AOTInductor: ``.cubin`` files inside the ``.pt2`` package).
+
+It launches the same ``@triton.jit`` kernels as ``dispatch.moe_forward_triton`` (their parameter lists are those the
+TensorRT plugins use), through ``torch.library.wrap_triton``, and only uses PyTorch ops besides. Differences from the
+eager launcher, all of them about *choices*, never semantics:
+
+* Sizes may be symbolic (dynamic T). Every choice is made from what is statically known, with
+  ``statically_known_true`` (which never adds a guard; it uses the export range of T), so the compiled program is
+  valid over the whole range:
+    - the decode path (``swiglu_decode`` / ``down_combine_decode``, ``T_PAD = 16``) only when ``T <= 16`` holds for
+      every T of the range (decode programs with max batch <= 16); otherwise the grouped path, which is exact for
+      every T >= 1 (T = 1 included);
+    - the tile class of the grouped path (``dispatch.default_config``) by rows per expert, taking the largest class
+      whose lower bound holds for every T of the range; the small-block class when nothing is known.
+  With concrete sizes the choices are those of ``dispatch.default_config``.
+* Only the pointer kernels run: the TMA kernels take host-built ``TensorDescriptor`` objects, which
+  ``wrap_triton`` does not take as kernel arguments, so the descriptor variants (``swiglu_tma`` / ``down_tma``) are
+  replaced by the pointer kernels with the same tiles (for long prefills about 10-20 % slower GEMMs on the H100:
+  see README "What changed").
+* Buffers are not poisoned and the T = 0 early return is taken only when T = 0 is statically known.
+
+Every choice yields the reference result up to fp32 summation order (the tests check both paths against it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from . import dispatch, grouped, routing
+
+__all__ = ["static_config", "moe_forward_traceable"]
+
+
+def _cdiv(a, b: int):
+    return (a + b - 1) // b  # works for ints and SymInts (triton.cdiv too, but keep it obviously symbolic-safe)
+
+
+def static_config(n_tokens, top_k: int, num_experts: int, device: torch.device) -> dispatch.MoeTritonConfig:
+    """``dispatch.default_config`` decided from what is statically known about ``n_tokens`` (int or SymInt).
+
+    Never adds a guard: each threshold is tested with ``statically_known_true``; the TMA flags are cleared (pointer
+    kernels, see the module docstring)."""
+    if isinstance(n_tokens, int):  # concrete size: exactly the eager choice
+        cfg = dispatch.default_config(n_tokens, top_k, num_experts, device)
+        return dataclasses.replace(cfg, swiglu_tma=False, down_tma=False, swiglu_permute=False)
+    if statically_known_true(n_tokens <= 16):
+        cfg = dispatch.default_config(16, top_k, num_experts, device)
+    else:
+        # smallest T that surely falls in each class of default_config: rows_per_expert = T * top_k / E
+        cfg = dispatch.default_config(17, top_k, num_experts, device)  # few rows per expert (any T > 16)
+        for rows in (64, 128, 512):
+            t_min = max(17, _cdiv(rows * num_experts, top_k))  # T >= t_min  =>  rows_per_expert >= rows
+            if statically_known_true(n_tokens >= t_min):
+                cfg = dispatch.default_config(t_min, top_k, num_experts, device)
+    return dataclasses.replace(cfg, swiglu_tma=False, down_tma=False, swiglu_permute=False)
+
+
+def moe_forward_traceable(
+    x: Tensor,
+    router_weight: Tensor,
+    w1: Tensor,
+    w3: Tensor,
+    w2: Tensor,
+    top_k: int,
+    *,
+    config: dispatch.MoeTritonConfig | None = None,
+) -> Tensor:
+    """Routed SwiGLU experts: x [T, hidden] -> y [T, hidden] (x.dtype, new contiguous tensor), T may be symbolic.
+
+    Same contract as ``dispatch.moe_forward_triton``; kernels launched through ``wrap_triton``. ``config``
+    overrides ``static_config`` (its TMA flags are ignored)."""
+    from torch.library import wrap_triton
+
+    naive_shapes_ok = x.dim() == 2 and w1.dim() == 3 and w2.dim() == 3 and router_weight.dim() == 2
+    if not naive_shapes_ok:
+        raise ValueError(f"moe: x [T, hidden], router_weight [E, hidden], w1/w3 [E, I, hidden], w2 [E, hidden, I] "
+                         f"expected; got {tuple(x.shape)}, {tuple(router_weight.shape)}, {tuple(w1.shape)}, "
+                         f"{tuple(w3.shape)}, {tuple(w2.shape)}")
+    T, hidden = x.shape
+    E, inter = w1.shape[0], w1.shape[1]
+    dev = x.device
+    cfg = static_config(T, top_k, E, dev) if config is None else config
+    x = x.contiguous()
+    router_weight = router_weight.contiguous()
+    w1, w3, w2 = w1.contiguous(), w3.contiguous(), w2.contiguous()
+    y = torch.empty((T, hidden), dtype=x.dtype, device=dev)  # [T, hidden]
+    if statically_known_true(T == 0):
+        return y
+    precision = grouped._dot_precision(x)
+    k_pad = grouped._next_pow2(max(top_k, 2))
+
+    # stage 1: router
+    weights = torch.empty((T, top_k), dtype=torch.float32, device=dev)  # [T, top_k]
+    ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)  # [T, top_k]
+    wrap_triton(routing._route_kernel)[(_cdiv(T, cfg.route_block_t),)](
+        x, router_weight, weights, ids, T, hidden,
+        NUM_EXPERTS=E, E_PAD=max(16, grouped._next_pow2(E)), TOP_K=top_k, K_PAD=k_pad,
+        BLOCK_T=cfg.route_block_t, BLOCK_K=cfg.route_block_k,
+        DOT_PRECISION="tf32x3" if dev.type == "cuda" else "ieee", USE_DOT=cfg.route_dot,
+        num_warps=cfg.route_warps,
+    )  # fmt: skip
+
+    if statically_known_true(T <= cfg.decode_max_tokens):
+        # decode path: T_PAD is a compile-time constant, so it comes from the static bound, not from T
+        t_pad = max(16, grouped._next_pow2(cfg.decode_max_tokens))
+        h = torch.empty((T * top_k, inter), dtype=x.dtype, device=dev)  # [T * top_k, I]
+        stages, block_k = grouped._fit_smem(cfg.decode_stages, cfg.decode_block_k,
+                                            (t_pad + 2 * cfg.decode_block_n) * x.element_size())
+        wrap_triton(grouped._swiglu_decode_kernel)[(_cdiv(inter, cfg.decode_block_n),)](
+            x, w1, w3, h, ids, T, hidden, inter,
+            NUM_EXPERTS=E, TOP_K=top_k, K_PAD=k_pad, T_PAD=t_pad, BLOCK_N=cfg.decode_block_n, BLOCK_K=block_k,
+            EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, num_warps=cfg.decode_warps, num_stages=stages,
+        )  # fmt: skip
+        stages, block_k = grouped._fit_smem(cfg.decode_down_stages, cfg.decode_down_block_k,
+                                            (t_pad + cfg.decode_down_block_n) * x.element_size())
+        wrap_triton(grouped._down_combine_decode_kernel)[(_cdiv(hidden, cfg.decode_down_block_n),)](
+            h, w2, weights, ids, y, T, hidden, inter,
+            NUM_EXPERTS=E, TOP_K=top_k, K_PAD=k_pad, T_PAD=t_pad, BLOCK_N=cfg.decode_down_block_n, BLOCK_K=block_k,
+            EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, num_warps=cfg.decode_down_warps, num_stages=stages,
+        )  # fmt: skip
+        return y
+
+    # grouped path: every buffer has a shape that is an expression in T
+    bm = cfg.block_m
+    n_slots = T * top_k
+    max_rows = n_slots + E * (bm - 1)  # routing.align_max_rows
+    max_blocks = _cdiv(max_rows, bm)  # routing.align_max_blocks
+    sorted_slots = torch.empty((max_rows,), dtype=torch.int32, device=dev)
+    inv_perm = torch.empty((n_slots,), dtype=torch.int32, device=dev)
+    block_expert = torch.empty((max_blocks,), dtype=torch.int32, device=dev)
+    expert_counts = torch.empty((E,), dtype=torch.int32, device=dev)
+    expert_offsets = torch.empty((E + 1,), dtype=torch.int32, device=dev)
+    wrap_triton(routing._align_kernel)[(E,)](
+        ids, sorted_slots, inv_perm, block_expert, expert_counts, expert_offsets, n_slots, max_rows, max_blocks,
+        NUM_EXPERTS=E, E_PAD=max(2, grouped._next_pow2(E)), BLOCK_M=bm, CHUNK=cfg.align_chunk, num_warps=4,
+    )  # fmt: skip
+
+    h = torch.empty((max_rows, inter), dtype=x.dtype, device=dev)  # [max_rows, I]
+    stages, block_k = grouped._fit_smem(cfg.swiglu_stages, cfg.swiglu_block_k,
+                                        (bm + 2 * cfg.swiglu_block_n) * x.element_size())
+    wrap_triton(grouped._swiglu_grouped_kernel)[(max_blocks * _cdiv(inter, cfg.swiglu_block_n),)](
+        x, w1, w3, h, sorted_slots, block_expert, n_slots, hidden, inter, max_blocks,
+        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg.swiglu_block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+        EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, INTERLEAVE=cfg.swiglu_interleave,
+        num_warps=cfg.swiglu_warps, num_stages=stages,
+    )  # fmt: skip
+
+    y_perm = torch.empty((max_rows, hidden), dtype=x.dtype, device=dev)  # [max_rows, hidden]
+    stages, block_k = grouped._fit_smem(cfg.down_stages, cfg.down_block_k, (bm + cfg.down_block_n) * x.element_size())
+    wrap_triton(grouped._down_grouped_kernel)[(max_blocks * _cdiv(hidden, cfg.down_block_n),)](
+        h, w2, y_perm, sorted_slots, block_expert, weights, n_slots, hidden, inter, max_blocks,
+        BLOCK_M=bm, BLOCK_N=cfg.down_block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
+        EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, num_warps=cfg.down_warps, num_stages=stages,
+    )  # fmt: skip
+
+    block_t, block_h = 4, min(1024, grouped._next_pow2(hidden))  # grouped.combine defaults
+    wrap_triton(grouped._combine_kernel)[(_cdiv(T, block_t), _cdiv(hidden, block_h))](
+        y_perm, inv_perm, y, T, hidden, TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h,
+    )  # fmt: skip
+    return y
