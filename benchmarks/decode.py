@@ -386,7 +386,7 @@ def hf_peer(model, experts_implementation: str | None = None):
             copies[key] = reason
         state[key] = tensor.detach()
     hf.load_state_dict(state, strict=True, assign=True)
-    del state, ours
+    del state
 
     inv_freq = our_buffers["model.inv_freq"].float()
     inv_freq = torch.cat([inv_freq, inv_freq.new_zeros(config.head_dim // 2 - inv_freq.numel())])
