@@ -1,7 +1,7 @@
 """Whole-model decode and prefill speed: a reduced-depth, real-width MiniMax, eager vs an AOTInductor engine through
 ``runtime.Engine``, beside the weight-bandwidth floor.
 
-    python -m benchmarks.decode --out benchmarks/results/decode.json            # H100: 2 layers, bf16, ~4 min
+    python -m benchmarks.decode --out benchmarks/results/decode.json            # H100: 2 layers, bf16, ~5 min
     python -m benchmarks.decode --preset tiny --device cpu --out /tmp/decode.json   # the code path, on a CPU
 
 Model: ``MiniMaxConfig.preset("minimax-text-01")`` (hidden 6144, 64 heads of 128, 32 experts of 9216, top-2,
@@ -16,8 +16,21 @@ Measured for (a) the eager model behind ``Engine.from_model`` and (b) an AOTIndu
   * the floor: bytes of weights read per token at B = 1 (each layer's attention weights, the router, the top-k
     experts' weights, the norms, one embedding row, the fp32 LM head) over the measured copy bandwidth
     (``benchmarks/common.py``; the lightning state and KV cache traffic is reported beside it, not in the floor);
-  * transformers' eager MiniMax is not run here (it needs a second copy of the weights); the issue's measurement
-    (87 ms/token, 2 real-width layers, H100) is recorded as the reference for the >= 10x goal.
+  * the peer, transformers' ``MiniMaxForCausalLM`` (eager PyTorch, its default attention and experts
+    implementations, its own ``MiniMaxCache``), measured in the same run on the same weights, last (``--no-hf`` skips
+    it): built on the meta device and loaded with ``load_state_dict(assign=True)`` from views of our parameters, so
+    the ~30 GB of experts exist once. transformers keeps each layer's gate and up projections in one
+    ``gate_up_proj [E, 2I, hidden]``, which cannot be a view of our separate ``w1``/``w3``, so ``fuse_gate_up_``
+    first moves ours into that layout (our ``w1``/``w3`` become views of it; transient peak: one layer's ``w1`` +
+    ``w3``). Copies, printed and listed in the JSON: the LM head and router gates in the model dtype (ours are fp32;
+    transformers runs in one dtype: ~2.5 GB in bf16 at real width) and, for partial RoPE, ``q_proj``/``k_proj`` with
+    their head dims permuted (transformers rotates the whole head; see ``rope_head_permutation``). Checked first:
+    ``--hf-check-len`` tokens prefilled + 3 decode steps at B = 2 through both, max |dlogit| and top-1 agreement
+    recorded (fp32 on the CPU: ~1e-6; bf16 with our fp32 head: small differences, recorded, not asserted). Then
+    decode ms/step at each ``--hf-batches`` B (``--hf-decode-steps`` steps after a ``--hf-prompt-len`` prefill,
+    positions passed explicitly: its cache reports its length from layer 0, a lightning layer). "vs HF" in the
+    table is its measured ms/step over ours at the same B. The issue's figure (87 ms/token, 2 real-width layers,
+    H100) is kept in the JSON as a note only.
 The AOTInductor packages are compiled without their weights (``aot_inductor.package_constants_in_so=False``) and
 the loaded programs are pointed at the eager model's weight tensors (``load_constants(..., user_managed=True)``):
 no second copy, no multi-GB ``.so``, a build of about a minute per program. (An engine folder of this size, with
@@ -362,9 +375,10 @@ def hf_peer(model, experts_implementation: str | None = None):
             return ours[f"{m[1]}.{m[3]}"][int(m[2])], None
         if m := re.fullmatch(r"(.+\.self_attn)\.(" + "|".join(_HF_DECAY_BUFFERS) + ")", k):
             if m[1] not in decay:
-                slope = our_buffers[f"{m[1]}.decay_rate"].float().view(-1, 1, 1)
+                # on the CPU: some transformers releases build decay_factors' ranges there whatever the device
+                slope = our_buffers[f"{m[1]}.decay_rate"].float().cpu().view(-1, 1, 1)
                 q, kd, diag = hf.get_submodule(m[1]).decay_factors(slope)
-                decay[m[1]] = dict(zip(_HF_DECAY_BUFFERS, (slope, q, kd, diag)))
+                decay[m[1]] = {n: t.to(device) for n, t in zip(_HF_DECAY_BUFFERS, (slope, q, kd, diag))}
             return decay[m[1]][m[2]], "derived buffer (our decay rates)"
         if perm_t is not None and (m := re.fullmatch(r"(.+\.self_attn)\.([qk])_proj\.weight", k)):
             w = ours[k]
