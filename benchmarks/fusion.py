@@ -33,6 +33,7 @@ import time
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.common import environment, measure_ceilings, time_ms, write_json
@@ -206,6 +207,7 @@ def run_case(layer: nn.Module, config: Any, kind: str, B: int, T: int, mode: str
     """Compile, time and profile one case; returns its JSON row and the layer output (for cross-checks)."""
     H, D = config.num_attention_heads, config.head_dim
     decode = kind == "decode"
+    torch._dynamo.reset()  # every case compiles afresh (the recompile limit would silently fall back to eager)
     step = LayerStep(layer, decode=decode, fused=fused)
     fn = step if mode is None else torch.compile(step, mode=None if mode == "default" else mode, dynamic=False)
     g = torch.Generator(device=device).manual_seed(B * 100003 + T)
@@ -241,6 +243,44 @@ def run_case(layer: nn.Module, config: Any, kind: str, B: int, T: int, mode: str
                 fusion_bound_share=us / summary["layer_gpu_us"] if summary["layer_gpu_us"] else 0.0,
             )
     return row, y
+
+
+def kernel_only(T: int, H: int, D: int, copy_tbps: float) -> dict[str, Any]:
+    """Our prefill kernel alone on SiLU'd q/k/v against the fused-SiLU kernel on the pre-activation views (with and
+    without the pad mask), B=1, bf16, zero initial state: the fused kernel's own cost, outside the layer."""
+    from kernels.lightning_attention.chunk import lightning_prefill_triton
+    from kernels.lightning_attention.fused import lightning_prefill_silu_triton
+
+    g = torch.Generator(device="cuda").manual_seed(T)
+    pre = torch.randn(1, T, H, 3 * D, device="cuda", generator=g).bfloat16()  # interleaved [q|k|v] per head
+    act = F.silu(pre)
+    s = minimax_rates(H).cuda()
+    positions = torch.arange(T, device="cuda")[None]
+    q, k, v = act.split(D, dim=-1)
+    pq, pk, pv = pre.split(D, dim=-1)
+    silu_ms = time_ms(lambda: F.silu(pre), warmup=3, iters=10)
+    base_ms = time_ms(lambda: lightning_prefill_triton(q, k, v, s), warmup=3, iters=10)
+    fused_ms = time_ms(lambda: lightning_prefill_silu_triton(pq, pk, pv, s, None, positions), warmup=3, iters=10)
+    fused_nopos_ms = time_ms(lambda: lightning_prefill_silu_triton(pq, pk, pv, s), warmup=3, iters=10)
+    # diagnostics: the same fused kernel without the activation; the plain kernel on the interleaved views
+    fused_nosilu_ms = time_ms(lambda: lightning_prefill_silu_triton(pq, pk, pv, s, None, positions, apply_silu=False),
+                              warmup=3, iters=10)
+    base_strided_ms = time_ms(lambda: lightning_prefill_triton(pq, pk, pv, s), warmup=3, iters=10)
+    o_ref, S_ref = lightning_prefill_triton(q, k, v, s)
+    o, S = lightning_prefill_silu_triton(pq, pk, pv, s, None, positions)
+    rel = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()  # noqa: E731
+    qkvo = 4 * T * H * D * 2
+    return {"T": T, "silu_eager_ms": silu_ms, "ours_ms": base_ms, "fused_ms": fused_ms, "fused_no_positions_ms": fused_nopos_ms,
+            "fused_kernel_without_silu_ms": fused_nosilu_ms, "ours_on_interleaved_views_ms": base_strided_ms,
+            "ours_frac_of_copy_qkvo": qkvo / (base_ms * 1e-3) / 1e12 / copy_tbps,
+            "fused_frac_of_copy_qkvo": qkvo / (fused_ms * 1e-3) / 1e12 / copy_tbps,
+            "rel_diff_o": rel(o, o_ref), "rel_diff_state": rel(S, S_ref)}
+
+
+def minimax_rates(heads: int) -> Tensor:
+    from benchmarks.lightning import minimax_rates as rates
+
+    return rates(heads)
 
 
 def _fmt_row(r: dict[str, Any]) -> str:
@@ -292,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
         cases += [("prefill", 1, T, True) for T in args.lengths]
     print(f"{'case':24} {'mode':12} {'variant':10} {'layer us':>9} "
           + " ".join(f"{g:>17}" for g in GROUPS), flush=True)
+    if fused_ok and args.device == "cuda":
+        payload["kernel_only"] = []
+        for T in args.lengths:
+            try:
+                payload["kernel_only"].append(kernel_only(T, config.num_attention_heads, config.head_dim, copy_tbps))
+            except Exception as exc:  # noqa: BLE001
+                payload["kernel_only"].append({"T": T, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
+            print("  kernel only", payload["kernel_only"][-1], flush=True)
     baseline_out: dict[tuple[str, int], Tensor] = {}
     for mode in args.modes:
         for kind, B, T, fused in cases:

@@ -5,7 +5,7 @@
 zeroed at left pads (``token_positions < 0``, as ``LightningAttention`` does with ``torch.where``; SiLU(0) = 0, so
 zeroing before or after the activation is the same). The kernel is a copy of ``chunk.py``'s prefill with three
 changes: SiLU on the q, k, v tiles right after they are loaded (fp32, rounded back to the input dtype, i.e. the
-values the separate SiLU kernel would have written), the pad mask folded into the load mask of k and v, and a
+values the separate SiLU kernel would have written), k and v zeroed at pads after the load, and a
 ``minimax::lightning_prefill_silu`` custom op around it so that ``torch.compile`` / ``torch.export`` keep it as one
 node (reference on every device, Triton on CUDA).
 
@@ -29,9 +29,11 @@ __all__ = ["lightning_prefill_silu_reference", "lightning_prefill_silu_triton"]
 
 
 @triton.jit
-def _silu(x):
-    xf = x.to(tl.float32)
-    return (xf * tl.sigmoid(xf)).to(x.dtype)
+def _silu(x, APPLY: tl.constexpr):
+    if APPLY:
+        xf = x.to(tl.float32)
+        return (xf * tl.sigmoid(xf)).to(x.dtype)
+    return x
 
 
 @triton.jit
@@ -68,6 +70,7 @@ def _lightning_prefill_silu_kernel(
     BLOCK_V: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,
     HAS_POSITIONS: tl.constexpr,
+    APPLY_SILU: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -99,14 +102,15 @@ def _lightning_prefill_silu_kernel(
     for t0 in tl.range(0, T, BLOCK_T, num_stages=NUM_STAGES):
         rows = t0 + offs_t
         valid = rows < T
+        # SiLU on load; masked rows load 0 and SiLU(0) = 0, so the tail stays exactly zero. The pad mask is applied
+        # after the load (not as its mask), so the k/v loads do not depend on the positions load and stay pipelined.
+        q = _silu(tl.load(q_base + rows[:, None] * stride_qt + offs_k[None, :], mask=valid[:, None], other=0.0), APPLY_SILU)
+        k = _silu(tl.load(k_base + rows[:, None] * stride_kt + offs_k[None, :], mask=valid[:, None], other=0.0), APPLY_SILU)
+        v = _silu(tl.load(v_base + rows[:, None] * stride_vt + offs_v[None, :], mask=valid[:, None], other=0.0), APPLY_SILU)
         if HAS_POSITIONS:
-            real = valid & (tl.load(pos_ptr + b * stride_pb + rows, mask=valid, other=-1) >= 0)
-        else:
-            real = valid
-        # SiLU on load; masked rows load 0 and SiLU(0) = 0, so pads and the tail stay exactly zero
-        q = _silu(tl.load(q_base + rows[:, None] * stride_qt + offs_k[None, :], mask=valid[:, None], other=0.0))
-        k = _silu(tl.load(k_base + rows[:, None] * stride_kt + offs_k[None, :], mask=real[:, None], other=0.0))
-        v = _silu(tl.load(v_base + rows[:, None] * stride_vt + offs_v[None, :], mask=real[:, None], other=0.0))
+            real = tl.load(pos_ptr + b * stride_pb + rows, mask=valid, other=-1) >= 0
+            k = tl.where(real[:, None], k, 0.0).to(k.dtype)
+            v = tl.where(real[:, None], v, 0.0).to(v.dtype)
 
         acc = tl.dot(q, state.to(q.dtype), input_precision=DOT_PRECISION) * q_decay[:, None]
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * intra_decay
@@ -163,12 +167,13 @@ def lightning_prefill_silu_triton(
     token_positions: Tensor | None = None,
     config: PrefillConfig | None = None,
     out: Tensor | None = None,
+    apply_silu: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Prefill on ``silu(q), silu(k), silu(v)`` (k, v zero where ``token_positions < 0``), SiLU done in the kernel.
 
     q, k [B, T, H, Dk], v [B, T, H, Dv]: pre-activation, any strides with a contiguous last dim (e.g. views of the
     interleaved ``qkv_proj`` output); s [H] fp32; initial_state [B, H, Dk, Dv] fp32 or None; token_positions [B, T]
-    int or None. Returns ``(o [B, T, H, Dv] in q.dtype, final_state [B, H, Dk, Dv] fp32)``, as ``chunk.py``.
+    int or None. ``apply_silu=False`` skips the activation (benchmark diagnostics only). Returns ``(o [B, T, H, Dv] in q.dtype, final_state [B, H, Dk, Dv] fp32)``, as ``chunk.py``.
     """
     _check(q, k, v, s, initial_state, token_positions)
     B, T, H, DK = q.shape
@@ -205,6 +210,7 @@ def lightning_prefill_silu_triton(
         state_in.stride(0), state_in.stride(1), state_in.stride(2),
         DK=DK, DV=DV, BLOCK_T=cfg.block_t, BLOCK_V=block_v,
         HAS_INITIAL_STATE=initial_state is not None, HAS_POSITIONS=token_positions is not None,
+        APPLY_SILU=apply_silu,
         DOT_PRECISION=precision, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
     )
     return out, final_state
