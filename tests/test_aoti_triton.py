@@ -26,7 +26,6 @@ if not torch.cuda.is_available():
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import zipfile  # noqa: E402
-from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -73,9 +72,10 @@ def test_traced_moe_matches_reference(T, path):
     if path == "decode" and T > 16:
         pytest.skip("the decode path takes T <= 16")
     args = _moe_inputs(T, seed=T)
-    cfg = static_config(T, 2, 5, torch.device(DEVICE))
-    cfg = replace(cfg, decode_max_tokens=16 if path == "decode" else 0)
-    out = moe_forward_traceable(*args, 2, config=cfg)
+    decode = path == "decode"
+    cfg = static_config(T, 2, 5, torch.device(DEVICE), decode_kernels=decode)
+    assert cfg.decode_max_tokens == (16 if decode else 0)
+    out = moe_forward_traceable(*args, 2, config=cfg, decode_kernels=decode)
     ref = mnaive.moe_forward(*args, 2)
     assert out.shape == ref.shape and out.dtype == ref.dtype and out.is_contiguous()
     assert rel_err(out, ref) < FP32_TOL
@@ -113,6 +113,8 @@ class Program(torch.nn.Module):
     def forward(self, *a):
         if self.part == "moe":
             return moe_forward_traceable(*a, 2)
+        if self.part == "moe_decode_kernels":
+            return moe_forward_traceable(*a, 2, decode_kernels=True)
         if self.part == "prefill":
             return lightning_prefill_traceable(*a)
         return lightning_decode_traceable(*a)
@@ -123,6 +125,8 @@ def moe_args(T):
 cases = {
     # name: (part, example args, dynamic shapes)
     "moe_small": ("moe", moe_args(5), ({0: Dim("t", min=1, max=16)}, None, None, None, None)),
+    "moe_small_decode": ("moe_decode_kernels", moe_args(5), ({0: Dim("t", min=1, max=16)}, None, None, None, None)),
+    "moe_any_decode": ("moe_decode_kernels", moe_args(40), ({0: Dim("t", min=1, max=64)}, None, None, None, None)),
     "moe_any": ("moe", moe_args(40), ({0: Dim("t", min=1, max=4096)}, None, None, None, None)),
     "moe_large": ("moe", moe_args(600), ({0: Dim("t", min=256, max=4096)}, None, None, None, None)),
     "prefill": ("prefill", (*(torch.randn(3, 37, 2, 16) for _ in range(3)), torch.rand(2), torch.randn(3, 2, 16, 16)),
@@ -153,9 +157,11 @@ def test_traced_launchers_export_without_guards():
     assert r.returncode == 0, r.stderr[-4000:]
     result = json.loads(r.stdout.split("RESULT", 1)[1])
     names = {case: res["launches"] for case, res in result.items()}
-    assert names["moe_small"] == ["_route_kernel", "_swiglu_decode_kernel", "_down_combine_decode_kernel"]
     grouped = ["_route_kernel", "_align_kernel", "_swiglu_grouped_kernel", "_down_grouped_kernel", "_combine_kernel"]
-    assert names["moe_any"] == grouped and names["moe_large"] == grouped
+    assert names["moe_small"] == grouped and names["moe_any"] == grouped and names["moe_large"] == grouped
+    # decode kernels (off for the op on torch 2.11, see kernels/moe/traced.py): only where T <= 16 is static
+    assert names["moe_small_decode"] == ["_route_kernel", "_swiglu_decode_kernel", "_down_combine_decode_kernel"]
+    assert names["moe_any_decode"] == grouped
     assert names["prefill"] == ["_lightning_prefill_kernel"] and names["decode"] == ["_lightning_decode_kernel"]
     # the declared ranges survive (no specialisation)
     assert result["moe_any"]["ranges"] == ["VR[1, 4096]"] and result["moe_large"]["ranges"] == ["VR[256, 4096]"]
@@ -180,60 +186,77 @@ torch.save(outs, out_path)
 
 
 class _AllOps(torch.nn.Module):
-    """One call of each op; the MoE twice: once with T <= 16 (decode path), once with T in [1, 512]."""
+    """One call of each op per dtype (fp32, bf16); the MoE twice: T in [1, 16] and T in [1, 512]."""
 
-    def __init__(self, E=5, hidden=64, inter=48, dtype=torch.float32):
+    DTYPES = (torch.float32, torch.bfloat16)
+
+    def __init__(self, E=5, hidden=64, inter=48):
         super().__init__()
-        _, router, w1, w3, w2 = _moe_inputs(1, E, hidden, inter, seed=7, dtype=dtype, device="cuda")
-        self.router, self.w1, self.w3, self.w2 = (torch.nn.Parameter(t, requires_grad=False) for t in (router, w1, w3, w2))
+        self.weights = torch.nn.ParameterList()
+        for dtype in self.DTYPES:
+            _, router, w1, w3, w2 = _moe_inputs(1, E, hidden, inter, seed=7, dtype=dtype, device="cuda")
+            self.weights.extend(torch.nn.Parameter(t, requires_grad=False) for t in (router, w1, w3, w2))
 
-    def forward(self, q, k, v, s, state, q1, k1, v1, x_small, x_big):
-        o, fs = torch.ops.minimax.lightning_prefill(q, k, v, s, state)
-        o1, ns = torch.ops.minimax.lightning_decode(q1, k1, v1, s, fs)
-        y_small = torch.ops.minimax.moe(x_small, self.router, self.w1, self.w3, self.w2, 2)
-        y_big = torch.ops.minimax.moe(x_big, self.router, self.w1, self.w3, self.w2, 2)
-        return o, fs, o1, ns, y_small, y_big
+    def moe_weights(self, i):
+        return list(self.weights[4 * i : 4 * i + 4])
+
+    def forward(self, *inputs):
+        outs = []
+        for i in range(len(self.DTYPES)):
+            q, k, v, s, state, q1, k1, v1, x_small, x_big = inputs[10 * i : 10 * i + 10]
+            router, w1, w3, w2 = self.moe_weights(i)
+            o, fs = torch.ops.minimax.lightning_prefill(q, k, v, s, state)
+            o1, ns = torch.ops.minimax.lightning_decode(q1, k1, v1, s, fs)
+            outs += [o, fs, o1, ns, torch.ops.minimax.moe(x_small, router, w1, w3, w2, 2),
+                     torch.ops.minimax.moe(x_big, router, w1, w3, w2, 2)]
+        return tuple(outs)
 
 
-def _all_ops_inputs(B, T, T_small, T_big, dtype, seed):
-    q, k, v, s, state = _lightning_inputs(B, T, H=2, dk=16, dv=32, seed=seed, dtype=dtype, device="cuda")
-    q1, k1, v1, _, _ = _lightning_inputs(B, 1, H=2, dk=16, dv=32, seed=seed + 1, dtype=dtype, device="cuda")
-    x_small = _moe_inputs(T_small, hidden=64, seed=seed + 2, dtype=dtype, device="cuda")[0]
-    x_big = _moe_inputs(T_big, hidden=64, seed=seed + 3, dtype=dtype, device="cuda")[0]
-    return (q, k, v, s, state, q1, k1, v1, x_small, x_big)
+def _all_ops_inputs(B, T, T_small, T_big, seed):
+    args = []
+    for dtype in _AllOps.DTYPES:
+        q, k, v, s, state = _lightning_inputs(B, T, H=2, dk=16, dv=32, seed=seed, dtype=dtype, device="cuda")
+        q1, k1, v1, _, _ = _lightning_inputs(B, 1, H=2, dk=16, dv=32, seed=seed + 1, dtype=dtype, device="cuda")
+        x_small = _moe_inputs(T_small, hidden=64, seed=seed + 2, dtype=dtype, device="cuda")[0]
+        x_big = _moe_inputs(T_big, hidden=64, seed=seed + 3, dtype=dtype, device="cuda")[0]
+        args += [q, k, v, s, state, q1, k1, v1, x_small, x_big]
+    return tuple(args)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_cuda_aoti_package_holds_triton_kernels_and_runs_without_the_ops(tmp_path, dtype):
+def test_cuda_aoti_package_holds_triton_kernels_and_runs_without_the_ops(tmp_path):
+    """One package (fp32 and bf16 op sets in one program, to compile once) against eager and the fp32 reference."""
     from torch.export import Dim
 
-    model = _AllOps(dtype=dtype).eval()
-    b, t = Dim("b", min=1, max=8), Dim("t", min=1, max=256)
-    dyn = (*({0: b, 1: t} for _ in range(3)), None, {0: b}, *({0: b} for _ in range(3)),
-           {0: Dim("ts", min=1, max=16)}, {0: Dim("tb", min=1, max=512)})
-    ep = torch.export.export(model, _all_ops_inputs(2, 37, 5, 40, dtype, seed=0), dynamic_shapes=dyn)
+    model = _AllOps().eval()
+    dyn = ()
+    for i, _ in enumerate(_AllOps.DTYPES):
+        b, t = Dim(f"b{i}", min=1, max=8), Dim(f"t{i}", min=1, max=256)
+        dyn += (*({0: b, 1: t} for _ in range(3)), None, {0: b}, *({0: b} for _ in range(3)),
+                {0: Dim(f"ts{i}", min=1, max=16)}, {0: Dim(f"tb{i}", min=1, max=512)})
+    ep = torch.export.export(model, _all_ops_inputs(2, 37, 5, 40, seed=0), dynamic_shapes=(dyn,))
     targets = [str(n.target) for n in ep.graph.nodes if str(n.target).startswith("minimax.")]
     assert targets == ["minimax.lightning_prefill.default", "minimax.lightning_decode.default",
-                       "minimax.moe.default", "minimax.moe.default"]
+                       "minimax.moe.default", "minimax.moe.default"] * 2
     pkg = tmp_path / "all_ops.pt2"
     torch._inductor.aoti_compile_and_package(ep, package_path=str(pkg))
 
     with zipfile.ZipFile(pkg) as z:
         names = z.namelist()
         cubins = [n for n in names if n.endswith(".cubin")]
-        wrapper_text = "".join(z.read(n).decode("utf-8", "replace") for n in names
-                               if n.endswith((".json", ".cpp", ".h")))
-    print(f"package: {len(cubins)} cubin files:", sorted(Path(n).name for n in cubins))
-    # 9 distinct kernels: lightning prefill, decode; MoE route, align, swiglu_grouped, down_grouped, combine,
-    # swiglu_decode, down_combine_decode (route twice, with different constants)
-    assert len(cubins) >= 9, names
-    assert "minimax::" not in wrapper_text and "minimax." not in wrapper_text
+        extern_json = "".join(z.read(n).decode("utf-8", "replace") for n in names if n.endswith(".json"))
+        wrapper_cpp = "".join(z.read(n).decode("utf-8", "replace") for n in names if n.endswith(".cpp"))
+    print(f"package: {len(names)} files, {len(cubins)} cubin")
+    # per dtype 7 distinct kernels: lightning prefill, decode; MoE route, align, swiglu_grouped, down_grouped, combine
+    assert len(cubins) >= 14, names
+    # no extern call back into the op registry: no proxy-executor node naming a minimax op
+    assert "minimax::" not in extern_json, extern_json[:2000]
+    assert "proxy_executor_call_function" not in wrapper_cpp
 
     sizes = [(1, 1, 1, 1), (3, 61, 16, 300), (8, 256, 7, 512), (2, 17, 16, 17)]  # (B, T, T_small, T_big)
-    inputs = [_all_ops_inputs(*sz, dtype, seed=10 * i) for i, sz in enumerate(sizes)]
+    inputs = [_all_ops_inputs(*sz, seed=10 * i) for i, sz in enumerate(sizes)]
     torch.save([[a.cpu() for a in args] for args in inputs], tmp_path / "inputs.pt")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     env["LD_PRELOAD"] = LIBSTDCXX
@@ -243,18 +266,21 @@ def test_cuda_aoti_package_holds_triton_kernels_and_runs_without_the_ops(tmp_pat
     assert r.returncode == 0, r.stderr[-4000:]
     outs = torch.load(tmp_path / "outputs.pt")
 
-    # eager: the same ops (CUDA eager path: the tuned launchers); reference: fp32 on the CPU
-    tol_eager = 1e-5 if dtype == torch.float32 else 1e-2  # tiles may differ from eager's: summation order only
-    tol_ref = 1e-4 if dtype == torch.float32 else 3e-2
+    # eager: the same ops (eager CUDA: the tuned launchers); reference: fp32 on the CPU
     for sz, args, got in zip(sizes, inputs, outs):
         want = [o.cpu() for o in model(*args)]
-        q, k, v, s, state, q1, k1, v1, xs, xb = (a.cpu() for a in args)
-        o_ref, fs_ref = lnaive.lightning_attention_blockwise(q, k, v, s, state)
-        o1_ref, ns_ref = lnaive.lightning_attention_decode_step(q1, k1, v1, s, fs_ref)
-        weights = [t.cpu() for t in (model.router, model.w1, model.w3, model.w2)]
-        ref = [o_ref, fs_ref, o1_ref, ns_ref, mnaive.moe_forward(xs, *weights, 2), mnaive.moe_forward(xb, *weights, 2)]
-        for name, g_, w_, r_ in zip(["o", "final_state", "o1", "new_state", "y_small", "y_big"], got, want, ref):
-            assert g_.shape == w_.shape and g_.dtype == w_.dtype, (sz, name)
-            e_eager, e_ref = rel_err(g_, w_), rel_err(g_, r_)
-            print(f"{dtype} sizes {sz} {name}: rel err vs eager {e_eager:.2e}, vs fp32 reference {e_ref:.2e}")
-            assert e_eager < tol_eager and e_ref < tol_ref, (sz, name, e_eager, e_ref)
+        assert len(got) == len(want)
+        for i, dtype in enumerate(_AllOps.DTYPES):
+            q, k, v, s, state, q1, k1, v1, xs, xb = (a.cpu() for a in args[10 * i : 10 * i + 10])
+            weights = [t.cpu() for t in model.moe_weights(i)]
+            o_ref, fs_ref = lnaive.lightning_attention_blockwise(q, k, v, s, state)
+            o1_ref, ns_ref = lnaive.lightning_attention_decode_step(q1, k1, v1, s, fs_ref)
+            ref = [o_ref, fs_ref, o1_ref, ns_ref, mnaive.moe_forward(xs, *weights, 2), mnaive.moe_forward(xb, *weights, 2)]
+            tol_eager = 1e-5 if dtype == torch.float32 else 1e-2  # tiles may differ from eager's: summation order
+            tol_ref = 1e-4 if dtype == torch.float32 else 3e-2
+            for name, g_, w_, r_ in zip(["o", "final_state", "o1", "new_state", "y_small", "y_big"],
+                                        got[6 * i : 6 * i + 6], want[6 * i : 6 * i + 6], ref):
+                assert g_.shape == w_.shape and g_.dtype == w_.dtype, (sz, name)
+                e_eager, e_ref = rel_err(g_, w_), rel_err(g_, r_)
+                print(f"{dtype} sizes {sz} {name}: rel err vs eager {e_eager:.2e}, vs fp32 reference {e_ref:.2e}")
+                assert e_eager < tol_eager and e_ref < tol_ref, (dtype, sz, name, e_eager, e_ref)

@@ -7,13 +7,16 @@ compiled into the output (a CUDA AOTInductor package holds them as ``.cubin`` fi
 module to run); ``torch.export`` keeps each call as one node. The body branches on static facts only (device, head
 dims):
 
-* CUDA, head dims the kernels take (powers of two in [16, 256]), eager (real tensors): the launchers
-  ``chunk.lightning_prefill_triton`` / ``recurrent.lightning_decode_triton``;
-* the same, traced (fake / functional tensors, symbolic B and T): ``traced.py``, the same kernels launched through
+* CUDA, head dims the kernels take (powers of two in [16, 256]): ``traced.py``, the kernels launched through
   ``wrap_triton`` (choices made without guards on B or T, see that module);
 * anything else (other devices, other head dims): ``minimax::lightning_prefill_reference`` /
   ``minimax::lightning_decode_reference``, opaque ``custom_op``s holding the fp32 reference of ``naive.py`` (Inductor
   keeps each as one extern call instead of tracing the reference's Python loops).
+
+Eager calls on CUDA tensors do not run the body: CUDA kernels are registered (``register_kernel("cuda")``) that call
+the launchers ``chunk.lightning_prefill_triton`` / ``recurrent.lightning_decode_triton`` (other head dims: the
+reference). Tracing (fake tensors, ``FunctionalTensorMode``) is dispatched before any backend kernel, so it always
+sees the body.
 
 The body is also the fake kernel (``triton_op`` registers it): outputs have the shapes, dtypes and (contiguous)
 strides of the real kernels. Triton is imported on the first CUDA call only.
@@ -66,28 +69,27 @@ def _use_triton(q: Tensor, v: Tensor) -> bool:
     return supports_head_dims(q.shape[-1], v.shape[-1])
 
 
-def _eager() -> bool:
-    """Whether the body runs on real tensors: ``triton_op`` turns ``wrap_triton`` off exactly for that call."""
-    from torch._library.triton import is_wrap_triton_enabled
-
-    return not is_wrap_triton_enabled()
-
-
 @torch.library.triton_op("minimax::lightning_prefill", mutates_args=())
 def lightning_prefill(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
     """q, k [B, T, H, Dk]; v [B, T, H, Dv]; s [H] fp32; initial_state [B, H, Dk, Dv] fp32.
 
     Returns ``(o [B, T, H, Dv] in q.dtype, final_state [B, H, Dk, Dv] fp32)`` (semantics in ``naive.py``).
+    This body runs when the op is traced (and is the fake kernel); eager CUDA calls take ``_lightning_prefill_cuda``.
     """
     if not _use_triton(q, v):
         return torch.ops.minimax.lightning_prefill_reference(q, k, v, s, initial_state)
-    if _eager():
-        from .chunk import lightning_prefill_triton
-
-        return lightning_prefill_triton(q, k, v, s, initial_state)  # new contiguous o [B, T, H, Dv], state
     from .traced import lightning_prefill_traceable
 
     return lightning_prefill_traceable(q, k, v, s, initial_state)  # new contiguous o [B, T, H, Dv], state
+
+
+@lightning_prefill.register_kernel("cuda")
+def _lightning_prefill_cuda(q: Tensor, k: Tensor, v: Tensor, s: Tensor, initial_state: Tensor) -> tuple[Tensor, Tensor]:
+    if not _use_triton(q, v):
+        return naive.lightning_attention_blockwise(q, k, v, s, initial_state, block_size=REFERENCE_BLOCK_SIZE)
+    from .chunk import lightning_prefill_triton
+
+    return lightning_prefill_triton(q, k, v, s, initial_state)  # new contiguous o [B, T, H, Dv], state
 
 
 @torch.library.triton_op("minimax::lightning_decode", mutates_args=())
@@ -95,13 +97,19 @@ def lightning_decode(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) 
     """q, k [B, 1, H, Dk]; v [B, 1, H, Dv]; s [H] fp32; state [B, H, Dk, Dv] fp32 (not modified).
 
     Returns ``(o [B, 1, H, Dv] in q.dtype, new_state [B, H, Dk, Dv] fp32)``.
+    This body runs when the op is traced (and is the fake kernel); eager CUDA calls take ``_lightning_decode_cuda``.
     """
     if not _use_triton(q, v):
         return torch.ops.minimax.lightning_decode_reference(q, k, v, s, state)
-    if _eager():
-        from .recurrent import lightning_decode_triton
-
-        return lightning_decode_triton(q, k, v, s, state)  # new contiguous o [B, 1, H, Dv], state [B, H, Dk, Dv]
     from .traced import lightning_decode_traceable
 
     return lightning_decode_traceable(q, k, v, s, state)  # new contiguous o [B, 1, H, Dv], state [B, H, Dk, Dv]
+
+
+@lightning_decode.register_kernel("cuda")
+def _lightning_decode_cuda(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    if not _use_triton(q, v):
+        return naive.lightning_attention_decode_step(q, k, v, s, state)
+    from .recurrent import lightning_decode_triton
+
+    return lightning_decode_triton(q, k, v, s, state)  # new contiguous o [B, 1, H, Dv], state [B, H, Dk, Dv]

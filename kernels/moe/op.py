@@ -4,15 +4,18 @@ One op covers routing and experts so that ``torch.export`` keeps each MoE call a
 and returns a new contiguous ``[T, hidden]`` tensor in the dtype of ``x``.
 
 ``minimax::moe`` is a ``torch.library.triton_op``: its body holds only PyTorch ops and ``wrap_triton`` launches, so
-when Inductor lowers it (AOTInductor, ``torch.compile``) the Triton kernels are compiled into the output (a CUDA
-AOTInductor package holds them as ``.cubin`` files and needs neither Python nor this module to run). The body
-branches on the device, which is static:
+when Inductor lowers it (AOTInductor, ``torch.compile``: the body is decomposed under ``FunctionalTensorMode``) the
+Triton kernels are compiled into the output (a CUDA AOTInductor package holds them as ``.cubin`` files and needs
+neither Python nor this module to run). The body branches on the device, which is static:
 
-* CUDA, eager (real tensors): ``dispatch.moe_forward_triton``, the tuned launcher (TMA kernels where supported);
-* CUDA, traced (fake / functional tensors, symbolic T): ``traced.moe_forward_traceable``, the same kernels launched
-  through ``wrap_triton`` with choices made from what is statically known about T (see that module);
+* CUDA: ``traced.moe_forward_traceable``, the kernels of ``routing.py`` / ``grouped.py`` launched through
+  ``wrap_triton`` with choices made from what is statically known about T (see that module);
 * other devices: ``minimax::moe_reference``, an opaque ``custom_op`` holding the fp32 reference of ``naive.py``
   (Inductor keeps it as one extern call instead of tracing the reference's per-expert Python loop).
+
+Eager calls on CUDA tensors do not run the body: a CUDA kernel is registered (``register_kernel("cuda")``) that
+calls ``dispatch.moe_forward_triton``, the tuned launcher (TMA kernels where supported). Tracing (fake tensors,
+``FunctionalTensorMode``) is dispatched before any backend kernel, so it always sees the body.
 
 The body is also the fake kernel (``triton_op`` registers it): its outputs have the shapes, dtypes and (contiguous)
 strides of the real kernels. Triton is imported on the first CUDA call only.
@@ -37,22 +40,21 @@ def _moe_reference_fake(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor
     return x.new_empty(x.shape)
 
 
-def _eager() -> bool:
-    """Whether the body runs on real tensors: ``triton_op`` turns ``wrap_triton`` off exactly for that call."""
-    from torch._library.triton import is_wrap_triton_enabled
-
-    return not is_wrap_triton_enabled()
-
-
 @torch.library.triton_op("minimax::moe", mutates_args=())
 def moe(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int) -> Tensor:
-    """x [T, hidden]; router_weight [E, hidden]; w1, w3 [E, I, hidden]; w2 [E, hidden, I] -> [T, hidden]."""
+    """x [T, hidden]; router_weight [E, hidden]; w1, w3 [E, I, hidden]; w2 [E, hidden, I] -> [T, hidden].
+
+    This body runs when the op is traced (and is the fake kernel); eager CUDA calls take ``_moe_cuda``."""
     if x.device.type != "cuda":
         return torch.ops.minimax.moe_reference(x, router_weight, w1, w3, w2, top_k)
-    if _eager():
-        from .dispatch import moe_forward_triton
-
-        return moe_forward_triton(x, router_weight, w1, w3, w2, top_k)  # new contiguous [T, hidden] in x.dtype
     from .traced import moe_forward_traceable
 
     return moe_forward_traceable(x, router_weight, w1, w3, w2, top_k)  # new contiguous [T, hidden] in x.dtype
+
+
+@moe.register_kernel("cuda")
+def _moe_cuda(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int) -> Tensor:
+    """Eager CUDA: the tuned launcher (TMA kernels where supported). Tracing never reaches it (see the module doc)."""
+    from .dispatch import moe_forward_triton
+
+    return moe_forward_triton(x, router_weight, w1, w3, w2, top_k)  # new contiguous [T, hidden] in x.dtype

@@ -9,16 +9,22 @@ eager launcher, all of them about *choices*, never semantics:
 * Sizes may be symbolic (dynamic T). Every choice is made from what is statically known, with
   ``statically_known_true`` (which never adds a guard; it uses the export range of T), so the compiled program is
   valid over the whole range:
-    - the decode path (``swiglu_decode`` / ``down_combine_decode``, ``T_PAD = 16``) only when ``T <= 16`` holds for
-      every T of the range (decode programs with max batch <= 16); otherwise the grouped path, which is exact for
-      every T >= 1 (T = 1 included);
+    - the grouped path for every T (exact for every T >= 1). The decode path (``swiglu_decode`` /
+      ``down_combine_decode``) is off for the op (``decode_kernels=False``): those kernels call ``.to()`` on runtime
+      scalar arguments (``hidden``, ``inter``), and torch 2.11's analysis of which tensors a user kernel mutates
+      compiles the kernel with every scalar argument as a constant (pytorch/pytorch#170049, fixed by #169782 in
+      later releases), fails, and falls back to "every input is mutated": AOTAutograd then treats x and the expert
+      weights as mutated inputs (the H100 package returned 10 outputs for 6, and would copy the weights per call).
+      With ``decode_kernels=True`` the decode path is taken when ``T <= 16`` holds for every T of the range
+      (``T_PAD = 16``, a constant);
     - the tile class of the grouped path (``dispatch.default_config``) by rows per expert, taking the largest class
       whose lower bound holds for every T of the range; the small-block class when nothing is known.
-  With concrete sizes the choices are those of ``dispatch.default_config``.
-* Only the pointer kernels run: the TMA kernels take host-built ``TensorDescriptor`` objects, which
-  ``wrap_triton`` does not take as kernel arguments, so the descriptor variants (``swiglu_tma`` / ``down_tma``) are
-  replaced by the pointer kernels with the same tiles (for long prefills about 10-20 % slower GEMMs on the H100:
-  see README "What changed").
+  With concrete sizes the choices are those of ``dispatch.default_config`` (the decode class only with
+  ``decode_kernels=True``).
+* Only the pointer kernels run: the TMA kernels take host-built ``TensorDescriptor`` objects, and passing those
+  through ``wrap_triton`` in a ``triton_op`` body was not attempted, so the descriptor variants (``swiglu_tma`` /
+  ``down_tma``) are replaced by the pointer kernels with the same tiles (for long prefills about 10-20 % slower
+  GEMMs on the H100: see README "What changed").
 * Buffers are not poisoned and the T = 0 early return is taken only when T = 0 is statically known.
 
 Every choice yields the reference result up to fp32 summation order (the tests check both paths against it).
@@ -41,15 +47,17 @@ def _cdiv(a, b: int):
     return (a + b - 1) // b  # works for ints and SymInts (triton.cdiv too, but keep it obviously symbolic-safe)
 
 
-def static_config(n_tokens, top_k: int, num_experts: int, device: torch.device) -> dispatch.MoeTritonConfig:
+def static_config(
+    n_tokens, top_k: int, num_experts: int, device: torch.device, decode_kernels: bool = False
+) -> dispatch.MoeTritonConfig:
     """``dispatch.default_config`` decided from what is statically known about ``n_tokens`` (int or SymInt).
 
     Never adds a guard: each threshold is tested with ``statically_known_true``; the TMA flags are cleared (pointer
-    kernels, see the module docstring)."""
-    if isinstance(n_tokens, int):  # concrete size: exactly the eager choice
-        cfg = dispatch.default_config(n_tokens, top_k, num_experts, device)
-        return dataclasses.replace(cfg, swiglu_tma=False, down_tma=False, swiglu_permute=False)
-    if statically_known_true(n_tokens <= 16):
+    kernels, see the module docstring). ``decode_kernels=False``: the decode class is never chosen (T <= 16 gets
+    the grouped tiles of the smallest class, and ``decode_max_tokens = 0``)."""
+    if isinstance(n_tokens, int):  # concrete size: the eager choice
+        cfg = dispatch.default_config(n_tokens if decode_kernels else max(n_tokens, 17), top_k, num_experts, device)
+    elif decode_kernels and statically_known_true(n_tokens <= 16):
         cfg = dispatch.default_config(16, top_k, num_experts, device)
     else:
         # smallest T that surely falls in each class of default_config: rows_per_expert = T * top_k / E
@@ -58,7 +66,8 @@ def static_config(n_tokens, top_k: int, num_experts: int, device: torch.device) 
             t_min = max(17, _cdiv(rows * num_experts, top_k))  # T >= t_min  =>  rows_per_expert >= rows
             if statically_known_true(n_tokens >= t_min):
                 cfg = dispatch.default_config(t_min, top_k, num_experts, device)
-    return dataclasses.replace(cfg, swiglu_tma=False, down_tma=False, swiglu_permute=False)
+    cfg = dataclasses.replace(cfg, swiglu_tma=False, down_tma=False, swiglu_permute=False)
+    return cfg if decode_kernels else dataclasses.replace(cfg, decode_max_tokens=0)
 
 
 def moe_forward_traceable(
@@ -70,11 +79,13 @@ def moe_forward_traceable(
     top_k: int,
     *,
     config: dispatch.MoeTritonConfig | None = None,
+    decode_kernels: bool = False,
 ) -> Tensor:
     """Routed SwiGLU experts: x [T, hidden] -> y [T, hidden] (x.dtype, new contiguous tensor), T may be symbolic.
 
     Same contract as ``dispatch.moe_forward_triton``; kernels launched through ``wrap_triton``. ``config``
-    overrides ``static_config`` (its TMA flags are ignored)."""
+    overrides ``static_config`` (its TMA flags are ignored). ``decode_kernels``: allow the decode path (off for the
+    op: see the module docstring)."""
     from torch.library import wrap_triton
 
     naive_shapes_ok = x.dim() == 2 and w1.dim() == 3 and w2.dim() == 3 and router_weight.dim() == 2
@@ -85,7 +96,7 @@ def moe_forward_traceable(
     T, hidden = x.shape
     E, inter = w1.shape[0], w1.shape[1]
     dev = x.device
-    cfg = static_config(T, top_k, E, dev) if config is None else config
+    cfg = static_config(T, top_k, E, dev, decode_kernels) if config is None else config
     x = x.contiguous()
     router_weight = router_weight.contiguous()
     w1, w3, w2 = w1.contiguous(), w3.contiguous(), w2.contiguous()
@@ -106,7 +117,7 @@ def moe_forward_traceable(
         num_warps=cfg.route_warps,
     )  # fmt: skip
 
-    if statically_known_true(T <= cfg.decode_max_tokens):
+    if decode_kernels and statically_known_true(T <= cfg.decode_max_tokens):
         # decode path: T_PAD is a compile-time constant, so it comes from the static bound, not from T
         t_pad = max(16, grouped._next_pow2(cfg.decode_max_tokens))
         h = torch.empty((T * top_k, inter), dtype=x.dtype, device=dev)  # [T * top_k, I]
