@@ -215,8 +215,11 @@ class _AllOps(torch.nn.Module):
 def _all_ops_inputs(B, T, T_small, T_big, seed):
     args = []
     for dtype in _AllOps.DTYPES:
-        q, k, v, s, state = _lightning_inputs(B, T, H=2, dk=16, dv=32, seed=seed, dtype=dtype, device="cuda")
-        q1, k1, v1, _, _ = _lightning_inputs(B, 1, H=2, dk=16, dv=32, seed=seed + 1, dtype=dtype, device="cuda")
+        # contiguous: a package assumes the strides of the exported inputs (views stay views only inside a program)
+        q, k, v, s, state = (a.contiguous() for a in _lightning_inputs(B, T, H=2, dk=16, dv=32, seed=seed,
+                                                                       dtype=dtype, device="cuda"))
+        q1, k1, v1, _, _ = (a.contiguous() for a in _lightning_inputs(B, 1, H=2, dk=16, dv=32, seed=seed + 1,
+                                                                      dtype=dtype, device="cuda"))
         x_small = _moe_inputs(T_small, hidden=64, seed=seed + 2, dtype=dtype, device="cuda")[0]
         x_big = _moe_inputs(T_big, hidden=64, seed=seed + 3, dtype=dtype, device="cuda")[0]
         args += [q, k, v, s, state, q1, k1, v1, x_small, x_big]
@@ -267,6 +270,7 @@ def test_cuda_aoti_package_holds_triton_kernels_and_runs_without_the_ops(tmp_pat
     outs = torch.load(tmp_path / "outputs.pt")
 
     # eager: the same ops (eager CUDA: the tuned launchers); reference: fp32 on the CPU
+    failures = []
     for sz, args, got in zip(sizes, inputs, outs):
         want = [o.cpu() for o in model(*args)]
         assert len(got) == len(want)
@@ -283,4 +287,6 @@ def test_cuda_aoti_package_holds_triton_kernels_and_runs_without_the_ops(tmp_pat
                 assert g_.shape == w_.shape and g_.dtype == w_.dtype, (sz, name)
                 e_eager, e_ref = rel_err(g_, w_), rel_err(g_, r_)
                 print(f"{dtype} sizes {sz} {name}: rel err vs eager {e_eager:.2e}, vs fp32 reference {e_ref:.2e}")
-                assert e_eager < tol_eager and e_ref < tol_ref, (dtype, sz, name, e_eager, e_ref)
+                if not (e_eager < tol_eager and e_ref < tol_ref):
+                    failures.append((dtype, sz, name, e_eager, e_ref))
+    assert not failures, failures
