@@ -259,7 +259,7 @@ def _swiglu_decode_kernel(
         chosen = tl.max(match.to(tl.int32), axis=1) > 0  # [T_PAD]: token t routed to e (at most one slot)
         if tl.max(chosen.to(tl.int32), axis=0) > 0:  # skip experts no token chose: their weights are never read
             a_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * hidden + offs_k[None, :]
-            w_off = e * inter.to(tl.int64) * hidden + offs_n.to(tl.int64)[None, :] * hidden + offs_k[:, None]
+            w_off = tl.cast(e, tl.int64) * inter * hidden + offs_n.to(tl.int64)[None, :] * hidden + offs_k[:, None]
             b1_ptrs = w1_ptr + w_off
             b3_ptrs = w3_ptr + w_off
             acc_gate = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
@@ -322,7 +322,7 @@ def _down_combine_decode_kernel(
             slot = offs_t * TOP_K + tl.sum(tl.where(match, offs_j[None, :], 0), axis=1)
             weight = tl.sum(tl.where(match, wts, 0.0), axis=1)  # [T_PAD]: routing weight of (t, e), 0 if not chosen
             a_ptrs = h_ptr + slot.to(tl.int64)[:, None] * inter + offs_k[None, :]
-            b_ptrs = w2_ptr + e * hidden.to(tl.int64) * inter + offs_n.to(tl.int64)[None, :] * inter + offs_k[:, None]
+            b_ptrs = w2_ptr + tl.cast(e, tl.int64) * hidden * inter + offs_n.to(tl.int64)[None, :] * inter + offs_k[:, None]
             acc_e = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, inter, BLOCK_K):
                 if EVEN_K:

@@ -9,14 +9,12 @@ eager launcher, all of them about *choices*, never semantics:
 * Sizes may be symbolic (dynamic T). Every choice is made from what is statically known, with
   ``statically_known_true`` (which never adds a guard; it uses the export range of T), so the compiled program is
   valid over the whole range:
-    - the grouped path for every T (exact for every T >= 1). The decode path (``swiglu_decode`` /
-      ``down_combine_decode``) is off for the op (``decode_kernels=False``): those kernels call ``.to()`` on runtime
-      scalar arguments (``hidden``, ``inter``), and torch 2.11's analysis of which tensors a user kernel mutates
-      compiles the kernel with every scalar argument as a constant (pytorch/pytorch#170049, fixed by #169782 in
-      later releases), fails, and falls back to "every input is mutated": AOTAutograd then treats x and the expert
-      weights as mutated inputs (the H100 package returned 10 outputs for 6, and would copy the weights per call).
-      With ``decode_kernels=True`` the decode path is taken when ``T <= 16`` holds for every T of the range
-      (``T_PAD = 16``, a constant);
+    - the decode path (``swiglu_decode`` / ``down_combine_decode``, ``T_PAD = 16``) when ``T <= 16`` holds for every
+      T of the range (e.g. the decode program of an engine built with ``max_batch <= 16``), else the grouped path
+      (exact for every T >= 1). ``decode_kernels=False`` forces the grouped path. (The decode kernels used to call
+      ``.to()`` on the runtime scalars ``hidden`` / ``inter``; torch 2.11's analysis of which tensors a user kernel
+      mutates compiles the kernel with scalar arguments as Python ints (pytorch/pytorch#170049, fixed by #169782
+      later), failed there, and fell back to "every input is mutated". They now widen the loop index instead (``tl.cast(e, tl.int64)``).)
     - the tile class of the grouped path (``dispatch.default_config``) by rows per expert, taking the largest class
       whose lower bound holds for every T of the range; the small-block class when nothing is known.
   With concrete sizes the choices are those of ``dispatch.default_config`` (the decode class only with
@@ -48,7 +46,7 @@ def _cdiv(a, b: int):
 
 
 def static_config(
-    n_tokens, top_k: int, num_experts: int, device: torch.device, decode_kernels: bool = False
+    n_tokens, top_k: int, num_experts: int, device: torch.device, decode_kernels: bool = True
 ) -> dispatch.MoeTritonConfig:
     """``dispatch.default_config`` decided from what is statically known about ``n_tokens`` (int or SymInt).
 
@@ -79,13 +77,13 @@ def moe_forward_traceable(
     top_k: int,
     *,
     config: dispatch.MoeTritonConfig | None = None,
-    decode_kernels: bool = False,
+    decode_kernels: bool = True,
 ) -> Tensor:
     """Routed SwiGLU experts: x [T, hidden] -> y [T, hidden] (x.dtype, new contiguous tensor), T may be symbolic.
 
     Same contract as ``dispatch.moe_forward_triton``; kernels launched through ``wrap_triton``. ``config``
-    overrides ``static_config`` (its TMA flags are ignored). ``decode_kernels``: allow the decode path (off for the
-    op: see the module docstring)."""
+    overrides ``static_config`` (its TMA flags are ignored). ``decode_kernels``: allow the decode path (see the
+    module docstring)."""
     from torch.library import wrap_triton
 
     naive_shapes_ok = x.dim() == 2 and w1.dim() == 3 and w2.dim() == 3 and router_weight.dim() == 2
