@@ -174,17 +174,16 @@ class Engine:
     @classmethod
     def from_model(cls, model: torch.nn.Module, max_batch: int, max_input_len: int, max_seq_len: int) -> "Engine":
         """The eager ``MiniMaxForCausalLM`` behind the engine interface (same limits and chunking as a built engine)."""
-        from export.engine_folder import BuildSettings
+        from export.engine_folder import BuildSettings, symbolic_state_layout
         from export.exporting import DecodeProgram, PrefillProgram
 
         dtype = next(k for k, v in DTYPES.items() if v == model.dtype)
         device = model.lm_head.weight.device
-        BuildSettings(device=device.type, dtype=dtype, max_batch=max_batch, max_input_len=max_input_len,
-                      max_seq_len=max_seq_len).validate(model.config.max_position_embeddings)
+        settings = BuildSettings(device=device.type, dtype=dtype, max_batch=max_batch, max_input_len=max_input_len,
+                                 max_seq_len=max_seq_len)
+        settings.validate(model.config.max_position_embeddings)
         model.eval()
-        layout = model.config.state_layout(batch_size=1, max_seq_len=max_seq_len, dtype=dtype)
-        for entry in layout:
-            entry["shape"][0] = "B"
+        layout = symbolic_state_layout(model.config, settings)  # the layout a built engine's manifest carries
         return cls({"prefill": PrefillProgram(model), "decode": DecodeProgram(model)}, model.config, device=device,
                    state_layout=layout, max_batch=max_batch, max_input_len=max_input_len, max_seq_len=max_seq_len,
                    backend="eager", dtype=dtype, source="eager model")
