@@ -6,16 +6,25 @@ Examples:
     python build.py --checkpoint /models/MiniMax-Text-01 --out engines/text01 --backend aoti --device cuda \\
         --dtype bf16 --max-batch 8 --max-input-len 4096 --max-seq-len 32768
 
-Exit codes: 0 built; 2 bad request (settings, checkpoint, config), refused before any long work; 1 failure.
+--overwrite replaces an existing engine folder (one whose manifest.json says it is one), only once the new one is
+complete; any other existing path is refused. A lock file beside the output (.NAME.lock) keeps a second build of
+the same folder out; staging folders left by killed builds are removed by the next build of that folder.
+
+Exit codes: 0 built; 2 bad request (settings, checkpoint, config, output folder), refused before any long work;
+1 failure; 130 interrupted (Ctrl-C), 143 terminated (SIGTERM): nothing is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import logging
+import signal
 import sys
+import threading
 import time
+import warnings
 
 log = logging.getLogger("build")
 
@@ -39,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-input-len", type=int, default=64,
                    help="longest prefill chunk in tokens (default 64); longer prompts are prefilled in chunks")
     p.add_argument("--max-seq-len", type=int, default=128, help="longest context (prompt + generated, default 128)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing engine folder (only once complete)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing engine folder (only an engine folder, and only once the new one is complete)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -56,13 +66,51 @@ def choose_backend(requested: str, device: str) -> str:
     return "aoti"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the staging folder is removed on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the build runs, SIGTERM raises ``Terminated`` (main thread only; the previous handler is restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: bad flags exit 2 (message printed), --help exits 0
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    with _sigterm_raises():
+        try:
+            return _build(args)
+        except KeyboardInterrupt as e:
+            log.error("%s: stopped; nothing was written to %s", "terminated (SIGTERM)" if isinstance(e, Terminated)
+                      else "interrupted", args.out)
+            return 143 if isinstance(e, Terminated) else 130
+
+
+def _build(args: argparse.Namespace) -> int:
+    # torch's own pytree pickling warns about LeafSpec once per lowered program; nothing we can act on
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
     import torch
 
     from export import BuildSettings, EngineFolderError, build_engine, check_lowering
+    from export.engine_folder import reserve_destination
     from model import CheckpointError, ConfigError, MiniMaxConfig, MiniMaxForCausalLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,38 +118,44 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--device cuda: no CUDA device is available here")
         return 2
     backend = choose_backend(args.backend, device)
-    settings = BuildSettings(backend=backend, device=device, dtype=DTYPES[args.dtype], max_batch=args.max_batch,
-                             max_input_len=args.max_input_len, max_seq_len=args.max_seq_len)
-    try:  # everything cheap is checked before weights are read
-        config = MiniMaxConfig.from_pretrained(args.checkpoint) if args.checkpoint else MiniMaxConfig.preset(args.preset)
-        settings.validate(config.max_position_embeddings)
-        check_lowering(settings)
-        from pathlib import Path
+    with contextlib.ExitStack() as stack:
+        try:  # everything cheap is checked before weights are read
+            settings = BuildSettings(backend=backend, device=device, dtype=DTYPES[args.dtype],
+                                     max_batch=args.max_batch, max_input_len=args.max_input_len,
+                                     max_seq_len=args.max_seq_len)
+            if args.checkpoint:
+                config = MiniMaxConfig.from_pretrained(args.checkpoint)
+            else:
+                config = MiniMaxConfig.preset(args.preset)
+            settings.validate(config.max_position_embeddings)
+            check_lowering(settings)
+            # the output folder: refused unless absent or an engine folder with --overwrite; locked until the end
+            stack.enter_context(reserve_destination(args.out, overwrite=args.overwrite))
+        except (ConfigError, EngineFolderError) as e:
+            log.error("%s", e)
+            return 2
 
-        if Path(args.out).exists() and not args.overwrite:
-            raise EngineFolderError(f"{args.out} already exists (pass --overwrite to replace it)")
-    except (ConfigError, EngineFolderError) as e:
-        log.error("%s", e)
-        return 2
-
-    start = time.perf_counter()
-    try:
-        if args.checkpoint:
-            log.info("loading %s (%s, %s)", args.checkpoint, settings.dtype, device)
-            model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=settings.torch_dtype, device=device)
-        else:
-            log.info("building a random-weight %r model (%s, %s)", args.preset, settings.dtype, device)
-            with torch.device(device):
-                model = MiniMaxForCausalLM(config, dtype=settings.torch_dtype).init_random_weights(seed=0)
-    except (ConfigError, CheckpointError) as e:
-        log.error("%s", e)
-        return 2
-    log.info("weights ready in %.1fs", time.perf_counter() - start)
-    try:
-        build_engine(model, settings, args.out, overwrite=args.overwrite)
-    except EngineFolderError as e:
-        log.error("%s", e)
-        return 2
+        start = time.perf_counter()
+        try:
+            if args.checkpoint:
+                log.info("loading %s (%s, %s)", args.checkpoint, settings.dtype, device)
+                model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=settings.torch_dtype, device=device)
+            else:
+                log.info("building a random-weight %r model (%s, %s)", args.preset, settings.dtype, device)
+                with torch.device(device):
+                    model = MiniMaxForCausalLM(config, dtype=settings.torch_dtype).init_random_weights(seed=0)
+        except (ConfigError, CheckpointError) as e:
+            log.error("%s", e)
+            return 2
+        log.info("weights ready in %.1fs", time.perf_counter() - start)
+        try:
+            build_engine(model, settings, args.out, overwrite=args.overwrite)
+        except EngineFolderError as e:
+            log.error("%s", e)
+            return 2
+        except OSError as e:  # disk full, permissions changed under us: the staging folder is already removed
+            log.error("build failed, nothing written to %s: %s", args.out, e)
+            return 1
     log.info("built %s in %.1fs", args.out, time.perf_counter() - start)
     return 0
 

@@ -8,20 +8,28 @@ manifest entries of that program (at least ``"file"``, the artefact the runtime 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.export import ExportedProgram
 
-from .engine_folder import BuildSettings
+from .engine_folder import BuildSettings, canonical_json
 
 
 def check_available(settings: BuildSettings) -> None:
     """AOTInductor ships with torch: always available (a CUDA build needs a GPU, checked by the caller)."""
 
 
+# Package metadata key holding the build settings (canonical JSON of ``dataclasses.asdict(settings)``): the limits
+# the program was compiled for, kept inside the program; ``runtime.backends`` checks them against the manifest.
+SETTINGS_METADATA_KEY = "minimax.build_settings"
+
+
 def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSettings) -> dict[str, Any]:
     path = folder / f"{name}.pt2"
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    metadata = {SETTINGS_METADATA_KEY: canonical_json(dataclasses.asdict(settings)), "minimax.program": name}
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                             inductor_configs={"aot_inductor.metadata": metadata})
     return {"file": path.name}

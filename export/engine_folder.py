@@ -14,7 +14,13 @@ they were lowered from (``exported/*.pt2``, the single source of every lowering)
     programs         {"prefill"|"decode": {"file", "inputs": [{name, shape, dtype}], "outputs": [...]}}
     versions         torch / triton / tensorrt / onnx versions that built the folder
     weights_sha256   hash of the weights (names, shapes, dtypes and bytes) the engines were built from
-    files            {relative path: sha256} of every artefact, checked on load
+    files            {relative path: sha256} of every file in the folder but manifest.json, checked on load
+                     (a file that is not listed, a program file that is not listed, is refused)
+
+``contract.json`` (written just before the manifest, so listed in ``files`` and hashed) holds every manifest field
+but ``files`` as one canonical JSON string; a reader refuses a manifest whose fields differ from it, so editing the
+manifest (raising a limit, emptying ``files``) cannot switch a check off. Lowerings may also embed the build
+settings in the programs themselves (AOTInductor: the package metadata), which the runtime's loader checks.
 
 Program signatures (tensor names are the same for every backend):
     prefill(input_ids [B, T] int64, positions [B] int64, *state) -> (logits [B, 1, V] fp32, *state_out)
@@ -22,16 +28,24 @@ Program signatures (tensor names are the same for every backend):
 ``positions[b]`` is the position of the first token of row b; prefill returns the logits of the last position only.
 Every input must be contiguous: AOTInductor compiles for the example inputs' (contiguous) strides and does not
 check them, so a strided view (e.g. ``ids[:, :n]`` of a wider batch) gives wrong results silently.
-The folder is written under a temporary name beside its destination and renamed into place when complete.
+The folder is written under a temporary name beside its destination (``.NAME.building-PID-XXXX``) and renamed
+into place when complete, while an exclusive lock file beside it (``.NAME.lock``) keeps other builds out; a
+destination that exists is replaced only when it is an engine folder and the caller asked to overwrite it.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import hashlib
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +53,13 @@ from typing import Any, Iterator
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: contract.json, ``files`` covers the whole folder
 MANIFEST_NAME = "manifest.json"
+CONTRACT_NAME = "contract.json"
+DEVICES = ("cpu", "cuda")
+SYMBOLIC_DIMS = ("B",)  # the symbolic dims a state_layout shape may hold (the runtime substitutes them)
+
+logger = logging.getLogger(__name__)
 BACKENDS = ("aoti", "tensorrt", "onnx")
 PROGRAMS = ("prefill", "decode")
 
@@ -67,6 +86,10 @@ class BuildSettings:
             raise EngineFolderError(f"device {self.device!r} is not 'cpu' or 'cuda'")
         if self.dtype not in DTYPES:
             raise EngineFolderError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for name in ("max_batch", "max_input_len", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not -2**31 < value < 2**31:
+                raise EngineFolderError(f"{name} must be an integer below 2**31, got {value!r}")
         if self.max_batch < 1:
             raise EngineFolderError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_input_len < 2:
@@ -124,67 +147,413 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------------------------ destination and build
+def is_engine_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder whose manifest says it is an engine folder (``format_version`` and ``backend``
+    present, any version): the only kind of folder a build may replace."""
+    path = Path(path)
+    try:
+        if not path.is_dir() or path.is_symlink():
+            return False
+        manifest = json.loads((path / MANIFEST_NAME).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest and "backend" in manifest
+
+
+def _destination_path(destination: str | Path) -> Path:
+    if not str(destination).strip():
+        raise EngineFolderError("the engine folder path is empty")
+    try:
+        return Path(destination).expanduser().resolve()
+    except (OSError, RuntimeError) as e:
+        raise EngineFolderError(f"{destination}: not a usable path ({e})") from e
+
+
+def _check_destination(destination: Path, overwrite: bool) -> tuple[int, int] | None:
+    """Refuse a destination the build must not write; return the identity of the engine folder to replace."""
+    if destination.is_symlink() or (destination.exists() and not destination.is_dir()):
+        raise EngineFolderError(f"{destination} exists and is not a folder; refusing to replace it")
+    if not destination.exists():
+        return None
+    if not is_engine_folder(destination):
+        raise EngineFolderError(
+            f"{destination} already exists and is not an engine folder (no {MANIFEST_NAME} with format_version and "
+            f"backend): {'refusing to replace it even with overwrite' if overwrite else 'not touching it'}; "
+            "choose a new output folder"
+        )
+    if not overwrite:
+        raise EngineFolderError(f"{destination} already exists (pass --overwrite to replace this engine folder)")
+    st = destination.stat()
+    return st.st_dev, st.st_ino
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or a pid we cannot ask about): leave its folder alone
+    return True
+
+
+_STALE = re.compile(r"^\.(?P<name>.+)\.(?:building|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def remove_stale_staging(destination: str | Path) -> list[Path]:
+    """Remove the staging (``.NAME.building-PID-*``) and replaced (``.NAME.old-PID-*``) folders beside
+    ``destination`` whose build process is dead (killed builds); log each, and where the others are. Call it
+    with the destination's lock held."""
+    destination = Path(destination)
+    removed = []
+    try:
+        candidates = sorted(destination.parent.glob(f".{glob.escape(destination.name)}.*-*"))
+    except OSError:
+        return removed
+    for path in candidates:
+        if not path.is_dir() or path.is_symlink():
+            continue
+        m = _STALE.match(path.name)
+        if m is None or m["name"] != destination.name:
+            if path.name.startswith(f".{destination.name}.building-"):
+                logger.warning("leaving %s: a staging folder of another build (no owner pid in its name); "
+                               "delete it if no build is running", path)
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _pid_alive(pid):
+            if pid != os.getpid():
+                logger.warning("leaving %s: its build (pid %d) is still running", path, pid)
+            continue
+        if ".old-" in path.name and not os.path.lexists(destination) and is_engine_folder(path):
+            path.rename(destination)  # killed between moving the old engine away and moving the new one in
+            logger.warning("restored %s from %s, left by a build (pid %d) that did not finish", destination, path, pid)
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        logger.warning("removed %s, left by a build (pid %d) that did not finish", path, pid)
+        removed.append(path)
+    return removed
+
+
+class DestinationLock:
+    """An exclusive, non-blocking ``flock`` on ``.NAME.lock`` beside an engine folder, held for a whole build.
+
+    A second build of the same destination (another process or thread) is refused at once with
+    ``EngineFolderError``. The lock file is removed when the lock is released.
+    """
+
+    _held: dict[Path, "DestinationLock"] = {}
+    _mutex = threading.Lock()
+
+    def __init__(self, destination: Path):
+        self.destination = destination
+        self.path = destination.with_name(f".{destination.name}.lock")
+        self.fd: int | None = None
+        self.thread = threading.get_ident()
+
+    @classmethod
+    def held(cls, destination: Path) -> "DestinationLock | None":
+        """The lock this thread already holds on ``destination``, if any."""
+        lock = cls._held.get(destination)
+        return lock if lock is not None and lock.thread == threading.get_ident() else None
+
+    def acquire(self) -> "DestinationLock":
+        with self._mutex:
+            if self.destination in self._held:
+                raise EngineFolderError(f"another build in this process is writing {self.destination}")
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                raise EngineFolderError(
+                    f"cannot write beside {self.destination} (lock file {self.path}): {e.strerror or e}") from e
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # the file may have been removed by the build that held it just before: the lock must be on the
+                # file that is at the path now
+                if os.fstat(fd).st_ino != os.stat(self.path).st_ino:
+                    raise BlockingIOError(errno.EWOULDBLOCK, "lock file replaced")
+            except (BlockingIOError, FileNotFoundError):
+                os.close(fd)
+                raise EngineFolderError(
+                    f"another build is writing {self.destination} (it holds {self.path}); wait for it to finish"
+                ) from None
+            except OSError as e:
+                os.close(fd)
+                raise EngineFolderError(f"cannot lock {self.path}: {e.strerror or e}") from e
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
+            self._held[self.destination] = self
+        return self
+
+    def release(self) -> None:
+        with self._mutex:
+            if self.fd is None:
+                return
+            self._held.pop(self.destination, None)
+            try:
+                os.unlink(self.path)  # while still locked: a waiting opener then sees a replaced file and gives up
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+@contextmanager
+def reserve_destination(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Check that a build may write ``destination`` and keep other builds out until the block ends.
+
+    Refused (``EngineFolderError``, before any work): an empty path, a file, a folder that is not an engine folder
+    (even with ``overwrite``), an engine folder without ``overwrite``, a parent that cannot be created or written,
+    a destination another build holds. Stale staging folders of dead builds beside it are removed. Yields the
+    resolved destination; ``staged_folder`` inside the block reuses the lock.
+    """
+    destination = _destination_path(destination)
+    _check_destination(destination, overwrite)
+    ancestor = destination.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise EngineFolderError(f"cannot create {destination}: {ancestor} is a file, not a folder")
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EngineFolderError(f"cannot create the folder {destination.parent}: {e.strerror or e}") from e
+    if not os.access(destination.parent, os.W_OK | os.X_OK):
+        raise EngineFolderError(f"cannot write into {destination.parent} (permission denied)")
+    held = DestinationLock.held(destination)
+    lock = None if held is not None else DestinationLock(destination).acquire()
+    try:
+        _check_destination(destination, overwrite)  # again, now that no other build can change it
+        remove_stale_staging(destination)
+        yield destination
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 @contextmanager
 def staged_folder(destination: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``destination``; on success rename it into place, on failure delete it.
+    """Yield a new folder beside ``destination``; on success rename it into place, on failure (any exception,
+    KeyboardInterrupt and SIGTERM turned into one included) delete it.
 
-    A failed build therefore leaves nothing that looks like an engine. An existing destination is refused unless
-    ``overwrite``, in which case it is replaced only after the new folder is complete.
+    A failed build therefore leaves nothing that looks like an engine. The destination must be absent, or an engine
+    folder and ``overwrite`` (``reserve_destination``'s rules; its lock is held for the whole block), and is checked
+    again just before the rename: a folder that appeared meanwhile, or is no longer the engine folder we were
+    told to replace, is left alone and the build is refused. The new folder's mode follows the umask (0o755 for
+    the usual 022), not ``mkdtemp``'s 0700.
     """
-    destination = Path(destination).resolve()
-    if destination.exists() and not overwrite:
-        raise EngineFolderError(f"{destination} already exists (pass overwrite to replace it)")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.building-", dir=destination.parent))
-    try:
-        yield staging
-        if destination.exists():
-            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            destination.rename(old)
-            staging.rename(destination)
-            shutil.rmtree(old)
-        else:
-            staging.rename(destination)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with reserve_destination(destination, overwrite) as destination:
+        expected = _check_destination(destination, overwrite)
+        staging = destination.with_name(f".{destination.name}.building-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            staging.mkdir(mode=0o777)
+        except OSError as e:
+            raise EngineFolderError(f"cannot create {staging}: {e.strerror or e}") from e
+        try:
+            yield staging
+            now = _check_destination(destination, overwrite)
+            if now != expected:
+                raise EngineFolderError(
+                    f"{destination} changed during the build (another writer); it is left as it is and this build "
+                    "is discarded"
+                )
+            if now is not None:
+                old = destination.with_name(f".{destination.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+                destination.rename(old)
+                staging.rename(destination)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                staging.rename(destination)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+
+# -------------------------------------------------------------------------------------------------- manifest
+def canonical_json(value: Any) -> str:
+    """The one serialisation hashed and compared: sorted keys, no whitespace."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def contract_fields(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Every manifest field that ``contract.json`` pins: all but ``files`` (which holds the contract's hash)."""
+    return {k: v for k, v in manifest.items() if k != "files"}
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Hash every file already in ``folder`` into the manifest, write ``manifest.json`` last and return it."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
-    manifest = dict(manifest, files={str(p.relative_to(folder)): sha256_file(p) for p in files})
+    """Write ``contract.json``, hash every file in ``folder`` into the manifest, write ``manifest.json`` last."""
+    manifest = contract_fields(manifest)
+    text = canonical_json(manifest)
+    (folder / CONTRACT_NAME).write_text(
+        json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "manifest": text}, indent=1) + "\n")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_NAME)
+    manifest = dict(manifest, files={p.relative_to(folder).as_posix(): sha256_file(p) for p in files})
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def read_manifest(folder: str | Path, verify_files: bool = True) -> dict[str, Any]:
-    """Read and validate ``manifest.json``: version, backend, programs, and (optionally) every file's hash."""
-    folder = Path(folder)
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        raise EngineFolderError(f"{folder}: no {MANIFEST_NAME}: not an engine folder (or an incomplete build)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EngineFolderError(f"{path}: not valid JSON ({e})") from e
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _relative_file(path: Path, value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or "\\" in value or "\0" in value:
+        raise EngineFolderError(f"{path}: {what} must be a relative file path, got {value!r}")
+    parts = Path(value).parts
+    if Path(value).is_absolute() or ".." in parts or value != Path(value).as_posix() or parts[0] == ".":
+        raise EngineFolderError(f"{path}: {what} {value!r} is not a path inside the engine folder")
+    return value
+
+
+def _check_tensor_list(path: Path, value: Any, what: str) -> None:
+    if not isinstance(value, list):
+        raise EngineFolderError(f"{path}: {what} must be a list, got {type(value).__name__}")
+    for i, e in enumerate(value):
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise EngineFolderError(f"{path}: {what}[{i}] must be an object with a 'name', got {e!r}"[:300])
+        shape = e.get("shape")
+        if not isinstance(shape, list) or not all((_is_int(d) and d >= 0) or isinstance(d, str) for d in shape):
+            raise EngineFolderError(f"{path}: {what}[{i}] ({e['name']}): shape must be a list of sizes, got {shape!r}")
+        if not isinstance(e.get("dtype"), str):
+            raise EngineFolderError(f"{path}: {what}[{i}] ({e['name']}): dtype must be a string, got {e.get('dtype')!r}")
+
+
+def _validate(path: Path, manifest: Any) -> None:
+    """Types and structure of every field a reader uses (not the files: see ``read_manifest``)."""
+    if not isinstance(manifest, dict):
+        raise EngineFolderError(f"{path}: the manifest must be a JSON object, got {type(manifest).__name__}")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or not _is_int(version):
         raise EngineFolderError(
             f"{path}: engine format version {version!r}, this code reads version {FORMAT_VERSION}; rebuild the engine"
         )
     for key in ("backend", "device", "dtype", "model_config", "profiles", "state_layout", "programs", "files"):
         if key not in manifest:
             raise EngineFolderError(f"{path}: missing field {key!r}")
-    if manifest["backend"] not in BACKENDS:
-        raise EngineFolderError(f"{path}: unknown backend {manifest['backend']!r}")
+    for key, allowed in (("backend", BACKENDS), ("device", DEVICES), ("dtype", tuple(DTYPES))):
+        if not isinstance(manifest[key], str) or manifest[key] not in allowed:
+            kind = "unknown" if isinstance(manifest[key], str) else "malformed"
+            raise EngineFolderError(f"{path}: {kind} {key} {manifest[key]!r} (known: {', '.join(allowed)})"[:400])
+    if not isinstance(manifest["model_config"], dict):
+        raise EngineFolderError(f"{path}: model_config must be an object")
+    from model.config import ConfigError, MiniMaxConfig  # the config only, not the model
+
+    try:
+        MiniMaxConfig.from_dict(manifest["model_config"])
+    except ConfigError as e:
+        raise EngineFolderError(f"{path}: model_config: {e}") from e
+    profiles = manifest["profiles"]
+    if not isinstance(profiles, dict):
+        raise EngineFolderError(f"{path}: profiles must be an object")
+    for key, low in (("max_batch", 1), ("max_input_len", 2), ("max_seq_len", 2)):
+        if key not in profiles:
+            raise EngineFolderError(f"{path}: profiles has no {key!r}")
+        if not _is_int(profiles[key]) or profiles[key] < low:
+            raise EngineFolderError(f"{path}: profiles.{key} must be an integer >= {low}, got {profiles[key]!r}")
+    if profiles["max_seq_len"] < profiles["max_input_len"]:
+        raise EngineFolderError(f"{path}: profiles.max_seq_len is smaller than profiles.max_input_len")
+    layout = manifest["state_layout"]
+    _check_tensor_list(path, layout, "state_layout")
+    for i, e in enumerate(layout):
+        if e["dtype"] not in DTYPES:
+            raise EngineFolderError(f"{path}: state_layout[{i}] ({e['name']}): unknown dtype {e['dtype']!r}")
+        if not all(_is_int(d) or d in SYMBOLIC_DIMS for d in e["shape"]):
+            raise EngineFolderError(f"{path}: state_layout[{i}] ({e['name']}): shape {e['shape']!r} holds a dim that "
+                                    f"is neither a size nor one of {SYMBOLIC_DIMS}")
+    programs = manifest["programs"]
+    if not isinstance(programs, dict):
+        raise EngineFolderError(f"{path}: programs must be an object")
     for program in PROGRAMS:
-        if program not in manifest["programs"]:
+        if program not in programs:
             raise EngineFolderError(f"{path}: no {program!r} program")
-    for rel, digest in manifest["files"].items():
+        entry = programs[program]
+        if not isinstance(entry, dict):
+            raise EngineFolderError(f"{path}: programs.{program} must be an object")
+        _relative_file(path, entry.get("file"), f"programs.{program}.file")
+        for key in ("inputs", "outputs"):
+            if key in entry:
+                _check_tensor_list(path, entry[key], f"programs.{program}.{key}")
+    files = manifest["files"]
+    if not isinstance(files, dict):
+        raise EngineFolderError(f"{path}: files must be an object {{path: sha256}}")
+    for rel, digest in files.items():
+        _relative_file(path, rel, "files entry")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise EngineFolderError(f"{path}: files[{rel!r}] is not a sha256 hex digest")
+
+
+def read_manifest(folder: str | Path, verify_files: bool = True) -> dict[str, Any]:
+    """Read and validate ``manifest.json``: version, the types of every field, ``files`` covering the whole folder,
+    the manifest equal to ``contract.json``, and (optionally) every file's hash. ``EngineFolderError`` otherwise."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    try:
+        if not path.is_file():
+            raise EngineFolderError(f"{folder}: no {MANIFEST_NAME}: not an engine folder (or an incomplete build)")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise EngineFolderError(f"{path}: cannot read ({e.strerror or e})") from e
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise EngineFolderError(f"{path}: not UTF-8 text ({e})") from e
+    except (ValueError, RecursionError) as e:
+        raise EngineFolderError(f"{path}: not valid JSON ({e})"[:400]) from e
+    _validate(path, manifest)
+    files: dict[str, str] = manifest["files"]
+    # every file must be listed (so emptying ``files`` is refused) and every listed file must be there
+    try:
+        present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+    except OSError as e:
+        raise EngineFolderError(f"{folder}: cannot list the folder ({e.strerror or e})") from e
+    present.discard(MANIFEST_NAME)
+    for program in PROGRAMS:
+        rel = manifest["programs"][program]["file"]
+        if rel not in files:
+            raise EngineFolderError(f"{path}: the {program} program file {rel} is not listed in 'files'")
+    if CONTRACT_NAME not in files:
+        raise EngineFolderError(f"{path}: {CONTRACT_NAME} is not listed in 'files'")
+    unlisted = sorted(present - set(files))
+    if unlisted:
+        raise EngineFolderError(f"{path}: files in the folder that the manifest does not list: "
+                                f"{', '.join(unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}")
+    for rel, digest in files.items():
         file = folder / rel
-        if not file.is_file():
+        if not file.is_file() or file.is_symlink():
             raise EngineFolderError(f"{folder}: file {rel} listed in the manifest is missing")
         if verify_files and sha256_file(file) != digest:
             raise EngineFolderError(f"{folder}: file {rel} does not match its hash in the manifest (modified or corrupt)")
+    _check_contract(folder, manifest)
     return manifest
+
+
+def _check_contract(folder: Path, manifest: dict[str, Any]) -> None:
+    """The manifest's fields must equal, as whole JSON values, those ``contract.json`` pinned at build time."""
+    path = folder / CONTRACT_NAME
+    try:
+        contract = json.loads(path.read_bytes().decode("utf-8"))
+        text = contract["manifest"]
+        pinned = json.loads(text)
+        if hashlib.sha256(text.encode()).hexdigest() != contract["sha256"] or not isinstance(pinned, dict):
+            raise ValueError("hash mismatch")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise EngineFolderError(f"{path}: unreadable or damaged ({type(e).__name__}: {e})"[:400]) from e
+    fields = contract_fields(manifest)
+    if canonical_json(fields) == canonical_json(pinned):
+        return
+    changed = []
+    for key in sorted(set(fields) | set(pinned)):
+        a, b = fields.get(key, _MISSING), pinned.get(key, _MISSING)
+        if a is _MISSING or b is _MISSING or canonical_json(a) != canonical_json(b):
+            if isinstance(a, dict) and isinstance(b, dict):
+                changed += [f"{key}.{k}" for k in sorted(set(a) | set(b))
+                            if k not in a or k not in b or canonical_json(a[k]) != canonical_json(b[k])]
+            else:
+                changed.append(key + (" (added)" if b is _MISSING else " (removed)" if a is _MISSING else ""))
+    raise EngineFolderError(
+        f"{folder / MANIFEST_NAME}: fields differ from what the engine was built with ({CONTRACT_NAME}): "
+        f"{', '.join(changed)}; the manifest was edited: rebuild the engine or restore the manifest"
+    )
+
+
+_MISSING = object()

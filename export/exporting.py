@@ -29,6 +29,7 @@ from .engine_folder import (
     weights_sha256,
     write_manifest,
 )
+from .progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ def build_engine(
         for name, ep in programs.items():
             start = time.perf_counter()
             logger.info("lowering %s with %s ...", name, settings.backend)
-            entries = lowering_module(settings.backend).lower(ep, folder, name, settings)
+            with progress(f"lowering {name} with {settings.backend}"):
+                entries = lowering_module(settings.backend).lower(ep, folder, name, settings)
             timings[f"lower_{name}_s"] = time.perf_counter() - start
             logger.info("lowered %s in %.1fs", name, timings[f"lower_{name}_s"])
             manifest_programs[name] = {**entries, "exported": f"exported/{name}.pt2",

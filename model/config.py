@@ -72,16 +72,31 @@ class MiniMaxConfig:
             if not cond:
                 raise ConfigError(msg)
 
+        require(isinstance(self.layer_types, (list, tuple)),
+                f"layer_types must be a list of layer kinds, got {_short(self.layer_types)}")
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "block_size",
-                     "max_position_embeddings"):
+                     "max_position_embeddings", "rotary_dim"):
             value = getattr(self, name)
-            require(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+            require(isinstance(value, int) and not isinstance(value, bool) and 1 <= value < 2**31,
+                    f"{name} must be a positive integer below 2**31, got {_short(value)}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float":
+                require(isinstance(value, (int, float)) and not isinstance(value, bool)
+                        and (math.isfinite(value) if isinstance(value, float) else abs(value) <= 1e300),
+                        f"{f.name} must be a finite number, got {_short(value)}")
+        require(self.rms_norm_eps > 0 and self.lightning_norm_eps > 0, "rms_norm_eps and lightning_norm_eps must be > 0")
+        require(self.eos_token_id is None or (isinstance(self.eos_token_id, int) and not isinstance(self.eos_token_id, bool)
+                                              and 0 <= self.eos_token_id < self.vocab_size),
+                f"eos_token_id must be a token id in [0, vocab_size={self.vocab_size}) or null, "
+                f"got {_short(self.eos_token_id)}")
         require(len(self.layer_types) == self.num_hidden_layers,
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
         for i, kind in enumerate(self.layer_types):
-            require(kind in _LAYER_TYPES, f"layer_types[{i}] = {kind!r}; supported: {', '.join(_LAYER_TYPES)}")
+            require(isinstance(kind, str) and kind in _LAYER_TYPES,
+                    f"layer_types[{i}] = {_short(kind)}; supported: {', '.join(_LAYER_TYPES)}")
         require(self.num_attention_heads % self.num_key_value_heads == 0,
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})")
@@ -159,17 +174,31 @@ class MiniMaxConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MiniMaxConfig":
-        """Read a config dict: this class's own ``to_dict`` form, the official schema, or the transformers one."""
-        if "attn_type_list" in d:
-            return cls._from_official(d)
-        if d.get("model_type") == "minimax" or "full_attn_alpha_factor" in d or "rope_parameters" in d:
-            return cls._from_transformers(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unrecognised config: fields {unknown} belong to no supported schema "
-                              "(official MiniMax, transformers 'minimax', or MiniMaxConfig.to_dict)")
-        return cls(**d)
+        """Read a config dict: this class's own ``to_dict`` form, the official schema, or the transformers one.
+
+        Anything malformed (wrong types, missing fields, values out of range) raises ``ConfigError`` naming it."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
+        try:
+            if "attn_type_list" in d:
+                return cls._from_official(d)
+            if d.get("model_type") == "minimax" or "full_attn_alpha_factor" in d or "rope_parameters" in d:
+                return cls._from_transformers(d)
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(d) - known, key=str)
+            if unknown:
+                raise ConfigError(f"unrecognised config: fields {unknown} belong to no supported schema "
+                                  "(official MiniMax, transformers 'minimax', or MiniMaxConfig.to_dict)")
+            missing = [f.name for f in dataclasses.fields(cls)
+                       if f.name not in d and f.default is dataclasses.MISSING]
+            if missing:
+                raise ConfigError(f"missing fields {missing}")
+            return cls(**d)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, ArithmeticError, KeyError, AttributeError, IndexError, RecursionError) as e:
+            # a value of the wrong type deep in a schema reader (e.g. int() of a list)
+            raise ConfigError(f"malformed config ({type(e).__name__}: {str(e)[:200]})") from None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> "MiniMaxConfig":
@@ -179,14 +208,23 @@ class MiniMaxConfig:
         if not file.is_file():
             raise ConfigError(f"{file}: no config.json found")
         try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{file}: not valid JSON ({e})") from e
+            raw = json.loads(file.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{file}: not UTF-8 text ({e})") from e
+        except OSError as e:
+            raise ConfigError(f"{file}: cannot read ({e.strerror or e})") from e
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"{file}: not valid JSON ({str(e)[:200]})") from e
         try:
             config = cls.from_dict(raw)
         except ConfigError as e:
             raise ConfigError(f"{file}: {e}") from e
-        return dataclasses.replace(config, **overrides) if overrides else config
+        if not overrides:
+            return config
+        try:
+            return dataclasses.replace(config, **overrides)
+        except TypeError as e:
+            raise ConfigError(f"{file}: bad override ({e})") from e
 
     @classmethod
     def preset(cls, name: str) -> "MiniMaxConfig":
@@ -266,7 +304,10 @@ class MiniMaxConfig:
         layer_types = d.get("layer_types")
         if layer_types is None:
             raise ConfigError("missing field 'layer_types'")
-        rope = dict(d.get("rope_parameters") or {})
+        rope = d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"rope_parameters must be an object (rope_type, rope_theta, ...), got {_short(rope)}")
+        rope = dict(rope)
         if rope.get("rope_type", "default") != "default":
             raise ConfigError(f"rope_parameters.rope_type = {rope['rope_type']!r} is not supported (only 'default')")
         theta = rope.get("rope_theta", d.get("rope_theta"))
@@ -290,6 +331,12 @@ class MiniMaxConfig:
             mlp_beta=float(d.get("mlp_beta_factor", 1.0)),
             block_size=int(d.get("block_size", 256)),
         )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` of a value for a message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def alibi_slopes(n: int) -> list[float]:

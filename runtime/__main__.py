@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 log = logging.getLogger("runtime")
 
@@ -52,16 +53,37 @@ def _peak_memory(device) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: bad flags exit 2 (message printed), --help exits 0
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from export.engine_folder import EngineFolderError
 
-    from .engine import Engine, RequestError
+    from .engine import SEED_MAX, Engine, RequestError
+    from .sampling import validate_sampling
 
     def refuse(message: str) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
+
+    # the flags alone, before anything is loaded
+    try:
+        validate_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        return refuse(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        return refuse("--top-k / --top-p choose among sampled tokens: give --temperature > 0 with them "
+                      "(temperature 0, the default, is greedy)")
+    if args.max_new_tokens < 1:
+        return refuse(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.seed is not None and not 0 <= args.seed <= SEED_MAX:
+        return refuse(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
+    if args.tokenizer is not None and not Path(args.tokenizer).is_dir():
+        return refuse(f"--tokenizer {args.tokenizer}: folder not found (a local Hugging Face tokenizer folder)")
+    if not Path(args.engine_dir).is_dir():
+        return refuse(f"{args.engine_dir}: folder not found: not an engine folder")
 
     tokenizer = None
     if args.tokenizer:
@@ -69,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        except (OSError, ValueError) as e:
-            return refuse(f"cannot load a tokenizer from {args.tokenizer}: {e}")
+        except Exception as e:  # transformers raises many kinds for a folder that holds no usable tokenizer
+            return refuse(f"cannot load a tokenizer from {args.tokenizer}: {type(e).__name__}: {e}")
     if args.prompt is not None and tokenizer is None:
         return refuse("--prompt needs --tokenizer DIR (or give --prompt-ids)")
     if args.prompt is not None:
@@ -80,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
             return refuse(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
+    if not ids:
+        return refuse("the prompt is empty (--prompt-ids gave no id, or --prompt no token)")
 
     try:
         engine = Engine.load(args.engine_dir, device=args.device)
-    except (EngineFolderError, ValueError, RuntimeError) as e:
+    except (EngineFolderError, ValueError, RuntimeError, OSError) as e:
         return refuse(str(e))
     eos = args.eos_token_id
     if eos is None:
@@ -121,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         out.flush()
     out.write("\n")
     s = engine.stats
+    decode = (f"decode {s.decode_tokens_per_s:.1f} tokens/s ({s.decode_ms_per_step:.2f} ms/step)" if s.decode_steps
+              else "no decode step (the first new token comes from the prefill)")
     print(
         f"[{len(ids)} prompt tokens, {s.new_tokens} new] prefill {1e3 * s.prefill_s:.1f} ms "
-        f"({s.prompt_tokens / s.prefill_s:.1f} tokens/s, {s.prefill_chunks} chunk(s)); "
-        f"decode {s.decode_tokens_per_s:.1f} tokens/s ({s.decode_ms_per_step:.2f} ms/step); "
+        f"({s.prompt_tokens / max(s.prefill_s, 1e-9):.1f} tokens/s, {s.prefill_chunks} chunk(s)); {decode}; "
         f"peak memory {_peak_memory(engine.device)}",
         file=sys.stderr,
     )

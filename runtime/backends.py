@@ -38,10 +38,38 @@ def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.dev
     device_index = device.index if device.type == "cuda" and device.index is not None else -1
     for name in ("prefill", "decode"):
         path = Path(folder) / manifest["programs"][name]["file"]
-        programs[name] = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
-                                                           device_index=device_index)
+        try:
+            programs[name] = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
+                                                               device_index=device_index)
+        except RuntimeError as e:
+            raise EngineFolderError(f"{path}: cannot load the AOTInductor package ({e})"[:600]) from e
+        check_aoti_settings(path, programs[name], manifest)
         logger.info("loaded %s (AOTInductor, %s)", path, device)
     return programs
+
+
+def check_aoti_settings(path: Path, package: Any, manifest: dict[str, Any]) -> None:
+    """The build settings compiled into the package (its metadata) must be the manifest's: backend, device, dtype
+    and every profile the settings have (max_batch, max_input_len, max_seq_len, ...). A manifest that claims other
+    limits than the program was built for is refused."""
+    import json
+
+    from export.aoti_lowering import SETTINGS_METADATA_KEY
+
+    try:
+        built = json.loads(package.get_metadata()[SETTINGS_METADATA_KEY])
+        if not isinstance(built, dict):
+            raise TypeError(type(built).__name__)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise EngineFolderError(f"{path}: the package carries no build settings ({type(e).__name__}: {e}); "
+                                "it was not built by this version of build.py: rebuild the engine") from e
+    claimed = {"backend": manifest["backend"], "device": manifest["device"], "dtype": manifest["dtype"],
+               **manifest["profiles"]}
+    differ = [f"{k}: manifest {claimed[k]!r}, program {v!r}" for k, v in sorted(built.items())
+              if k in claimed and claimed[k] != v]
+    if differ:
+        raise EngineFolderError(f"{path}: the manifest does not describe the program it names ({'; '.join(differ)}); "
+                                "the manifest was edited or the file replaced: rebuild the engine")
 
 
 def _refuse_onnx(folder: Path, manifest: dict[str, Any], device: torch.device) -> dict[str, Program]:

@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "RequestError", "GenerationStats", "chunk_plan"]
 
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed; the runtime accepts the non-negative int64s
+
 
 class RequestError(ValueError):
     """A generation request the engine refuses (bad ids, too long, batch too large, ...); the engine stays usable."""
@@ -151,7 +153,13 @@ class Engine:
         built_for = manifest["device"]
         if built_for == "cuda" and not torch.cuda.is_available():
             raise EngineFolderError(f"{folder}: engine was built for 'cuda' but no CUDA device is available here")
-        target = torch.device(device) if device is not None else torch.device(built_for)
+        try:
+            target = torch.device(device) if device is not None else torch.device(built_for)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise EngineFolderError(f"device {device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1')") from e
+        if target.type not in ("cpu", "cuda"):
+            raise EngineFolderError(f"{folder}: device {device!r}: engines run on 'cpu' or 'cuda' only "
+                                    f"(this one was built for '{built_for}')")
         if target.type != built_for:
             raise EngineFolderError(
                 f"{folder}: engine was built for '{built_for}' and cannot run on '{target}'; "
@@ -233,6 +241,8 @@ class Engine:
                 raise RequestError(f"{name} {value!r} is outside the vocabulary [0, {V})")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):
+            raise RequestError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
         pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
 
         rows, prompt = self._rows(input_ids, attention_mask, pad)

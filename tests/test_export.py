@@ -85,7 +85,8 @@ def test_manifest_describes_the_engine(tiny, engine):
     assert [i["name"] for i in prefill["inputs"]] == ["input_ids", "positions", *names]
     assert [o["name"] for o in prefill["outputs"]] == ["logits", *(n + ".out" for n in names)]
     assert manifest["versions"]["torch"] == torch.__version__
-    assert set(manifest["files"]) == {"prefill.pt2", "decode.pt2", "exported/prefill.pt2", "exported/decode.pt2"}
+    assert set(manifest["files"]) == {"prefill.pt2", "decode.pt2", "exported/prefill.pt2", "exported/decode.pt2",
+                                      "contract.json"}
     assert len(manifest["weights_sha256"]) == 64
 
 

@@ -242,9 +242,12 @@ def test_request_that_exactly_fills_the_context_is_served(aoti, eager):
 
 
 def _copy_with_manifest(folder, dest, **changes):
+    """A copy whose manifest is rewritten with ``changes`` as a build would write it (contract and hashes too)."""
+    from export.engine_folder import write_manifest
+
     shutil.copytree(folder, dest)
     manifest = json.loads((dest / "manifest.json").read_text())
-    (dest / "manifest.json").write_text(json.dumps({**manifest, **changes}))
+    write_manifest(dest, {**manifest, **changes})
     return dest
 
 

@@ -137,6 +137,7 @@ def test_build_plan(monkeypatch):
 def test_timing_cache_is_found_in_the_build_and_in_the_folder_it_replaces(tmp_path):
     dest = tmp_path / "engine"
     dest.mkdir()
+    (dest / "manifest.json").write_text('{"format_version": 1, "backend": "tensorrt"}')  # an engine folder
     (dest / trl.TIMING_CACHE_NAME).write_bytes(b"old timings")
     with staged_folder(dest, overwrite=True) as staging:
         sources = trl.timing_cache_sources(staging)
