@@ -321,7 +321,7 @@ def test_gpu_write_prefill_bf16_minimax_sizes(page_size, T, starts):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("page_size", [16, 64])
-@pytest.mark.parametrize("starts", [[20000], [5, 9000, -1, 70000]])
+@pytest.mark.parametrize("starts", [[20000], [5, 9000, -1, 40000]])
 def test_gpu_decode_bf16_minimax_sizes(page_size, starts):
     B = len(starts)
     S = max(starts) + 1 + 3 * page_size
@@ -371,16 +371,6 @@ def test_gpu_ops_cuda_fake_strides_and_opcheck():
         assert (o.shape, o.dtype, o.stride()) == (fake.shape, fake.dtype, fake.stride())
         torch.library.opcheck(op.default, a)
     torch.library.opcheck(torch.ops.minimax.paged_kv_write.default, (k_cache, v_cache, k, v, table, pos))
-
-
-def _mutated_args(kernel, kwargs):
-    """Which tensor arguments torch's user-kernel analysis says ``kernel`` stores into (torch 2.11 .. 2.13 APIs)."""
-    from torch._higher_order_ops import triton_kernel_wrap as tkw
-
-    if hasattr(tkw, "identify_mutated_tensors"):
-        return sorted(tkw.identify_mutated_tensors(kernel, kwargs, {}))
-    acc = tkw.identify_accessed_tensors(kernel, kwargs, {})
-    return sorted(d.name for d in acc.read_writes.writes if isinstance(kwargs.get(d.name), torch.Tensor))
 
 
 @pytest.mark.gpu

@@ -205,11 +205,15 @@ def paged_attention_decode_triton(
     out: Tensor | None = None,
     *,
     split: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     check: bool = True,
 ) -> Tensor:
     """Flash-decoding: ``q [B, 1, H, D]`` at ``positions [B]`` over each row's held positions ``0..positions[b]``.
     Returns ``o [B, 1, H, D]`` in q.dtype, contiguous (``out`` if given). ``split`` overrides ``decode_split``
-    (a multiple of the key tile); ``check``: refuse rows past the table / pages outside the pool (one sync)."""
+    (a multiple of the key tile); ``block_n`` / ``num_warps`` / ``num_stages`` override the launch defaults (tuning);
+    ``check``: refuse rows past the table / pages outside the pool (one device sync)."""
     naive.check_paged_inputs(q, k_cache, v_cache, block_table, positions, query=True)
     B, T, H, D = q.shape
     if T != 1:
@@ -235,7 +239,7 @@ def paged_attention_decode_triton(
         q = q.contiguous()
     block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     M = block_table.shape[1]
-    block_n = decode_block_n(D, q.device)
+    block_n = block_n or decode_block_n(D, q.device)
     split = split or decode_split(M * page_size, D, q.device)
     if split % block_n:
         raise ValueError(f"paged attention decode: split {split} is not a multiple of the key tile {block_n}")
@@ -249,8 +253,8 @@ def paged_attention_decode_triton(
         H, KVH, G, page_size, num_splits, q.stride(0), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         D=D, G_PAD=decode_group_pad(G), SPLIT=split, BLOCK_N=block_n, PAGE_ALIGNED=page_size % block_n == 0,
-        DOT_PRECISION=dot_precision(q.dtype, q.device), NUM_STAGES=decode_num_stages(D, q.dtype, q.device),
-        num_warps=decode_num_warps(D, q.device),
+        DOT_PRECISION=dot_precision(q.dtype, q.device), NUM_STAGES=num_stages or decode_num_stages(D, q.dtype, q.device),
+        num_warps=num_warps or decode_num_warps(D, q.device),
     )  # fmt: skip
     _paged_decode_merge_kernel[(B * H,)](
         m_part, l_part, acc_part, positions, out, H, num_splits, out.stride(0), out.stride(2),
