@@ -93,7 +93,7 @@ def bench_prefill(res, quick):
     from kernels.attention.prefill import PrefillConfig, paged_attention_prefill_triton
 
     configs = [PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 128, 8, 2), PrefillConfig(128, 64, 4, 3),
-               PrefillConfig(128, 64, 4, 2)]  # fmt: skip
+               PrefillConfig(128, 128, 8, 3)]  # fmt: skip
     if quick:
         configs = configs[:2]
     scale = D**-0.5
