@@ -103,6 +103,7 @@ def _paged_prefill_kernel(
     PAGE_ALIGNED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    FOLD_SCALE: tl.constexpr,
 ):
     BLOCK_T: tl.constexpr = BLOCK_M // G_PAD  # query tokens per tile
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # reverse: the longest causal rows first
@@ -138,9 +139,14 @@ def _paged_prefill_kernel(
     for n0 in tl.range(0, n_full, BLOCK_N, num_stages=NUM_STAGES):
         k, v = _load_kv_tile(k_base, v_base, table_row, n0, n_end, page_size, stride_cp, stride_cs,
                              D, BLOCK_N, PAGE_ALIGNED, False)  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if FOLD_SCALE:  # scale > 0: max before scaling, then one FMA per score (as FlashAttention's Triton kernels)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
+        else:
+            s = s * qk_scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
@@ -174,6 +180,7 @@ class PrefillConfig:
     block_n: int = 64  # keys per tile
     num_warps: int = 8
     num_stages: int = 3
+    fold_scale: bool = True  # (when scale > 0) row max of the raw scores, then one FMA per score
 
 
 def default_prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> PrefillConfig:
@@ -184,7 +191,8 @@ def default_prefill_config(head_dim: int, dtype: torch.dtype, device: torch.devi
     if head_dim >= 256:
         return PrefillConfig(64, 32, 4, 2 if not wide else 1)
     if head_dim >= 128:
-        return PrefillConfig(128, 64, 8, 3 if not wide else 1)
+        # H200, H=64, KVH=8, bf16 (kernels/attention/README.md): 128 x 128 tiles, 8 warps, 3 stages were fastest
+        return PrefillConfig(128, 128, 8, 3) if not wide else PrefillConfig(128, 64, 8, 1)
     return PrefillConfig(128, 64, 4, 3 if not wide else 2)
 
 
@@ -260,6 +268,6 @@ def paged_attention_prefill_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         D=D, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=cfg.block_n, PAGE_ALIGNED=page_size % cfg.block_n == 0,
         DOT_PRECISION=dot_precision(q.dtype, q.device), NUM_STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FOLD_SCALE=cfg.fold_scale and scale > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -95,7 +95,7 @@ def paged_attention_prefill_traceable(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         D=D, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=cfg.block_n, PAGE_ALIGNED=_page_aligned(page_size, cfg.block_n),
         DOT_PRECISION=prefill.dot_precision(q.dtype, q.device), NUM_STAGES=cfg.num_stages,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FOLD_SCALE=cfg.fold_scale and float(scale) > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return o
 
@@ -117,7 +117,7 @@ def paged_attention_decode_traceable(
     q, block_table = _last_dim_contiguous(q), _last_dim_contiguous(block_table)
     positions = positions.contiguous()
     capacity = block_table.shape[1] * page_size
-    block_n = decode.decode_block_n(D, q.device)
+    block_n = decode.decode_block_n(D, q.device, q.dtype)
     split = decode.decode_split(capacity, D, q.device)
     num_splits = (capacity + split - 1) // split
     G = H // KVH
@@ -131,7 +131,7 @@ def paged_attention_decode_traceable(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         D=D, G_PAD=decode.decode_group_pad(G), SPLIT=split, BLOCK_N=block_n,
         PAGE_ALIGNED=_page_aligned(page_size, block_n), DOT_PRECISION=prefill.dot_precision(q.dtype, q.device),
-        NUM_STAGES=decode.decode_num_stages(D, q.dtype, q.device), num_warps=decode.decode_num_warps(D, q.device),
+        NUM_STAGES=decode.decode_num_stages(D, q.dtype, q.device), num_warps=decode.decode_num_warps(D, q.device, q.dtype),
     )  # fmt: skip
     wrap_triton(decode._paged_decode_merge_kernel)[(B * H,)](
         m_part, l_part, acc_part, positions, o, H, num_splits, o.stride(0), o.stride(2),

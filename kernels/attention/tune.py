@@ -92,8 +92,8 @@ def sdpa(q, k, v, backend, causal):
 def bench_prefill(res, quick):
     from kernels.attention.prefill import PrefillConfig, paged_attention_prefill_triton
 
-    configs = [PrefillConfig(128, 64, 8, 3), PrefillConfig(128, 128, 8, 2), PrefillConfig(128, 64, 4, 3),
-               PrefillConfig(128, 128, 8, 3)]  # fmt: skip
+    configs = [PrefillConfig(128, 128, 8, 3), PrefillConfig(128, 128, 8, 3, fold_scale=False),
+               PrefillConfig(128, 64, 8, 4), PrefillConfig(64, 128, 4, 3), PrefillConfig(128, 128, 8, 2)]  # fmt: skip
     if quick:
         configs = configs[:2]
     scale = D**-0.5
@@ -146,7 +146,7 @@ def bench_decode(res, copy_bw, quick):
     from kernels.attention.decode import decode_split, paged_attention_decode_triton
 
     scale = D**-0.5
-    variants = [dict(), dict(num_stages=4), dict(block_n=128, num_warps=8), dict(num_warps=8)]
+    variants = [dict(), dict(num_stages=4), dict(block_n=64, num_warps=4)]
     if quick:
         variants = variants[:1]
     for B, S in ((1, 1 << 20), (1, 1 << 22), (16, 1 << 16), (64, 1 << 14)):
@@ -158,7 +158,7 @@ def bench_decode(res, copy_bw, quick):
         for ps in (256, 16):
             kc, vc, table = identity_pool(S, ps, B)
             base = decode_split(S, D, q.device)
-            for var in variants if ps == 256 else variants[:1]:
+            for var in variants if ps == 256 else (variants[0], variants[-1]):
                 for split in (base, 2 * base) if ps == 256 and not var else (base,):
                     key = f"ours ps={ps} split={split} {var}"
                     try:
