@@ -164,14 +164,23 @@ def is_engine_folder(path: str | Path) -> bool:
 def _destination_path(destination: str | Path) -> Path:
     if not str(destination).strip():
         raise EngineFolderError("the engine folder path is empty")
+    if "\0" in str(destination):
+        raise EngineFolderError(f"{str(destination)!r}: a path cannot hold a NUL character")
     try:
         return Path(destination).expanduser().resolve()
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, ValueError) as e:
         raise EngineFolderError(f"{destination}: not a usable path ({e})") from e
 
 
 def _check_destination(destination: Path, overwrite: bool) -> tuple[int, int] | None:
     """Refuse a destination the build must not write; return the identity of the engine folder to replace."""
+    try:
+        return _check_destination_unchecked(destination, overwrite)
+    except OSError as e:  # a name too long, a parent we may not read, ...
+        raise EngineFolderError(f"{destination}: cannot use this path ({e.strerror or e})") from e
+
+
+def _check_destination_unchecked(destination: Path, overwrite: bool) -> tuple[int, int] | None:
     if destination.is_symlink() or (destination.exists() and not destination.is_dir()):
         raise EngineFolderError(f"{destination} exists and is not a folder; refusing to replace it")
     if not destination.exists():
@@ -309,12 +318,12 @@ def reserve_destination(destination: str | Path, overwrite: bool = False) -> Ite
     """
     destination = _destination_path(destination)
     _check_destination(destination, overwrite)
-    ancestor = destination.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise EngineFolderError(f"cannot create {destination}: {ancestor} is a file, not a folder")
     try:
+        ancestor = destination.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise EngineFolderError(f"cannot create {destination}: {ancestor} is a file, not a folder")
         destination.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise EngineFolderError(f"cannot create the folder {destination.parent}: {e.strerror or e}") from e
@@ -351,7 +360,11 @@ def staged_folder(destination: str | Path, overwrite: bool = False) -> Iterator[
             raise EngineFolderError(f"cannot create {staging}: {e.strerror or e}") from e
         try:
             yield staging
-            now = _check_destination(destination, overwrite)
+            try:
+                now = _check_destination(destination, overwrite)
+            except EngineFolderError as e:
+                raise EngineFolderError(f"{destination} changed during the build ({e}); it is left as it is and this "
+                                        "build is discarded") from None
             if now != expected:
                 raise EngineFolderError(
                     f"{destination} changed during the build (another writer); it is left as it is and this build "

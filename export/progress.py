@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from typing import Iterator
 
 logger = logging.getLogger("export.progress")
 
-INTERVAL_S = 15.0
+INTERVAL_S = float(os.environ.get("MINIMAX_PROGRESS_INTERVAL_S", "15"))  # seconds between lines
 
 
 @contextmanager
