@@ -31,9 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", help="local Hugging Face tokenizer folder")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with probability >= p")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (reproducible output)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (needs --temperature > 0)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: smallest set with probability >= p (needs --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler, 0 .. 2**63-1 (reproducible output)")
     p.add_argument("--eos-token-id", type=int, default=None,
                    help="stop at this id (default: the tokenizer's eos, else the model config's)")
     p.add_argument("--device", default=None, help="device to run on (default: the one the engine was built for)")
