@@ -44,7 +44,6 @@ def _paged_decode_split_kernel(
     m_ptr,
     l_ptr,
     acc_ptr,
-    qk_scale,
     H,
     KVH,
     G,
@@ -61,6 +60,7 @@ def _paged_decode_split_kernel(
     SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_ALIGNED: tl.constexpr,
+    QK_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -97,7 +97,7 @@ def _paged_decode_split_kernel(
             ptrs = off[:, None] + offs_d[None, :]
             k = tl.load(k_base + ptrs, mask=valid[:, None], other=0.0)
             v = tl.load(v_base + ptrs, mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [G_PAD, BLOCK_N]
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE  # [G_PAD, BLOCK_N]
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
@@ -254,11 +254,12 @@ def paged_attention_decode_triton(
     l_part = torch.empty(B * H, num_splits, dtype=torch.float32, device=q.device)
     acc_part = torch.empty(B * H, num_splits, D, dtype=torch.float32, device=q.device)
     _paged_decode_split_kernel[(num_splits, B * KVH)](
-        q, k_cache, v_cache, block_table, positions, m_part, l_part, acc_part, float(scale) * LOG2E,
+        q, k_cache, v_cache, block_table, positions, m_part, l_part, acc_part,
         H, KVH, G, page_size, num_splits, q.stride(0), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         D=D, G_PAD=decode_group_pad(G), SPLIT=split, BLOCK_N=block_n, PAGE_ALIGNED=page_size % block_n == 0,
-        DOT_PRECISION=dot_precision(q.dtype, q.device), NUM_STAGES=num_stages or decode_num_stages(D, q.dtype, q.device),
+        QK_SCALE=float(scale) * LOG2E, DOT_PRECISION=dot_precision(q.dtype, q.device),
+        NUM_STAGES=num_stages or decode_num_stages(D, q.dtype, q.device),
         num_warps=num_warps or decode_num_warps(D, q.device, q.dtype),
     )  # fmt: skip
     _paged_decode_merge_kernel[(B * H,)](

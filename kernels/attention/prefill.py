@@ -81,7 +81,6 @@ def _paged_prefill_kernel(
     table_ptr,
     pos_ptr,
     o_ptr,
-    qk_scale,
     T,
     KVH,
     G,
@@ -101,6 +100,7 @@ def _paged_prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PAGE_ALIGNED: tl.constexpr,
+    QK_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     FOLD_SCALE: tl.constexpr,
@@ -141,10 +141,10 @@ def _paged_prefill_kernel(
                              D, BLOCK_N, PAGE_ALIGNED, False)  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if FOLD_SCALE:  # scale > 0: max before scaling, then one FMA per score (as FlashAttention's Triton kernels)
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.exp2(s * qk_scale - m_new[:, None])
+            m_new = tl.maximum(m_i, tl.max(s, 1) * QK_SCALE)
+            p = tl.exp2(s * QK_SCALE - m_new[:, None])
         else:
-            s = s * qk_scale
+            s = s * QK_SCALE
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -156,7 +156,7 @@ def _paged_prefill_kernel(
     for n0 in tl.range(n_full, n_end, BLOCK_N):
         k, v = _load_kv_tile(k_base, v_base, table_row, n0, n_end, page_size, stride_cp, stride_cs,
                              D, BLOCK_N, PAGE_ALIGNED, True)  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * QK_SCALE
         visible = (n0 + offs_n)[None, :] <= qpos[:, None]  # causal (also hides keys >= n_end, and pads' rows)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -263,11 +263,11 @@ def paged_attention_prefill_triton(
     G = H // KVH
     g_pad, block_m, block_t = tile_shape(cfg, G)
     _paged_prefill_kernel[(triton.cdiv(T, block_t), B * KVH)](
-        q, k_cache, v_cache, block_table, positions, out, float(scale) * LOG2E, T, KVH, G, page_size,
+        q, k_cache, v_cache, block_table, positions, out, T, KVH, G, page_size,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         D=D, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=cfg.block_n, PAGE_ALIGNED=page_size % cfg.block_n == 0,
-        DOT_PRECISION=dot_precision(q.dtype, q.device), NUM_STAGES=cfg.num_stages,
+        QK_SCALE=float(scale) * LOG2E, DOT_PRECISION=dot_precision(q.dtype, q.device), NUM_STAGES=cfg.num_stages,
         FOLD_SCALE=cfg.fold_scale and scale > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

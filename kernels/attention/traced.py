@@ -90,10 +90,11 @@ def paged_attention_prefill_traceable(
     g_pad, block_m, block_t = prefill.tile_shape(cfg, G)
     o = torch.empty((B, T, H, D), dtype=q.dtype, device=q.device)
     wrap_triton(prefill._paged_prefill_kernel)[((T + block_t - 1) // block_t, B * KVH)](
-        q, k_cache, v_cache, block_table, positions, o, float(scale) * prefill.LOG2E, T, KVH, G, page_size,
+        q, k_cache, v_cache, block_table, positions, o, T, KVH, G, page_size,
         q.stride(0), q.stride(1), q.stride(2), o.stride(0), o.stride(1), o.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         D=D, G_PAD=g_pad, BLOCK_M=block_m, BLOCK_N=cfg.block_n, PAGE_ALIGNED=_page_aligned(page_size, cfg.block_n),
+        QK_SCALE=float(scale) * prefill.LOG2E,
         DOT_PRECISION=prefill.dot_precision(q.dtype, q.device), NUM_STAGES=cfg.num_stages,
         FOLD_SCALE=cfg.fold_scale and float(scale) > 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -126,11 +127,12 @@ def paged_attention_decode_traceable(
     l_part = torch.empty((B * H, num_splits), dtype=torch.float32, device=q.device)
     acc_part = torch.empty((B * H, num_splits, D), dtype=torch.float32, device=q.device)
     wrap_triton(decode._paged_decode_split_kernel)[(num_splits, B * KVH)](
-        q, k_cache, v_cache, block_table, positions, m_part, l_part, acc_part, float(scale) * prefill.LOG2E,
+        q, k_cache, v_cache, block_table, positions, m_part, l_part, acc_part,
         H, KVH, G, page_size, num_splits, q.stride(0), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         D=D, G_PAD=decode.decode_group_pad(G), SPLIT=split, BLOCK_N=block_n,
-        PAGE_ALIGNED=_page_aligned(page_size, block_n), DOT_PRECISION=prefill.dot_precision(q.dtype, q.device),
+        PAGE_ALIGNED=_page_aligned(page_size, block_n), QK_SCALE=float(scale) * prefill.LOG2E,
+        DOT_PRECISION=prefill.dot_precision(q.dtype, q.device),
         NUM_STAGES=decode.decode_num_stages(D, q.dtype, q.device), num_warps=decode.decode_num_warps(D, q.device, q.dtype),
     )  # fmt: skip
     wrap_triton(decode._paged_decode_merge_kernel)[(B * H,)](
