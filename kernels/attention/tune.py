@@ -107,7 +107,7 @@ def bench_prefill(res, quick):
         for ps in (256, 16):
             kc, vc, table = identity_pool(S, ps)
             for cfg in configs if ps == 256 else configs[:1]:
-                key = f"ours ps={ps} m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
+                key = f"ours ps={ps} m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{'' if cfg.fold_scale else ' nofold'}"
                 try:
                     fn = lambda: paged_attention_prefill_triton(q, kc, vc, table, pos, scale, config=cfg, check=False)  # noqa: E731
                     t = _time(fn, reps=1)
