@@ -258,7 +258,8 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="T = 1"):
         paged_attention_decode_triton(q, k_cache, v_cache, table, _positions([0, 0]), 0.25)
     with pytest.raises(ValueError, match="head dim"):
-        paged_attention_prefill_triton(q[..., :12], k_cache[..., :12], v_cache[..., :12], table, _positions([0, 0]), 1.0)
+        kc, vc = k_cache[..., :12], v_cache[..., :12]
+        paged_attention_prefill_triton(q[..., :12], kc, vc, table, _positions([0, 0]), 1.0)
 
 
 # ------------------------------------------------------------------------------------------------ the ops (CPU: reference)
@@ -286,7 +287,8 @@ def test_ops_reference_path_and_opcheck():
     torch.library.opcheck(torch.ops.minimax.paged_kv_write.default, (k_cache, v_cache, k, v, table, pos))
     torch.library.opcheck(torch.ops.minimax.paged_attention_prefill.default, (q, k_cache, v_cache, table, pos, 0.25))
     torch.library.opcheck(
-        torch.ops.minimax.paged_attention_decode.default, (q[:, :1].contiguous(), k_cache, v_cache, table, pos + 3, 0.25)
+        torch.ops.minimax.paged_attention_decode.default,
+        (q[:, :1].contiguous(), k_cache, v_cache, table, pos + 3, 0.25),
     )
 
 
@@ -384,7 +386,8 @@ def test_gpu_export_dynamic_and_mutation_analysis():
         def forward(self, q, k, v, k_cache, v_cache, table, pos):
             traced.paged_kv_write_traceable(k_cache, v_cache, k, v, table, pos)
             o = traced.paged_attention_prefill_traceable(q, k_cache, v_cache, table, pos, 0.125)
-            od = traced.paged_attention_decode_traceable(q[:, -1:], k_cache, v_cache, table, pos + q.shape[1] - 1, 0.125)
+            last = pos + q.shape[1] - 1
+            od = traced.paged_attention_decode_traceable(q[:, -1:], k_cache, v_cache, table, last, 0.125)
             return o, od
 
     q, k, v, k_cache, v_cache, table, pos = _op_inputs("cuda", torch.bfloat16, B=2, T=5, G=8, D=128, S=96, ps=16)

@@ -77,7 +77,8 @@ def _paged_decode_split_kernel(
         head = kvh * G + rows
         offs_d = tl.arange(0, D)
         offs_n = tl.arange(0, BLOCK_N)
-        q = tl.load(q_ptr + b * stride_qb + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q_ptrs = q_ptr + b * stride_qb + head[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
         k_base = k_cache_ptr + kvh * stride_ch
         v_base = v_cache_ptr + kvh * stride_ch
         table_row = table_ptr + b * stride_tb

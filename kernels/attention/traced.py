@@ -133,7 +133,8 @@ def paged_attention_decode_traceable(
         D=D, G_PAD=decode.decode_group_pad(G), SPLIT=split, BLOCK_N=block_n,
         PAGE_ALIGNED=_page_aligned(page_size, block_n), QK_SCALE=float(scale) * prefill.LOG2E,
         DOT_PRECISION=prefill.dot_precision(q.dtype, q.device),
-        NUM_STAGES=decode.decode_num_stages(D, q.dtype, q.device), num_warps=decode.decode_num_warps(D, q.device, q.dtype),
+        NUM_STAGES=decode.decode_num_stages(D, q.dtype, q.device),
+        num_warps=decode.decode_num_warps(D, q.device, q.dtype),
     )  # fmt: skip
     wrap_triton(decode._paged_decode_merge_kernel)[(B * H,)](
         m_part, l_part, acc_part, positions, o, H, num_splits, o.stride(0), o.stride(2),

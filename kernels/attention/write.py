@@ -62,7 +62,8 @@ def _paged_kv_write_kernel(
 
 
 def check_rows_fast(block_table: Tensor, positions: Tensor, T: int, page_size: int, num_pages: int) -> None:
-    """``naive._check_rows`` with one device sync: refuse a chunk past the table's capacity or pages outside the pool."""
+    """``naive._check_rows`` with one device sync: refuse a chunk past the table's capacity, or used table entries
+    outside the pool."""
     M = block_table.shape[1]
     end = positions.to(block_table.device) + T  # [B] one past the chunk's last position
     used = torch.arange(M, device=block_table.device)[None, :] * page_size < end[:, None]  # [B, M] pages in use
@@ -79,7 +80,14 @@ def _last_dim_contiguous(x: Tensor) -> Tensor:
 
 
 def paged_kv_write_triton(
-    k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, block_table: Tensor, positions: Tensor, *, check: bool = True
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_table: Tensor,
+    positions: Tensor,
+    *,
+    check: bool = True,
 ) -> None:
     """Write k, v ``[B, T, KVH, D]`` into their page slots of ``k_cache`` / ``v_cache`` ``[P, KVH, page_size, D]``
     (in place; tokens at negative positions are skipped). ``check``: refuse rows past the table or pages outside
