@@ -70,7 +70,8 @@ def _eval_dim(expr: str, **sizes) -> int:
 def test_manifest_lists_the_onnx_graphs(engine):
     folder, manifest = engine
     assert read_manifest(folder)["backend"] == "onnx"
-    assert set(manifest["files"]) == {"prefill.onnx", "decode.onnx", "exported/prefill.pt2", "exported/decode.pt2"}
+    assert set(manifest["files"]) == {"prefill.onnx", "decode.onnx", "exported/prefill.pt2", "exported/decode.pt2",
+                                      "contract.json"}
     prefill, decode = manifest["programs"]["prefill"], manifest["programs"]["decode"]
     assert prefill["file"] == "prefill.onnx" and prefill["external_data"] is None
     # prefill: grouped chain, block_m of dispatch.default_config for 4 * 24 tokens (12 rows per expert -> 16)
