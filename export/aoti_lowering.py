@@ -9,13 +9,14 @@ manifest entries of that program (at least ``"file"``, the artefact the runtime 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.export import ExportedProgram
 
-from .engine_folder import BuildSettings, canonical_json
+from .engine_folder import BuildSettings
 
 
 def check_available(settings: BuildSettings) -> None:
@@ -29,7 +30,8 @@ SETTINGS_METADATA_KEY = "minimax.build_settings"
 
 def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSettings) -> dict[str, Any]:
     path = folder / f"{name}.pt2"
-    metadata = {SETTINGS_METADATA_KEY: canonical_json(dataclasses.asdict(settings)), "minimax.program": name}
+    built = json.dumps(dataclasses.asdict(settings), sort_keys=True, separators=(",", ":"), default=str)
+    metadata = {SETTINGS_METADATA_KEY: built, "minimax.program": name}
     torch._inductor.aoti_compile_and_package(program, package_path=str(path),
                                              inductor_configs={"aot_inductor.metadata": metadata})
     return {"file": path.name}
