@@ -10,7 +10,9 @@ they were lowered from (``exported/*.pt2``, the single source of every lowering)
     model_config     MiniMaxConfig.to_dict()
     profiles         {"max_batch", "max_input_len", "max_seq_len"}: batch in [1, max_batch], prefill chunk length
                      in [2, max_input_len], context (KV cache) length max_seq_len
-    state_layout     config.state_layout(batch "B", max_seq_len) entries: name, layer, shape (batch as "B"), dtype
+    paged_kv         {"page_size", "num_pages", "max_pages_per_seq"}: the KV page pools and block-table width
+    state_layout     config.state_layout entries: name, layer, shape (batch as "B"), dtype; lightning states
+                     [B, H, D, D] fp32, KV page pools [num_pages, KVH, page_size, D]
     programs         {"prefill"|"decode": {"file", "inputs": [{name, shape, dtype}], "outputs": [...]}}
     versions         torch / triton / tensorrt / onnx versions that built the folder
     weights_sha256   hash of the weights (names, shapes, dtypes and bytes) the engines were built from
@@ -23,9 +25,13 @@ manifest (raising a limit, emptying ``files``) cannot switch a check off. Loweri
 settings in the programs themselves (AOTInductor: the package metadata), which the runtime's loader checks.
 
 Program signatures (tensor names are the same for every backend):
-    prefill(input_ids [B, T] int64, positions [B] int64, *state) -> (logits [B, 1, V] fp32, *state_out)
-    decode (input_ids [B, 1] int64, positions [B] int64, *state) -> (logits [B, 1, V] fp32, *state_out)
+    prefill(input_ids [B, T] int64, positions [B] int64, block_table [B, M] int32, *state) -> logits [B, 1, V] fp32
+    decode (input_ids [B, 1] int64, positions [B] int64, block_table [B, M] int32, *state) -> logits [B, 1, V] fp32
 ``positions[b]`` is the position of the first token of row b; prefill returns the logits of the last position only.
+The state is updated in place (``state_update: "in_place"``, AOTInductor: mutated program inputs), or, for the
+functional graphs of ONNX / TensorRT (``"outputs"``), returned as outputs ``<state>.out``. The block table is only
+read; the caller (``runtime.Engine``) owns the pages and checks every row against the table and the pool, since
+the compiled kernels cannot raise.
 Every input must be contiguous: AOTInductor compiles for the example inputs' (contiguous) strides and does not
 check them, so a strided view (e.g. ``ids[:, :n]`` of a wider batch) gives wrong results silently.
 The folder is written under a temporary name beside its destination (``.NAME.building-PID-XXXX``) and renamed
@@ -53,7 +59,7 @@ from typing import Any, Iterator
 
 import torch
 
-FORMAT_VERSION = 2  # 2: contract.json, ``files`` covers the whole folder
+FORMAT_VERSION = 3  # 2: contract.json, ``files`` covers the whole folder; 3: paged KV cache, state in place
 MANIFEST_NAME = "manifest.json"
 CONTRACT_NAME = "contract.json"
 DEVICES = ("cpu", "cuda")
@@ -78,6 +84,15 @@ class BuildSettings:
     max_batch: int = 4
     max_input_len: int = 64
     max_seq_len: int = 128
+    page_size: int = 256  # KV-cache page size in tokens (capped at max_seq_len)
+    num_pages: int | None = None  # pages per pool; None: every row at full capacity (max_batch * max_pages_per_seq)
+
+    def paged_layout(self) -> dict[str, int]:
+        """``{"page_size", "num_pages", "max_pages_per_seq"}`` of the paged KV cache these settings build."""
+        page_size = min(self.page_size, self.max_seq_len)
+        per_seq = -(-self.max_seq_len // page_size)
+        num_pages = self.num_pages if self.num_pages is not None else self.max_batch * per_seq
+        return {"page_size": page_size, "num_pages": num_pages, "max_pages_per_seq": per_seq}
 
     def validate(self, max_position_embeddings: int | None = None) -> None:
         if self.backend not in BACKENDS:
@@ -96,6 +111,15 @@ class BuildSettings:
             raise EngineFolderError(f"max_input_len must be >= 2 (one-token prompts go through decode), got {self.max_input_len}")
         if self.max_seq_len < self.max_input_len:
             raise EngineFolderError(f"max_seq_len ({self.max_seq_len}) must be >= max_input_len ({self.max_input_len})")
+        if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or not 1 <= self.page_size <= 2**16:
+            raise EngineFolderError(f"page_size must be an integer in [1, 65536], got {self.page_size!r}")
+        if self.num_pages is not None:
+            if isinstance(self.num_pages, bool) or not isinstance(self.num_pages, int) or not 1 <= self.num_pages < 2**31:
+                raise EngineFolderError(f"num_pages must be a positive integer below 2**31, got {self.num_pages!r}")
+            per_seq = self.paged_layout()["max_pages_per_seq"]
+            if self.num_pages < per_seq:
+                raise EngineFolderError(f"num_pages ({self.num_pages}) cannot hold one sequence of max_seq_len "
+                                        f"{self.max_seq_len} ({per_seq} pages of {self.paged_layout()['page_size']})")
         if max_position_embeddings is not None and self.max_seq_len > max_position_embeddings:
             raise EngineFolderError(
                 f"max_seq_len ({self.max_seq_len}) exceeds the model's max_position_embeddings ({max_position_embeddings})"
@@ -109,23 +133,33 @@ class BuildSettings:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def program_io(config_dict: dict[str, Any], state_layout: list[dict[str, Any]], program: str) -> dict[str, list]:
-    """Input and output tensor descriptions of ``program`` ("B", "T" are the dynamic dims)."""
+def program_io(config_dict: dict[str, Any], state_layout: list[dict[str, Any]], program: str,
+               paged: dict[str, int], in_place: bool = True) -> dict[str, list]:
+    """Input and output tensor descriptions of ``program`` ("B", "T" are the dynamic dims).
+
+    In place (AOTInductor): the state inputs are updated where they lie and the only output is the logits.
+    Otherwise (ONNX, TensorRT: graphs are functional) each state input has an output ``<name>.out``.
+    """
     seq = "T" if program == "prefill" else 1
     inputs = [
         {"name": "input_ids", "shape": ["B", seq], "dtype": "int64"},
         {"name": "positions", "shape": ["B"], "dtype": "int64"},
+        {"name": "block_table", "shape": ["B", paged["max_pages_per_seq"]], "dtype": "int32"},
     ] + [{"name": e["name"], "shape": e["shape"], "dtype": e["dtype"]} for e in state_layout]
-    outputs = [{"name": "logits", "shape": ["B", 1, config_dict["vocab_size"]], "dtype": "float32"}] + [
-        {"name": e["name"] + ".out", "shape": e["shape"], "dtype": e["dtype"]} for e in state_layout
-    ]
-    return {"inputs": inputs, "outputs": outputs}
+    outputs = [{"name": "logits", "shape": ["B", 1, config_dict["vocab_size"]], "dtype": "float32"}]
+    if not in_place:
+        outputs += [{"name": e["name"] + ".out", "shape": e["shape"], "dtype": e["dtype"]} for e in state_layout]
+    return {"inputs": inputs, "outputs": outputs, "state_update": "in_place" if in_place else "outputs"}
 
 
 def symbolic_state_layout(config, settings: BuildSettings) -> list[dict[str, Any]]:
-    layout = config.state_layout(batch_size=1, max_seq_len=settings.max_seq_len, dtype=settings.dtype)
+    """``config.state_layout`` for these settings with the batch dim of the per-sequence states as "B"."""
+    paged = settings.paged_layout()
+    layout = config.state_layout(batch_size=1, max_seq_len=settings.max_seq_len, dtype=settings.dtype,
+                                 page_size=paged["page_size"], num_pages=paged["num_pages"])
     for entry in layout:
-        entry["shape"][0] = "B"
+        if entry["name"].startswith("lightning_state."):
+            entry["shape"][0] = "B"
     return layout
 
 
@@ -440,7 +474,8 @@ def _validate(path: Path, manifest: Any) -> None:
         raise EngineFolderError(
             f"{path}: engine format version {version!r}, this code reads version {FORMAT_VERSION}; rebuild the engine"
         )
-    for key in ("backend", "device", "dtype", "model_config", "profiles", "state_layout", "programs", "files"):
+    for key in ("backend", "device", "dtype", "model_config", "profiles", "paged_kv", "state_layout", "programs",
+                "files"):
         if key not in manifest:
             raise EngineFolderError(f"{path}: missing field {key!r}")
     for key, allowed in (("backend", BACKENDS), ("device", DEVICES), ("dtype", tuple(DTYPES))):
@@ -465,6 +500,15 @@ def _validate(path: Path, manifest: Any) -> None:
             raise EngineFolderError(f"{path}: profiles.{key} must be an integer >= {low}, got {profiles[key]!r}")
     if profiles["max_seq_len"] < profiles["max_input_len"]:
         raise EngineFolderError(f"{path}: profiles.max_seq_len is smaller than profiles.max_input_len")
+    paged = manifest["paged_kv"]
+    if not isinstance(paged, dict):
+        raise EngineFolderError(f"{path}: paged_kv must be an object")
+    for key in ("page_size", "num_pages", "max_pages_per_seq"):
+        if not _is_int(paged.get(key)) or paged[key] < 1:
+            raise EngineFolderError(f"{path}: paged_kv.{key} must be an integer >= 1, got {paged.get(key)!r}")
+    if paged["page_size"] * paged["max_pages_per_seq"] < profiles["max_seq_len"]:
+        raise EngineFolderError(f"{path}: paged_kv: {paged['max_pages_per_seq']} pages of {paged['page_size']} "
+                                f"tokens cannot hold profiles.max_seq_len {profiles['max_seq_len']}")
     layout = manifest["state_layout"]
     _check_tensor_list(path, layout, "state_layout")
     for i, e in enumerate(layout):

@@ -7,6 +7,7 @@ the programs and the custom ops stay single nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import time
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
 from model import MiniMaxForCausalLM, MiniMaxState
+from model.state import identity_block_table
 
 from .engine_folder import (
     FORMAT_VERSION,
@@ -37,45 +39,57 @@ __all__ = ["PrefillProgram", "DecodeProgram", "export_programs", "build_engine",
 
 
 class PrefillProgram(nn.Module):
-    """``(input_ids [B, T], positions [B], state tensors) -> (last logits [B, 1, V], new state tensors)``."""
+    """``(input_ids [B, T], positions [B], block_table [B, M], state tensors) -> last logits [B, 1, V]``.
+
+    The state tensors (lightning states, KV page pools) are updated in place: exported, they are the program's
+    mutated inputs, which AOTInductor writes in place (no copy of a pool, nothing returned but the logits).
+    """
 
     def __init__(self, model: MiniMaxForCausalLM):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, positions: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        logits, new = self.model.prefill(
-            input_ids, MiniMaxState.unflatten(self.model.config, state), positions, last_logits_only=True
+    def forward(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: list[Tensor]) -> Tensor:
+        logits, _ = self.model.prefill(
+            input_ids, MiniMaxState.unflatten(self.model.config, state, block_table), positions, last_logits_only=True
         )
-        return logits, new.flatten()
+        return logits
 
 
 class DecodeProgram(PrefillProgram):
-    """``(input_ids [B, 1], positions [B], state tensors) -> (logits [B, 1, V], new state tensors)``."""
+    """``(input_ids [B, 1], positions [B], block_table [B, M], state tensors) -> logits [B, 1, V]`` (in place)."""
 
-    def forward(self, input_ids: Tensor, positions: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        logits, new = self.model.decode(input_ids, positions, MiniMaxState.unflatten(self.model.config, state))
-        return logits, new.flatten()
+    def forward(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: list[Tensor]) -> Tensor:
+        logits, _ = self.model.decode(input_ids, positions,
+                                      MiniMaxState.unflatten(self.model.config, state, block_table))
+        return logits
 
 
 def example_inputs(model: MiniMaxForCausalLM, settings: BuildSettings, program: str, batch: int = 2, seq: int = 3):
-    """Sample inputs for export (batch 2, T 3: sizes that are not specialised as 0/1)."""
+    """Sample inputs for export (batch 2, T 3: sizes that are not specialised as 0/1; the pools at build size)."""
     device = model.lm_head.weight.device
     seq = min(seq, settings.max_input_len) if program == "prefill" else 1
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     positions = torch.zeros(batch, dtype=torch.long, device=device)
     if program == "decode":
         positions += 3
-    state = MiniMaxState.allocate(model.config, batch, settings.max_seq_len, settings.torch_dtype, device)
-    return ids, positions, state.flatten()
+    paged = settings.paged_layout()
+    config = model.config
+    H, D, KVH = config.num_attention_heads, config.head_dim, config.num_key_value_heads
+    lightning = [torch.zeros(batch, H, D, D, device=device) for _ in config.lightning_layers]
+    pools = [torch.zeros(paged["num_pages"], KVH, paged["page_size"], D, dtype=settings.torch_dtype, device=device)
+             for _ in range(2 * len(config.softmax_layers))]
+    table = identity_block_table(batch, paged["max_pages_per_seq"], device).remainder(paged["num_pages"])
+    return ids, positions, table, [*lightning, *pools]
 
 
 def export_programs(model: MiniMaxForCausalLM, settings: BuildSettings) -> dict[str, ExportedProgram]:
-    """Export prefill (B and T dynamic) and decode (B dynamic) with the ranges of ``settings``."""
+    """Export prefill (B and T dynamic) and decode (B dynamic) with the ranges of ``settings``; the pools are
+    static (``settings.num_pages``), the lightning states and the block table follow B."""
     batch = Dim("batch", min=1, max=settings.max_batch)
     seq = Dim("seq", min=2, max=settings.max_input_len)
-    n_state = len(model.config.state_layout(1, 1))
-    state_dims = [{0: batch}] * n_state
+    config = model.config
+    state_dims = [{0: batch}] * len(config.lightning_layers) + [None] * (2 * len(config.softmax_layers))
     programs = {}
     with torch.no_grad():
         for name, wrapper, ids_dims in (
@@ -84,7 +98,8 @@ def export_programs(model: MiniMaxForCausalLM, settings: BuildSettings) -> dict[
         ):
             start = time.perf_counter()
             args = example_inputs(model, settings, name)
-            programs[name] = torch.export.export(wrapper, args, dynamic_shapes=(ids_dims, {0: batch}, state_dims))
+            programs[name] = torch.export.export(
+                wrapper, args, dynamic_shapes=(ids_dims, {0: batch}, {0: batch}, state_dims))
             logger.info("exported %s in %.1fs", name, time.perf_counter() - start)
     return programs
 
@@ -119,6 +134,8 @@ def build_engine(
     """Export, lower and write a complete engine folder to ``out_dir``; return its manifest."""
     config = model.config
     settings.validate(config.max_position_embeddings)
+    paged = settings.paged_layout()  # fixed here, so that the programs' metadata and the manifest say the same
+    settings = dataclasses.replace(settings, page_size=paged["page_size"], num_pages=paged["num_pages"])
     check_lowering(settings)
     if model.dtype != settings.torch_dtype:
         raise ValueError(f"model weights are {model.dtype}, the build asks for {settings.dtype}")
@@ -140,7 +157,8 @@ def build_engine(
             timings[f"lower_{name}_s"] = time.perf_counter() - start
             logger.info("lowered %s in %.1fs", name, timings[f"lower_{name}_s"])
             manifest_programs[name] = {**entries, "exported": f"exported/{name}.pt2",
-                                       **program_io(config.to_dict(), symbolic_state_layout(config, settings), name)}
+                                       **program_io(config.to_dict(), symbolic_state_layout(config, settings), name,
+                                                   settings.paged_layout(), in_place=entries.get("state_update", "in_place") == "in_place")}
         start = time.perf_counter()
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -150,6 +168,7 @@ def build_engine(
             "model_config": config.to_dict(),
             "profiles": {"max_batch": settings.max_batch, "max_input_len": settings.max_input_len,
                          "max_seq_len": settings.max_seq_len},
+            "paged_kv": settings.paged_layout(),
             "state_layout": symbolic_state_layout(config, settings),
             "programs": manifest_programs,
             "versions": _versions(),

@@ -34,6 +34,11 @@ class ConfigError(ValueError):
     """A config.json (or a preset override) that this implementation cannot run."""
 
 
+
+def pages_per_seq(max_seq_len: int, page_size: int) -> int:
+    """Block-table width: pages one row needs to hold ``max_seq_len`` tokens."""
+    return -(-max_seq_len // page_size)
+
 @dataclass(frozen=True)
 class MiniMaxConfig:
     """Architecture of MiniMax-Text-01 (and M1, which is the same network). All sizes are explicit.
@@ -132,20 +137,27 @@ class MiniMaxConfig:
         return [slope * factor for slope in alibi_slopes(self.num_attention_heads)]
 
     # -------------------------------------------------------------------------------------------------- state
-    def state_layout(self, batch_size: int, max_seq_len: int, dtype: str = "bfloat16") -> list[dict[str, Any]]:
-        """Names, shapes and dtypes of the per-sequence decoding state, in the order of ``MiniMaxState.flatten``.
+    def state_layout(
+        self, batch_size: int, max_seq_len: int, dtype: str = "bfloat16", page_size: int = 256,
+        num_pages: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Names, shapes and dtypes of the decoding state, in the order of ``MiniMaxState.flatten``.
 
-        Lightning layers keep an fp32 ``[B, H, D, D]`` state; softmax layers a key and a value cache
-        ``[B, KVH, max_seq_len, D]`` in the model dtype.
+        Lightning layers keep an fp32 ``[B, H, D, D]`` state; softmax layers a key and a value page pool
+        ``[num_pages, KVH, page_size, D]`` in the model dtype (``kernels/attention/naive.py``), which rows reach
+        through the block table (``block_table_layout``). ``num_pages`` defaults to every row at full capacity
+        (``batch_size * pages_per_seq(max_seq_len, page_size)``). Every entry is updated in place by the programs.
         """
         H, D, KVH = self.num_attention_heads, self.head_dim, self.num_key_value_heads
+        if num_pages is None:
+            num_pages = batch_size * pages_per_seq(max_seq_len, page_size)
         layout = [
             {"name": f"lightning_state.{i}", "layer": i, "shape": [batch_size, H, D, D], "dtype": "float32"}
             for i in self.lightning_layers
         ]
         for kind in ("key_cache", "value_cache"):
             layout += [
-                {"name": f"{kind}.{i}", "layer": i, "shape": [batch_size, KVH, max_seq_len, D], "dtype": dtype}
+                {"name": f"{kind}.{i}", "layer": i, "shape": [num_pages, KVH, page_size, D], "dtype": dtype}
                 for i in self.softmax_layers
             ]
         return layout

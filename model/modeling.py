@@ -11,7 +11,9 @@ Entry points:
     forward(input_ids)                                -> logits [B, T, V]       (whole sequences)
     prefill(input_ids, state, positions=None)         -> (logits, state)        (a chunk of T tokens)
     decode(input_ids, positions, state)               -> (logits, state)        (one token per sequence)
-All are pure functions of their inputs and the weights: no ``.item()``, no data-dependent Python branches.
+``prefill`` and ``decode`` update ``state`` in place (lightning states, KV page pools) and return it: the
+exported programs then mutate their state inputs and copy no cache (``export/exporting.py``). No ``.item()``, no
+data-dependent Python branches.
 
 Ragged batches (left padding with a negative start position): a batch of prompts of lengths ``L_b`` padded on the
 left to ``L`` is passed with ``positions[b] = -(L - L_b)``, so token ``j`` of row ``b`` sits at absolute position
@@ -19,10 +21,9 @@ left to ``L`` is passed with ``positions[b] = -(L - L_b)``, so token ``j`` of ro
     * RoPE uses ``clamp(position, min=0)``.
     * Lightning layers (prefill): k and v are zeroed at pads (``torch.where``, NaN-safe) before the op, so a zero
       initial state stays exactly zero through the pads (pads only come before a row's first real token).
-    * Softmax layers: the KV-cache slot of a token is ``position mod S`` (S the cache length): pads write into the
-      last slots, which stay masked until the sequence reaches them and are overwritten before that (no collision
-      with real tokens while the padded chunk fits, ``L <= S``). The visibility mask uses ``clamp(position, min=0)``
-      so a pad query sees slot 0 and yields no NaN. Pad outputs are meaningless and are not used.
+    * Softmax layers (``kernels/attention``): ``paged_kv_write`` skips tokens at negative positions, and
+      ``paged_attention_*`` give a pad query zeros; a real query at ``p`` attends to its row's positions ``0..p``
+      through the block table. Pad outputs are not used.
 """
 
 from __future__ import annotations
@@ -82,11 +83,11 @@ def _rotate_half(x: Tensor) -> Tensor:
 def apply_partial_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the first ``cos.shape[-1]`` dims of each head, rotate-half (NeoX) pairing; the rest pass through.
 
-    x [B, heads, T, D]; cos, sin [B, T, rotary_dim] fp32. Computed in fp32, returned in x.dtype.
+    x [B, T, heads, D]; cos, sin [B, T, rotary_dim] fp32. Computed in fp32, returned in x.dtype.
     """
     r = cos.shape[-1]
     x_rot, x_pass = x[..., :r].float(), x[..., r:]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, T, r]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [B, T, 1, r]
     rotated = (x_rot * cos + _rotate_half(x_rot) * sin).to(x.dtype)
     return torch.cat((rotated, x_pass), dim=-1)
 
@@ -96,7 +97,9 @@ class _StepContext:
     """What every layer of one forward step shares."""
 
     decode: bool  # one token per sequence: lightning layers take the recurrent step
+    positions: Tensor  # [B] int64: position of each row's first token
     token_positions: Tensor  # [B, T] int64: absolute position of each input token (negative: a left pad)
+    block_table: Tensor  # [B, M] int32: the rows' pages in every softmax layer's pools
     cos: Tensor  # [B, T, rotary_dim] fp32
     sin: Tensor  # [B, T, rotary_dim] fp32
 
@@ -125,13 +128,16 @@ class LightningAttention(nn.Module):
         q, k, v = qkv.split(D, dim=-1)  # [B, T, H, D] each
         (lightning_state,) = state  # [B, H, D, D] fp32
         if ctx.decode:
-            o, lightning_state = torch.ops.minimax.lightning_decode(q, k, v, self.decay_rate, lightning_state)
+            o, new_state = torch.ops.minimax.lightning_decode(q, k, v, self.decay_rate, lightning_state)
         else:
             # Left pads (negative positions) contribute nothing: the zero state stays zero through them.
             real = (ctx.token_positions >= 0)[:, :, None, None]  # [B, T, 1, 1]
             k = torch.where(real, k, torch.zeros((), dtype=k.dtype, device=k.device))
             v = torch.where(real, v, torch.zeros((), dtype=v.dtype, device=v.device))
-            o, lightning_state = torch.ops.minimax.lightning_prefill(q, k, v, self.decay_rate, lightning_state)
+            o, new_state = torch.ops.minimax.lightning_prefill(q, k, v, self.decay_rate, lightning_state)
+        # In place: exported, the state is a mutated input (one [B, H, D, D] copy per layer and step; the KV
+        # pools, which are the large part, are written in place by their kernel and not copied at all).
+        lightning_state.copy_(new_state)
         o = self.norm(o.reshape(B, T, H * D))  # [B, T, H*D]
         o = torch.sigmoid(self.output_gate(x)) * o
         return self.out_proj(o), (lightning_state,)
@@ -153,27 +159,18 @@ class SoftmaxAttention(nn.Module):
     def forward(self, x: Tensor, ctx: _StepContext, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         B, T, _ = x.shape
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
-        key_cache, value_cache = state  # [B, KVH, S, D]
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, KVH, D).transpose(1, 2)  # [B, KVH, T, D]
-        v = self.v_proj(x).view(B, T, KVH, D).transpose(1, 2)
-        q = apply_partial_rope(q, ctx.cos, ctx.sin)
-        k = apply_partial_rope(k, ctx.cos, ctx.sin)
-        # Write the new keys/values at their positions (out of place: the step stays a pure function). Slot =
-        # position mod S: left pads (negative positions) land in the last slots, masked until overwritten.
-        S = key_cache.shape[2]
-        slots = torch.remainder(ctx.token_positions, S)[:, None, :, None].expand(B, KVH, T, D)  # [B, KVH, T, D]
-        key_cache = key_cache.scatter(2, slots, k.to(key_cache.dtype))
-        value_cache = value_cache.scatter(2, slots, v.to(value_cache.dtype))
-        # Query at position p sees cache slots 0..p; later slots hold stale or zero entries and are masked. A pad
-        # query (p < 0) sees slot 0, so that its softmax has one finite entry (its output is not used).
-        query_positions = ctx.token_positions.clamp(min=0)  # [B, T]
-        visible = torch.arange(S, device=x.device)[None, None, :] <= query_positions[:, :, None]  # [B, T, S]
-        keys = key_cache.repeat_interleave(H // KVH, dim=1).to(q.dtype)  # [B, H, S, D]
-        values = value_cache.repeat_interleave(H // KVH, dim=1).to(q.dtype)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None], scale=1.0 / math.sqrt(D))
-        o = o.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
-        return self.o_proj(o), (key_cache, value_cache)
+        key_cache, value_cache = state  # page pools [P, KVH, page_size, D], updated in place
+        q = apply_partial_rope(self.q_proj(x).view(B, T, H, D), ctx.cos, ctx.sin)  # [B, T, H, D]
+        k = apply_partial_rope(self.k_proj(x).view(B, T, KVH, D), ctx.cos, ctx.sin)  # [B, T, KVH, D]
+        v = self.v_proj(x).view(B, T, KVH, D)
+        # Write the chunk's keys/values into the pages of their positions (left pads skipped), then attend over
+        # each row's positions 0..p through the block table: GQA by indexing, nothing repeated or masked densely.
+        torch.ops.minimax.paged_kv_write(key_cache, value_cache, k.to(key_cache.dtype), v.to(value_cache.dtype),
+                                         ctx.block_table, ctx.positions)
+        attend = torch.ops.minimax.paged_attention_decode if ctx.decode else torch.ops.minimax.paged_attention_prefill
+        o = attend(q.to(key_cache.dtype), key_cache, value_cache, ctx.block_table, ctx.positions,
+                   1.0 / math.sqrt(D)).to(x.dtype)  # [B, T, H, D]
+        return self.o_proj(o.reshape(B, T, H * D)), (key_cache, value_cache)
 
 
 class Experts(nn.Module):
@@ -258,19 +255,20 @@ class MiniMaxModel(nn.Module):
         # Negative positions are left pads (see the module docstring); RoPE sees them at position 0.
         freqs = token_positions.clamp(min=0)[..., None].float() * self.inv_freq  # [B, T, r/2] fp32
         emb = torch.cat((freqs, freqs), dim=-1)
-        ctx = _StepContext(decode=decode, token_positions=token_positions, cos=emb.cos(), sin=emb.sin())
+        ctx = _StepContext(decode=decode, positions=positions, token_positions=token_positions,
+                           block_table=state.block_table, cos=emb.cos(), sin=emb.sin())
 
-        lightning, key_cache, value_cache = list(state.lightning), list(state.key_cache), list(state.value_cache)
+        lightning, key_cache, value_cache = state.lightning, state.key_cache, state.value_cache
         h = self.embed_tokens(input_ids)  # [B, T, hidden]
         i_lin = i_soft = 0
         for layer in self.layers:
             if layer.is_lightning:
-                h, (lightning[i_lin],) = layer(h, ctx, (lightning[i_lin],))
+                h, _ = layer(h, ctx, (lightning[i_lin],))
                 i_lin += 1
             else:
-                h, (key_cache[i_soft], value_cache[i_soft]) = layer(h, ctx, (key_cache[i_soft], value_cache[i_soft]))
+                h, _ = layer(h, ctx, (key_cache[i_soft], value_cache[i_soft]))
                 i_soft += 1
-        return self.norm(h), MiniMaxState(lightning, key_cache, value_cache)
+        return self.norm(h), state  # every state tensor was updated in place
 
 
 class MiniMaxForCausalLM(nn.Module):
@@ -320,10 +318,14 @@ class MiniMaxForCausalLM(nn.Module):
     def _logits(self, h: Tensor) -> Tensor:
         return F.linear(h.float(), self.lm_head.weight)  # fp32 LM head -> fp32 logits [B, T, V]
 
-    def new_state(self, batch_size: int, max_seq_len: int, device: torch.device | str | None = None) -> MiniMaxState:
-        """A zero decoding state sized for this model (KV cache in the weights' dtype)."""
+    def new_state(
+        self, batch_size: int, max_seq_len: int, device: torch.device | str | None = None, page_size: int = 256
+    ) -> MiniMaxState:
+        """A zero decoding state sized for this model: KV pools in the weights' dtype, an identity block table."""
         device = self.lm_head.weight.device if device is None else device
-        return MiniMaxState.allocate(self.config, batch_size, max_seq_len, dtype=self.dtype, device=device)
+        page_size = min(page_size, max(1, max_seq_len))
+        return MiniMaxState.allocate(self.config, batch_size, max_seq_len, dtype=self.dtype, device=device,
+                                     page_size=page_size)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Whole sequences from an empty state: ``input_ids [B, T] -> logits [B, T, vocab]`` (fp32)."""
@@ -336,8 +338,9 @@ class MiniMaxForCausalLM(nn.Module):
     ) -> tuple[Tensor, MiniMaxState]:
         """Process a chunk ``input_ids [B, T]`` starting at ``positions [B]`` (default 0) on top of ``state``.
 
-        Returns ``(logits [B, T, V] fp32 (or [B, 1, V] with last_logits_only), new state)``; the input state is not
-        modified. Calling prefill on consecutive chunks with the state carried equals one call on the whole.
+        Returns ``(logits [B, T, V] fp32 (or [B, 1, V] with last_logits_only), state)``; ``state`` is updated in
+        place and returned. Calling prefill on consecutive chunks equals one call on the whole. Rows must not run
+        past the block table (``runtime.Engine`` checks; the CPU reference ops refuse, the traced kernels cannot).
         A negative ``positions[b]`` marks the first ``-positions[b]`` tokens of row b as left pads (module docstring).
         """
         if positions is None:

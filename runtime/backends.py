@@ -2,10 +2,12 @@
 
 A loader is ``load_programs(folder, manifest, device) -> {"prefill": fn, "decode": fn}`` with
 
-    fn(input_ids [B, T] int64, positions [B] int64, state: list[Tensor]) -> (logits [B, 1, V] fp32, list[Tensor])
+    fn(input_ids [B, T] int64, positions [B] int64, block_table [B, M] int32, state: list[Tensor])
+        -> (logits [B, 1, V] fp32, list[Tensor])
 
 state tensors in the manifest's ``state_layout`` order, every input contiguous and on ``device`` (the engine-folder
-contract, ``export/engine_folder.py``). ``BACKEND_LOADERS`` maps a manifest's ``backend`` to its loader, given as
+contract, ``export/engine_folder.py``). The returned list is the state after the step: the input tensors
+themselves for in-place programs (AOTInductor, eager), new tensors for functional ones (TensorRT). ``BACKEND_LOADERS`` maps a manifest's ``backend`` to its loader, given as
 a callable or as ``"module:function"``, imported only when an engine of that backend is loaded (so TensorRT is
 needed only by TensorRT engines).
 """
@@ -23,9 +25,20 @@ from export.engine_folder import EngineFolderError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKEND_LOADERS", "Program", "load_programs", "load_aoti_programs"]
+__all__ = ["BACKEND_LOADERS", "InPlaceProgram", "Program", "load_programs", "load_aoti_programs"]
 
-Program = Callable[[torch.Tensor, torch.Tensor, list], tuple]
+Program = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], tuple]
+
+
+class InPlaceProgram:
+    """A program that updates its state inputs in place and returns the logits (an AOTInductor package, or the
+    eager ``PrefillProgram`` / ``DecodeProgram``), behind the runtime protocol: returns ``(logits, state)``."""
+
+    def __init__(self, fn: Callable, name: str = ""):
+        self.fn, self.name = fn, name
+
+    def __call__(self, input_ids, positions, block_table, state: list) -> tuple:
+        return self.fn(input_ids, positions, block_table, state), state
 
 
 def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.device) -> dict[str, Program]:
@@ -39,11 +52,12 @@ def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.dev
     for name in ("prefill", "decode"):
         path = Path(folder) / manifest["programs"][name]["file"]
         try:
-            programs[name] = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
-                                                               device_index=device_index)
+            package = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
+                                                        device_index=device_index)
         except RuntimeError as e:
             raise EngineFolderError(f"{path}: cannot load the AOTInductor package ({e})"[:600]) from e
-        check_aoti_settings(path, programs[name], manifest)
+        check_aoti_settings(path, package, manifest)
+        programs[name] = InPlaceProgram(package, name)
         logger.info("loaded %s (AOTInductor, %s)", path, device)
     return programs
 
@@ -64,7 +78,8 @@ def check_aoti_settings(path: Path, package: Any, manifest: dict[str, Any]) -> N
         raise EngineFolderError(f"{path}: the package carries no build settings ({type(e).__name__}: {e}); "
                                 "it was not built by this version of build.py: rebuild the engine") from e
     claimed = {"backend": manifest["backend"], "device": manifest["device"], "dtype": manifest["dtype"],
-               **manifest["profiles"]}
+               **manifest["profiles"], "page_size": manifest["paged_kv"]["page_size"],
+               "num_pages": manifest["paged_kv"]["num_pages"]}
     differ = [f"{k}: manifest {claimed[k]!r}, program {v!r}" for k, v in sorted(built.items())
               if k in claimed and claimed[k] != v]
     if differ:

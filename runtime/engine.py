@@ -14,7 +14,15 @@ borrows a token from the next chunk, or, when ``max_input_len == 2``, is moved t
 row is real).
 
 Requests are validated in full before the state is touched; a refused request raises ``RequestError`` and leaves
-the engine usable. Each request starts from a zeroed state (rows ``0..B-1`` of the buffers allocated at load).
+the engine usable. Each request starts from zeroed lightning states (rows ``0..B-1`` of the buffers allocated at
+load) and takes the KV pages it needs from the pools (``PagePool``): row b gets ``ceil((L_b + max_new_tokens) /
+page_size)`` pages, listed in its block-table row, all reserved before the first step so that a request either
+fits the pool or is refused at once. Pages are not zeroed: the kernels read only the positions a row holds.
+
+Every step is checked against the table before it runs (the compiled kernels cannot raise): a chunk that runs past
+the context length, a row without pages for its positions when the pool has none left, or positions that go
+backwards or skip ahead of what the row holds are refused (``RequestError`` naming the row, the length and the
+limit), and nothing is written.
 """
 
 from __future__ import annotations
@@ -30,12 +38,12 @@ from torch import Tensor
 
 from export.engine_folder import DTYPES, EngineFolderError, read_manifest
 
-from .backends import Program, load_programs
+from .backends import InPlaceProgram, Program, load_programs
 from .sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "RequestError", "GenerationStats", "chunk_plan"]
+__all__ = ["Engine", "RequestError", "GenerationStats", "PagePool", "chunk_plan"]
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit seed; the runtime accepts the non-negative int64s
 
@@ -102,6 +110,81 @@ class _Request:
     prompt: Tensor  # [B, L] (CPU) what generate returns in front of the new tokens
 
 
+class PagePool:
+    """The KV pages of an engine (every softmax layer's pools share one page numbering) and which row holds which.
+
+    ``table`` is the CPU block table ``[max_batch, M]`` int32 (unused entries 0: never read, since the kernels only
+    read positions a row holds); ``held[b]`` is the number of positions row b holds (its next position).
+    """
+
+    def __init__(self, num_pages: int, page_size: int, max_pages_per_seq: int, max_batch: int):
+        self.num_pages, self.page_size, self.max_pages_per_seq = num_pages, page_size, max_pages_per_seq
+        self.table = torch.zeros(max_batch, max_pages_per_seq, dtype=torch.int32)
+        self.rows: list[list[int]] = [[] for _ in range(max_batch)]
+        self.held = [0] * max_batch
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity(self) -> int:
+        """Positions one row can hold (the block-table width in tokens)."""
+        return self.max_pages_per_seq * self.page_size
+
+    def pages_for(self, length: int) -> int:
+        return -(-max(length, 0) // self.page_size)
+
+    def release_all(self) -> None:
+        for row in self.rows:
+            self._free.extend(reversed(row))
+            row.clear()
+        self._free.sort(reverse=True)
+        self.table.zero_()
+        self.held = [0] * len(self.held)
+
+    def ensure(self, lengths: Sequence[int]) -> bool:
+        """Give row b pages for positions ``0..lengths[b]-1`` (all rows or none: ``RequestError`` when the pool
+        or the table is short, naming the row). Returns whether the table changed."""
+        need = [max(0, self.pages_for(n) - len(self.rows[b])) for b, n in enumerate(lengths)]
+        for b, n in enumerate(lengths):
+            if n > self.capacity:
+                raise RequestError(f"row {b}: {n} positions exceed the context length {self.capacity} "
+                                   f"(max_seq_len; {self.max_pages_per_seq} pages of {self.page_size} tokens)")
+        if sum(need) > len(self._free):
+            short = next(b for b in range(len(need)) if sum(need[: b + 1]) > len(self._free))
+            raise RequestError(
+                f"KV-cache pool out of pages: row {short} needs {self.pages_for(lengths[short])} pages for "
+                f"{lengths[short]} positions; {sum(need)} new pages are needed over the batch, "
+                f"{len(self._free)} of the pool's {self.num_pages} are free (build with a larger --num-pages)")
+        for b, n in enumerate(need):
+            for _ in range(n):
+                page = self._free.pop()
+                self.table[b, len(self.rows[b])] = page
+                self.rows[b].append(page)
+        return any(need)
+
+    def check_step(self, positions: Sequence[int], T: int) -> None:
+        """Refuse a step whose rows do not continue what they hold (``RequestError``); nothing is changed."""
+        for b, p0 in enumerate(positions):
+            end = p0 + T
+            if end > self.capacity:
+                raise RequestError(f"row {b}: a chunk of {T} tokens at position {p0} reaches position {end - 1}, "
+                                   f"past the context length {self.capacity} (max_seq_len)")
+            if end <= 0:
+                continue  # only left pads: nothing is written
+            start = max(p0, 0)
+            if start != self.held[b]:
+                how = "go backwards" if start < self.held[b] else "skip ahead"
+                raise RequestError(f"row {b}: positions {how}: the row holds {self.held[b]} positions, the chunk "
+                                   f"starts at position {p0} (each step must continue at the row's next position)")
+
+    def advance(self, positions: Sequence[int], T: int) -> None:
+        for b, p0 in enumerate(positions):
+            self.held[b] = max(self.held[b], p0 + T)
+
+
 class Engine:
     """Prefill/decode programs, the model config, the shape limits they were built for, and the decoding state.
 
@@ -119,6 +202,7 @@ class Engine:
         max_batch: int,
         max_input_len: int,
         max_seq_len: int,
+        paged_kv: dict[str, int],
         backend: str,
         dtype: str,
         source: str = "",
@@ -131,11 +215,17 @@ class Engine:
         self.backend, self.dtype, self.source = backend, dtype, source
         self.vocab_size: int = config.vocab_size
         self.stats = GenerationStats()
+        self.paged_kv = dict(paged_kv)
+        self.pages = PagePool(paged_kv["num_pages"], paged_kv["page_size"], paged_kv["max_pages_per_seq"], max_batch)
         self._buffers = self._allocate_state(max_batch)  # kept for the engine's life; requests use rows 0..B-1
-        self.state: list[Tensor] = [t[:0] for t in self._buffers]  # state of the current/last request
+        self._per_row = ["B" in e["shape"] for e in state_layout]  # lightning states: rows; KV pools: whole
+        self.state: list[Tensor] = self._rows_of(0)  # state of the current/last request
+        self._table = self.pages.table.to(self.device)  # the block table the programs read ([max_batch, M])
+        self._batch = 0
         logger.info(
-            "engine %s: backend %s, %s on %s, batch <= %d, prefill chunk <= %d, context <= %d, state %.1f MiB",
-            source or "(unnamed)", backend, dtype, self.device, max_batch, max_input_len, max_seq_len,
+            "engine %s: backend %s, %s on %s, batch <= %d, prefill chunk <= %d, context <= %d, KV pages %d x %d "
+            "tokens, state %.1f MiB", source or "(unnamed)", backend, dtype, self.device, max_batch, max_input_len,
+            max_seq_len, paged_kv["num_pages"], paged_kv["page_size"],
             sum(t.numel() * t.element_size() for t in self._buffers) / 2**20,
         )
 
@@ -176,24 +266,28 @@ class Engine:
         profiles = manifest["profiles"]
         return cls(programs, config, device=target, state_layout=manifest["state_layout"],
                    max_batch=profiles["max_batch"], max_input_len=profiles["max_input_len"],
-                   max_seq_len=profiles["max_seq_len"], backend=manifest["backend"], dtype=manifest["dtype"],
-                   source=str(folder))
+                   max_seq_len=profiles["max_seq_len"], paged_kv=manifest["paged_kv"], backend=manifest["backend"],
+                   dtype=manifest["dtype"], source=str(folder))
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, max_batch: int, max_input_len: int, max_seq_len: int) -> "Engine":
-        """The eager ``MiniMaxForCausalLM`` behind the engine interface (same limits and chunking as a built engine)."""
+    def from_model(cls, model: torch.nn.Module, max_batch: int, max_input_len: int, max_seq_len: int,
+                   page_size: int = 256, num_pages: int | None = None) -> "Engine":
+        """The eager ``MiniMaxForCausalLM`` behind the engine interface (same limits, chunking and paged cache as a
+        built engine)."""
         from export.engine_folder import BuildSettings, symbolic_state_layout
         from export.exporting import DecodeProgram, PrefillProgram
 
         dtype = next(k for k, v in DTYPES.items() if v == model.dtype)
         device = model.lm_head.weight.device
         settings = BuildSettings(device=device.type, dtype=dtype, max_batch=max_batch, max_input_len=max_input_len,
-                                 max_seq_len=max_seq_len)
+                                 max_seq_len=max_seq_len, page_size=page_size, num_pages=num_pages)
         settings.validate(model.config.max_position_embeddings)
         model.eval()
         layout = symbolic_state_layout(model.config, settings)  # the layout a built engine's manifest carries
-        return cls({"prefill": PrefillProgram(model), "decode": DecodeProgram(model)}, model.config, device=device,
-                   state_layout=layout, max_batch=max_batch, max_input_len=max_input_len, max_seq_len=max_seq_len,
+        programs = {"prefill": InPlaceProgram(PrefillProgram(model), "prefill"),
+                    "decode": InPlaceProgram(DecodeProgram(model), "decode")}
+        return cls(programs, model.config, device=device, state_layout=layout, max_batch=max_batch,
+                   max_input_len=max_input_len, max_seq_len=max_seq_len, paged_kv=settings.paged_layout(),
                    backend="eager", dtype=dtype, source="eager model")
 
     def _allocate_state(self, batch: int) -> list[Tensor]:
@@ -203,27 +297,65 @@ class Engine:
             tensors.append(torch.zeros(shape, dtype=DTYPES[entry["dtype"]], device=self.device))
         return tensors
 
+    def _rows_of(self, batch: int) -> list[Tensor]:
+        # A prefix of dim 0 of a contiguous tensor is contiguous (the programs need contiguous inputs).
+        return [t[:batch] if per_row else t for t, per_row in zip(self._buffers, self._per_row)]
+
     def reset(self, batch: int) -> list[Tensor]:
-        """Zero the state of rows ``0..batch-1`` and make it the current state (``batch <= max_batch``)."""
+        """Start a new batch of ``batch`` rows (``<= max_batch``): lightning states of rows ``0..batch-1`` zeroed,
+        every KV page returned to the pool (rows get pages again with ``reserve`` or on their first step)."""
         if not 1 <= batch <= self.max_batch:
             raise RequestError(f"batch {batch} is outside [1, max_batch={self.max_batch}]")
         with torch.no_grad():
-            # A prefix of dim 0 of a contiguous tensor is contiguous (the programs need contiguous inputs).
-            self.state = [t[:batch].zero_() for t in self._buffers]
+            self.state = self._rows_of(batch)
+            for t, per_row in zip(self.state, self._per_row):
+                if per_row:
+                    t.zero_()
+        self.pages.release_all()
+        self._table.zero_()
+        self._batch = batch
         return self.state
 
+    def reserve(self, lengths: Sequence[int]) -> None:
+        """Give row b of the current batch KV pages for ``lengths[b]`` positions (``RequestError`` if the pool or
+        the context length is short; then nothing is reserved)."""
+        if len(lengths) != self._batch:
+            raise RequestError(f"reserve: {len(lengths)} lengths for a batch of {self._batch}")
+        if self.pages.ensure(list(lengths)):
+            self._table[: self._batch].copy_(self.pages.table[: self._batch])
+
+    @property
+    def block_table(self) -> Tensor:
+        """The block table of the current batch, ``[B, M]`` int32 on the engine's device."""
+        return self._table[: self._batch]
+
     # ------------------------------------------------------------------------------------------------ steps
-    @torch.no_grad()
-    def prefill(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        """One prefill chunk on the current state: ``[B, T]`` ids (2 <= T <= max_input_len) -> logits ``[B, V]``."""
-        logits, self.state = self.programs["prefill"](input_ids.contiguous(), positions.contiguous(), self.state)
+    def _step(self, name: str, input_ids: Tensor, positions: Tensor, positions_cpu: Sequence[int] | None) -> Tensor:
+        B, T = input_ids.shape
+        if B != self._batch:
+            raise RequestError(f"{name}: {B} rows, the current batch has {self._batch} (call reset first)")
+        if positions.shape != (B,):
+            raise RequestError(f"{name}: positions must be [B={B}], got {tuple(positions.shape)}")
+        if positions_cpu is None:
+            positions_cpu = positions.tolist()
+        self.pages.check_step(positions_cpu, T)
+        self.reserve([max(self.pages.held[b], p + T) for b, p in enumerate(positions_cpu)])
+        logits, self.state = self.programs[name](input_ids.contiguous(), positions.contiguous(), self.block_table,
+                                                 self.state)
+        self.pages.advance(positions_cpu, T)
         return logits[:, -1]
 
     @torch.no_grad()
-    def decode(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+    def prefill(self, input_ids: Tensor, positions: Tensor, positions_cpu: Sequence[int] | None = None) -> Tensor:
+        """One prefill chunk on the current state: ``[B, T]`` ids (2 <= T <= max_input_len) -> logits ``[B, V]``.
+
+        ``positions_cpu``: the same positions as Python ints, when the caller knows them (saves a device sync)."""
+        return self._step("prefill", input_ids, positions, positions_cpu)
+
+    @torch.no_grad()
+    def decode(self, input_ids: Tensor, positions: Tensor, positions_cpu: Sequence[int] | None = None) -> Tensor:
         """One decode step on the current state: ``[B, 1]`` ids at ``positions [B]`` -> logits ``[B, V]``."""
-        logits, self.state = self.programs["decode"](input_ids.contiguous(), positions.contiguous(), self.state)
-        return logits[:, -1]
+        return self._step("decode", input_ids, positions, positions_cpu)
 
     # ------------------------------------------------------------------------------------------------ requests
     def _prepare(
@@ -266,6 +398,12 @@ class Engine:
                 f"prompt {b} has {L} tokens; with max_new_tokens {max_new_tokens} the sequence would reach "
                 f"{L + max_new_tokens} tokens, past the engine's context length max_seq_len {self.max_seq_len}"
             )
+        pages = sum(self.pages.pages_for(int(n) + max_new_tokens) for n in lengths)
+        if pages > self.pages.num_pages:
+            raise RequestError(
+                f"KV-cache pool out of pages: the batch needs {pages} pages of {self.pages.page_size} tokens for its "
+                f"prompts plus max_new_tokens {max_new_tokens}, the pool has {self.pages.num_pages} "
+                f"(build with a larger --num-pages, or send fewer or shorter prompts)")
         ids = torch.full((B, L), pad, dtype=torch.long)
         for b, row in enumerate(rows):
             ids[b, L - len(row):] = torch.tensor(row, dtype=torch.long)
@@ -384,16 +522,19 @@ class Engine:
         generator = None
         if request.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        start = (lengths - L).to(self.device)  # [B] position of column 0: negative for left pads
+        start_cpu = lengths - L  # [B] position of column 0: negative for left pads
+        start = start_cpu.to(self.device)
         self.reset(B)
+        self.reserve([int(n) + request.max_new_tokens for n in lengths])  # fits: checked in _prepare
         t0 = time.perf_counter()
         for c0, c1 in chunk_plan(L, self.max_input_len):
             step = self.decode if c1 - c0 == 1 else self.prefill
-            logits = step(ids[:, c0:c1], start + c0)
+            logits = step(ids[:, c0:c1], start + c0, (start_cpu + c0).tolist())
             stats.prefill_chunks += 1
         self._sync()
         stats.prefill_s = time.perf_counter() - t0
         positions = lengths.to(self.device)  # [B] next position of each row
+        positions_cpu = lengths.clone()
         finished = torch.zeros(B, dtype=torch.bool, device=self.device)
         eos = request.eos_token_id
         s = request.sampling
@@ -407,8 +548,8 @@ class Engine:
             yield token
             if i + 1 == request.max_new_tokens or (eos is not None and bool(finished.all())):
                 break
-            logits = self.decode(token[:, None], positions)
-            positions = positions + 1
+            logits = self.decode(token[:, None], positions, positions_cpu.tolist())
+            positions, positions_cpu = positions + 1, positions_cpu + 1
             stats.decode_steps += 1
         self._sync()
         stats.decode_s = time.perf_counter() - t0

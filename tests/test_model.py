@@ -47,30 +47,56 @@ def test_chunked_prefill_equals_one_prefill(tiny):
 
 @torch.no_grad()
 def test_sequences_at_different_positions_decode_independently(tiny):
-    """A batch whose rows sit at different positions equals each row decoded alone."""
+    """A batch whose rows sit at different positions, with pages scattered in one pool, equals each row alone."""
     V = tiny.config.vocab_size
     g = torch.Generator().manual_seed(3)
     a, b = torch.randint(0, V, (1, 9), generator=g), torch.randint(0, V, (1, 14), generator=g)
     full_a, full_b = tiny(a), tiny(b)
-    _, sa = tiny.prefill(a[:, :8], tiny.new_state(1, 16))
-    _, sb = tiny.prefill(b[:, :13], tiny.new_state(1, 16))
-    batched = MiniMaxState(*(list(map(lambda x, y: torch.cat([x, y]), f1, f2)) for f1, f2 in
-                             ((sa.lightning, sb.lightning), (sa.key_cache, sb.key_cache), (sa.value_cache, sb.value_cache))))
+    _, sa = tiny.prefill(a[:, :8], tiny.new_state(1, 16, page_size=4))
+    _, sb = tiny.prefill(b[:, :13], tiny.new_state(1, 16, page_size=4))
+    # one pool of 8 pages: row 0's pages are sa's, placed at 5, 1, 6, 2; row 1's at 7, 3, 0, 4
+    order = torch.tensor([[5, 1, 6, 2], [7, 3, 0, 4]], dtype=torch.int32)
+    pools = []
+    for ka, kb in zip(sa.key_cache + sa.value_cache, sb.key_cache + sb.value_cache):
+        pool = torch.full((8, *ka.shape[1:]), float("nan"))
+        pool[order[0].long()] = ka[sa.block_table[0].long()]
+        pool[order[1].long()] = kb[sb.block_table[0].long()]
+        pools.append(pool)
+    n = len(sa.key_cache)
+    batched = MiniMaxState([torch.cat([x, y]) for x, y in zip(sa.lightning, sb.lightning)], pools[:n], pools[n:],
+                           order)
+    # positions not held yet (8.., 13..) are NaN in the pool: the kernels must not read them
+    for pool in pools:
+        pool[order[0, 2:].long()] = float("nan")  # row 0 holds 8 positions = pages 0, 1 of its table
+        pool[order[1, 3:].long(), :, 1:] = float("nan")  # row 1 holds 13 = pages 0..2 and slot 0 of page 3
     step, _ = tiny.decode(torch.cat([a[:, 8:9], b[:, 13:14]]), torch.tensor([8, 13]), batched)
     assert rel_err(step[0, 0], full_a[0, 8]) < 1e-5
     assert rel_err(step[1, 0], full_b[0, 13]) < 1e-5
 
 
 @torch.no_grad()
-def test_prefill_is_pure(tiny):
-    ids = torch.randint(0, tiny.config.vocab_size, (1, 7))
-    state = tiny.new_state(1, 8)
-    for t in state.flatten():
-        t.normal_()
+def test_prefill_and_decode_update_the_state_in_place(tiny):
+    """The state tensors are updated where they lie (same storage), the block table is not written, pages of
+    other rows are not touched, and the result equals a fresh state's."""
+    ids = torch.randint(0, tiny.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
+    expect, _ = tiny.prefill(ids, tiny.new_state(1, 8, page_size=4))
+    state = tiny.new_state(1, 8, page_size=4)
+    spare = torch.randn(2, *state.key_cache[0].shape[1:])  # two more pages owned by nobody
+    state.key_cache = [torch.cat([k, spare]) for k in state.key_cache]
+    state.value_cache = [torch.cat([v, spare]) for v in state.value_cache]
+    table = state.block_table.clone()
+    pointers = [t.data_ptr() for t in state.flatten()]
     before = [t.clone() for t in state.flatten()]
-    tiny.prefill(ids, state)
-    tiny.decode(ids[:, :1], torch.tensor([3]), state)
-    assert all(torch.equal(a, b) for a, b in zip(before, state.flatten()))
+    logits, out = tiny.prefill(ids, state)
+    assert out is state and [t.data_ptr() for t in state.flatten()] == pointers
+    assert torch.equal(state.block_table, table)
+    assert rel_err(logits, expect) == 0
+    changed = [not torch.equal(a, b) for a, b in zip(before, state.flatten())]
+    assert all(changed), "every lightning state and pool is written"
+    for k in state.key_cache + state.value_cache:
+        assert torch.equal(k[2:], spare), "pages outside the block table are not touched"
+    tiny.decode(ids[:, :1], torch.tensor([7]), state)
+    assert [t.data_ptr() for t in state.flatten()] == pointers
 
 
 @torch.no_grad()
@@ -82,8 +108,8 @@ def test_last_logits_only(tiny):
 
 
 def test_partial_rope_rotates_only_rotary_dims_in_pairs_half_apart():
-    B, H, T, D, r = 1, 2, 5, 16, 8
-    x = torch.randn(B, H, T, D)
+    B, T, H, D, r = 1, 5, 2, 16, 8
+    x = torch.randn(B, T, H, D)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, r, 2).float() / r))
     pos = torch.arange(T).float()[None]
     freqs = pos[..., None] * inv_freq  # [B, T, r/2]
@@ -91,7 +117,7 @@ def test_partial_rope_rotates_only_rotary_dims_in_pairs_half_apart():
     y = apply_partial_rope(x, emb.cos(), emb.sin())
     assert torch.equal(y[..., r:], x[..., r:])  # pass-through dims untouched
     # pair (i, i + r/2) is rotated by angle pos * inv_freq[i], as a complex multiplication
-    z = torch.complex(x[..., : r // 2], x[..., r // 2 : r]) * torch.polar(torch.ones_like(freqs), freqs)[:, None]
+    z = torch.complex(x[..., : r // 2], x[..., r // 2 : r]) * torch.polar(torch.ones_like(freqs), freqs)[:, :, None]
     torch.testing.assert_close(y[..., : r // 2], z.real, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(y[..., r // 2 : r], z.imag, rtol=1e-6, atol=1e-6)
 
