@@ -16,7 +16,8 @@ from export.exporting import DecodeProgram, PrefillProgram
 from model import MiniMaxConfig, MiniMaxForCausalLM
 from tests.utils import logit_report
 
-SETTINGS = BuildSettings(backend="aoti", device="cpu", dtype="float32", max_batch=4, max_input_len=24, max_seq_len=40)
+SETTINGS = BuildSettings(backend="aoti", device="cpu", dtype="float32", max_batch=4, max_input_len=24, max_seq_len=40,
+                         page_size=8)  # 5 pages per row: prompts and decode steps cross pages
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +32,30 @@ def engine(tiny, tmp_path_factory):
     return out, manifest
 
 
-def _run_steps(prefill, decode, ids, n_prompt, max_seq_len, config, dtype=torch.float32):
-    """Prefill ids[:, :n_prompt], then decode the remaining ids one by one; returns the logits of every step."""
-    from model import MiniMaxState
+def paged_state(config, batch: int, settings: BuildSettings, device="cpu", seed: int = 0):
+    """A zero state of the build's pools (``settings.num_pages`` pages) and a block table whose rows own
+    scattered pages (a random permutation), the way the runtime's allocator hands them out."""
+    paged = settings.paged_layout()
+    H, D, KVH = config.num_attention_heads, config.head_dim, config.num_key_value_heads
+    lightning = [torch.zeros(batch, H, D, D, device=device) for _ in config.lightning_layers]
+    pools = [torch.zeros(paged["num_pages"], KVH, paged["page_size"], D, dtype=settings.torch_dtype, device=device)
+             for _ in range(2 * len(config.softmax_layers))]
+    M = paged["max_pages_per_seq"]
+    order = torch.randperm(paged["num_pages"], generator=torch.Generator().manual_seed(seed))[: batch * M]
+    return order.view(batch, M).to(torch.int32).to(device), [*lightning, *pools]
 
+
+def _run_steps(prefill, decode, ids, n_prompt, settings, config):
+    """Prefill ids[:, :n_prompt], then decode the remaining ids one by one, on a paged state the programs update in
+    place; returns the logits of every step and the final state."""
     B, device = ids.shape[0], ids.device
-    state = MiniMaxState.allocate(config, B, max_seq_len, dtype, device).flatten()
+    table, state = paged_state(config, B, settings, device)
     # Engines take contiguous inputs only (AOTInductor compiles for the example inputs' strides and does not check).
-    logits, state = prefill(ids[:, :n_prompt].contiguous(), torch.zeros(B, dtype=torch.long, device=device), state)
+    logits = prefill(ids[:, :n_prompt].contiguous(), torch.zeros(B, dtype=torch.long, device=device), table, state)
     steps = [logits]
     for t in range(n_prompt, ids.shape[1]):
-        logits, state = decode(ids[:, t : t + 1].contiguous(), torch.full((B,), t, dtype=torch.long, device=device), state)
+        logits = decode(ids[:, t : t + 1].contiguous(), torch.full((B,), t, dtype=torch.long, device=device), table,
+                        state)
         steps.append(logits)
     return torch.cat(steps, 1), state
 
@@ -50,9 +64,8 @@ def _run_steps(prefill, decode, ids, n_prompt, max_seq_len, config, dtype=torch.
 def test_exported_programs_equal_eager(tiny):
     programs = export_programs(tiny, SETTINGS)
     ids = torch.randint(0, tiny.config.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
-    eager = _run_steps(PrefillProgram(tiny), DecodeProgram(tiny), ids, 13, SETTINGS.max_seq_len, tiny.config)
-    exported = _run_steps(programs["prefill"].module(), programs["decode"].module(), ids, 13, SETTINGS.max_seq_len,
-                          tiny.config)
+    eager = _run_steps(PrefillProgram(tiny), DecodeProgram(tiny), ids, 13, SETTINGS, tiny.config)
+    exported = _run_steps(programs["prefill"].module(), programs["decode"].module(), ids, 13, SETTINGS, tiny.config)
     report = logit_report(exported[0], eager[0])
     assert report["max_abs"] < 1e-5 and report["top1"] == 1.0, report
     for a, b in zip(exported[1], eager[1]):
@@ -66,11 +79,37 @@ def test_aoti_engine_equals_eager_over_prefill_and_decode(tiny, engine, batch, p
     prefill = torch._inductor.aoti_load_package(str(folder / manifest["programs"]["prefill"]["file"]))
     decode = torch._inductor.aoti_load_package(str(folder / manifest["programs"]["decode"]["file"]))
     ids = torch.randint(0, tiny.config.vocab_size, (batch, prompt + 6), generator=torch.Generator().manual_seed(prompt))
-    ours = _run_steps(prefill, decode, ids, prompt, SETTINGS.max_seq_len, tiny.config)
-    ref = _run_steps(PrefillProgram(tiny), DecodeProgram(tiny), ids, prompt, SETTINGS.max_seq_len, tiny.config)
+    ours = _run_steps(prefill, decode, ids, prompt, SETTINGS, tiny.config)
+    ref = _run_steps(PrefillProgram(tiny), DecodeProgram(tiny), ids, prompt, SETTINGS, tiny.config)
     report = logit_report(ours[0], ref[0])
     print(f"AOTI CPU vs eager, batch {batch}, prompt {prompt} + 6 decode steps: {report}")
     assert report["max_abs"] < 1e-4 and report["kl_max"] < 1e-9 and report["top1"] == 1.0, report
+    for a, b in zip(ours[1], ref[1]):  # the package updated its state inputs in place, as eager did
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_programs_update_state_in_place_and_copy_no_pool(tiny):
+    """The exported programs mutate exactly the state inputs and return only the logits; the pools are written
+    by ``paged_kv_write`` alone (no copy of a pool), the lightning states by one copy each."""
+    from torch.export.graph_signature import OutputKind
+
+    programs = export_programs(tiny, SETTINGS)
+    n_lin, n_soft = len(tiny.config.lightning_layers), len(tiny.config.softmax_layers)
+    for name, ep in programs.items():
+        ep = ep.run_decompositions({})  # the functional form that AOTInductor lowers (and re-inplaces)
+        sig = ep.graph_signature
+        user = [s.arg.name for s in sig.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+        mutated = [s.target for s in sig.output_specs if s.kind == OutputKind.USER_INPUT_MUTATION]
+        assert mutated == user[3:] and len(mutated) == n_lin + 2 * n_soft, (name, mutated, user)
+        assert [s.kind for s in sig.output_specs].count(OutputKind.USER_OUTPUT) == 1
+        writes = [n for n in ep.graph.nodes if n.op == "call_function" and "auto_functionalized" in str(n.target)]
+        assert len(writes) == n_soft and all(n.args[0] is torch.ops.minimax.paged_kv_write.default for n in writes)
+        pool_names = set(user[3 + n_lin:])
+        copies = [n for n in ep.graph.nodes if n.op == "call_function" and n.target in (
+            torch.ops.aten.copy.default, torch.ops.aten.clone.default, torch.ops.aten.copy_.default)]
+        assert len(copies) == n_lin and not any(a.name in pool_names for n in copies for a in n.args
+                                                 if isinstance(a, torch.fx.Node)), [n.args for n in copies]
 
 
 def test_manifest_describes_the_engine(tiny, engine):
@@ -79,11 +118,15 @@ def test_manifest_describes_the_engine(tiny, engine):
     assert manifest["backend"] == "aoti" and manifest["device"] == "cpu" and manifest["dtype"] == "float32"
     assert MiniMaxConfig.from_dict(manifest["model_config"]) == tiny.config
     assert manifest["profiles"] == {"max_batch": 4, "max_input_len": 24, "max_seq_len": 40}
+    assert manifest["paged_kv"] == {"page_size": 8, "num_pages": 20, "max_pages_per_seq": 5}
     names = [e["name"] for e in manifest["state_layout"]]
     assert names == [e["name"] for e in tiny.config.state_layout(1, 40)]
+    pools = [e["shape"] for e in manifest["state_layout"] if "cache" in e["name"]]
+    assert pools == [[20, tiny.config.num_key_value_heads, 8, tiny.config.head_dim]] * len(pools) and pools
     prefill = manifest["programs"]["prefill"]
-    assert [i["name"] for i in prefill["inputs"]] == ["input_ids", "positions", *names]
-    assert [o["name"] for o in prefill["outputs"]] == ["logits", *(n + ".out" for n in names)]
+    assert [i["name"] for i in prefill["inputs"]] == ["input_ids", "positions", "block_table", *names]
+    assert prefill["inputs"][2]["shape"] == ["B", 5] and prefill["inputs"][2]["dtype"] == "int32"
+    assert [o["name"] for o in prefill["outputs"]] == ["logits"] and prefill["state_update"] == "in_place"
     assert manifest["versions"]["torch"] == torch.__version__
     assert set(manifest["files"]) == {"prefill.pt2", "decode.pt2", "exported/prefill.pt2", "exported/decode.pt2",
                                       "contract.json"}
