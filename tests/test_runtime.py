@@ -12,10 +12,12 @@ import torch
 from export import BuildSettings, EngineFolderError, build_engine
 from model import MiniMaxConfig, MiniMaxForCausalLM, MiniMaxState
 from runtime import Engine, RequestError, chunk_plan
+from kernels.attention.naive import gather_row
 from tests.utils import logit_report
 
 # max_input_len 8 < the longest prompts below (chunked prefill); max_seq_len 48 < 64 (the RoPE/KV range matters).
-SETTINGS = BuildSettings(backend="aoti", device="cpu", dtype="float32", max_batch=4, max_input_len=8, max_seq_len=48)
+SETTINGS = BuildSettings(backend="aoti", device="cpu", dtype="float32", max_batch=4, max_input_len=8, max_seq_len=48,
+                         page_size=8)  # 6 pages of 8 per row, 24 in the pool
 V = MiniMaxConfig.preset("tiny").vocab_size
 
 
@@ -38,7 +40,8 @@ def aoti(engine_dir):
 
 @pytest.fixture(scope="module")
 def eager(tiny):
-    return Engine.from_model(tiny, SETTINGS.max_batch, SETTINGS.max_input_len, SETTINGS.max_seq_len)
+    return Engine.from_model(tiny, SETTINGS.max_batch, SETTINGS.max_input_len, SETTINGS.max_seq_len,
+                             page_size=SETTINGS.page_size)
 
 
 def prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -65,22 +68,23 @@ def test_ragged_prefill_equals_each_row_alone(tiny):
     L = max(lengths)
     ids = torch.stack([torch.cat([torch.full((L - n,), 0), r]) for r, n in zip(rows, lengths)])
     positions = torch.tensor([n - L for n in lengths])  # -(L - L_b)
-    state = tiny.new_state(3, S)
-    # Stale (finite) KV-cache contents must not matter: every slot a real token sees is written first. (The
-    # lightning state must start at zero; NaN in a masked slot would leak through 0 * NaN, so the runtime zeroes.)
+    state = tiny.new_state(3, S, page_size=4)
+    # Stale KV-cache contents must not matter, NaN included: the kernels read only the positions a row holds. (The
+    # lightning state must start at zero; the runtime zeroes it.)
     for t in state.key_cache + state.value_cache:
-        t.copy_(1e3 * torch.randn(t.shape, generator=torch.Generator().manual_seed(0)))
+        t.fill_(float("nan"))
     logits, state = tiny.prefill(ids, state, positions)
     assert torch.isfinite(logits).all()
     next_batched = []
     for b, (row, n) in enumerate(zip(rows, lengths)):
-        alone_logits, alone = tiny.prefill(row[None], tiny.new_state(1, S))
+        alone_logits, alone = tiny.prefill(row[None], tiny.new_state(1, S, page_size=4))
         report = logit_report(logits[b:b + 1, L - n:], alone_logits)
         assert report["max_abs"] < 1e-5 and report["top1"] == 1.0, (b, report)
         for got, ref in zip(state.lightning, alone.lightning):
             torch.testing.assert_close(got[b], ref[0], rtol=1e-5, atol=1e-6)
         for got, ref in zip(state.key_cache + state.value_cache, alone.key_cache + alone.value_cache):
-            torch.testing.assert_close(got[b, :, :n], ref[0, :, :n], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(gather_row(got, state.block_table[b], n), gather_row(ref, alone.block_table[0], n),
+                                       rtol=1e-5, atol=1e-6)
         # decode three tokens from both and compare
         nxt, st1 = alone_logits[:, -1].argmax(-1, keepdim=True), alone
         next_alone = []
@@ -101,11 +105,14 @@ def test_ragged_prefill_equals_each_row_alone(tiny):
 @torch.no_grad()
 def test_pads_leave_the_lightning_state_exactly_zero(tiny):
     ids = torch.tensor([[7, 8, 9, 10]])
-    _, state = tiny.prefill(ids, tiny.new_state(1, 16), torch.tensor([-4]))  # all four tokens are pads
+    _, state = tiny.prefill(ids, tiny.new_state(1, 16, page_size=4), torch.tensor([-4]))  # all four are pads
     assert all((t == 0).all() for t in state.lightning)
-    # pads wrote only into the last 4 KV slots (position mod S)
-    for k in state.key_cache:
-        assert (k[:, :, :12] == 0).all() and (k[:, :, 12:] != 0).any()
+    # pads write nothing into the KV cache
+    assert all((k == 0).all() for k in state.key_cache + state.value_cache)
+    # a chunk of 2 pads + 3 real tokens writes exactly positions 0..2 (page 0, slots 0..2)
+    _, state = tiny.prefill(torch.tensor([[7, 8, 9, 10, 11]]), tiny.new_state(1, 16, page_size=4), torch.tensor([-2]))
+    for k in state.key_cache + state.value_cache:
+        assert (k[0, :, :3] != 0).any(dim=-1).all() and (k[0, :, 3:] == 0).all() and (k[1:] == 0).all()
 
 
 def test_chunk_plan():
@@ -273,10 +280,60 @@ def test_cuda_engine_without_gpu_is_refused(engine_dir, tmp_path):
 
 
 def test_engine_allocates_the_manifest_state(aoti, tiny):
-    layout = tiny.config.state_layout(SETTINGS.max_batch, SETTINGS.max_seq_len, dtype="float32")
+    layout = tiny.config.state_layout(SETTINGS.max_batch, SETTINGS.max_seq_len, dtype="float32", page_size=8)
     assert [list(t.shape) for t in aoti._buffers] == [e["shape"] for e in layout]
     assert all(t.device == aoti.device for t in aoti._buffers)
     assert len(aoti.state) == len(MiniMaxState.allocate(tiny.config, 1, 4).flatten())
+    assert aoti.paged_kv == {"page_size": 8, "num_pages": 24, "max_pages_per_seq": 6}
+
+
+# ---------------------------------------------------------------------------------------------- paged KV cache
+def test_pages_are_handed_out_per_row_and_returned(aoti):
+    """A request reserves ceil((L_b + new) / page_size) pages per row, distinct across rows; the next request
+    starts from a full pool."""
+    aoti.generate(prompts([10, 3], seed=20), max_new_tokens=7)  # rows need 17 and 10 positions: 3 + 2 pages
+    rows = aoti.pages.rows[:2]
+    assert [len(r) for r in rows] == [3, 2] and len(set(rows[0]) | set(rows[1])) == 5
+    assert aoti.block_table.tolist() == [r + [0] * (6 - len(r)) for r in rows]
+    assert aoti.pages.free_pages == 24 - 5 and aoti.pages.held[:2] == [16, 9]
+    aoti.generate(prompts([4], seed=21), max_new_tokens=1)
+    assert aoti.pages.free_pages == 24 - 1
+
+
+def _pools(engine):
+    return [t.clone() for t, per_row in zip(engine.state, engine._per_row) if not per_row]
+
+
+@pytest.mark.parametrize("step, message", [
+    (lambda e: e.decode(torch.tensor([[5]]), torch.tensor([3])), "row 0: positions go backwards: the row holds 6"),
+    (lambda e: e.decode(torch.tensor([[5]]), torch.tensor([9])), "row 0: positions skip ahead: the row holds 6"),
+    (lambda e: e.prefill(torch.tensor([[5, 6]]), torch.tensor([47])), "reaches position 48, past the context length 48"),
+])
+def test_steps_that_do_not_continue_the_row_are_refused_and_write_nothing(aoti, step, message):
+    aoti.reset(1)
+    aoti.prefill(torch.tensor([prompts([6], seed=22)[0]]), torch.tensor([0]))
+    before = _pools(aoti)
+    with pytest.raises(RequestError, match=message):
+        step(aoti)
+    assert all(torch.equal(a, b) for a, b in zip(before, _pools(aoti)))
+    aoti.decode(torch.tensor([[5]]), torch.tensor([6]))  # the row continues where it was
+    assert aoti.pages.held[0] == 7
+
+
+def test_pool_out_of_pages_is_refused_before_any_step(tiny):
+    """A pool smaller than full capacity serves what fits and refuses, naming the need and the pool, what
+    does not; the engine stays usable."""
+    engine = Engine.from_model(tiny, 2, 8, 48, page_size=8, num_pages=6)
+    assert engine.generate(prompts([20], seed=23), max_new_tokens=28).shape == (1, 48)  # 6 pages
+    with pytest.raises(RequestError, match="pool out of pages: the batch needs 8 pages .* the pool has 6"):
+        engine.generate(prompts([20, 9], seed=24), max_new_tokens=13)  # 33 and 22 positions: 5 + 3 pages
+    engine.reset(2)
+    engine.reserve([40, 8])  # 5 + 1 pages: the pool is empty
+    with pytest.raises(RequestError, match="row 1 needs 2 pages for 9 positions; 1 new pages .* 0 of the pool's 6"):
+        engine.reserve([40, 9])
+    assert [len(r) for r in engine.pages.rows] == [5, 1]
+    out = engine.generate(prompts([5, 5], seed=25), max_new_tokens=3)
+    assert out.shape == (2, 8)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
