@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-input-len", type=int, default=64,
                    help="longest prefill chunk in tokens (default 64); longer prompts are prefilled in chunks")
     p.add_argument("--max-seq-len", type=int, default=128, help="longest context (prompt + generated, default 128)")
+    p.add_argument("--page-size", type=int, default=256,
+                   help="KV-cache page size in tokens (default 256, capped at --max-seq-len)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="pages per KV pool (default: every row at full context, max-batch * ceil(max-seq-len / "
+                        "page-size)); fewer pages serve fewer long rows at once")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing engine folder (only an engine folder, and only once the new one is complete)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -122,7 +127,8 @@ def _build(args: argparse.Namespace) -> int:
         try:  # everything cheap is checked before weights are read
             settings = BuildSettings(backend=backend, device=device, dtype=DTYPES[args.dtype],
                                      max_batch=args.max_batch, max_input_len=args.max_input_len,
-                                     max_seq_len=args.max_seq_len)
+                                     max_seq_len=args.max_seq_len, page_size=args.page_size,
+                                     num_pages=args.num_pages)
             if args.checkpoint:
                 config = MiniMaxConfig.from_pretrained(args.checkpoint)
             else:

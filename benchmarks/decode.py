@@ -162,13 +162,16 @@ def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: in
     """Export + AOTInductor-compile prefill and decode without packaged weights, load them onto the model's
     weights, and wrap them in ``runtime.Engine``. Returns (engine, build seconds by stage)."""
     from export import BuildSettings, export_programs
-    from export.engine_folder import DTYPES
+    from export.engine_folder import DTYPES, symbolic_state_layout
     from runtime import Engine
+    from runtime.backends import InPlaceProgram
 
     dtype = next(k for k, v in DTYPES.items() if v == model.dtype)
     device = model.lm_head.weight.device
     settings = BuildSettings(backend="aoti", device=device.type, dtype=dtype, max_batch=max_batch,
                              max_input_len=max_input_len, max_seq_len=max_seq_len)
+    paged = settings.paged_layout()
+    settings = dataclasses.replace(settings, page_size=paged["page_size"], num_pages=paged["num_pages"])
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     exported = export_programs(model, settings)
@@ -186,14 +189,12 @@ def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: in
         # the programs wrap the model as ``.model``: constant "model.<name>" is the model's "<name>"
         fn.load_constants({f: weights[f.removeprefix("model.")] for f in fqns}, check_full_update=True,
                           user_managed=True)
-        programs[name] = fn
+        programs[name] = InPlaceProgram(fn, name)
         print(f"  AOTI {name}: compiled in {timings[f'compile_{name}_s']:.1f}s ({path.stat().st_size / 2**20:.1f} "
               f"MiB package, {len(fqns)} constants shared with the eager model)", flush=True)
-    layout = model.config.state_layout(batch_size=1, max_seq_len=max_seq_len, dtype=dtype)
-    for entry in layout:
-        entry["shape"][0] = "B"
+    layout = symbolic_state_layout(model.config, settings)
     engine = Engine(programs, model.config, device=device, state_layout=layout, max_batch=max_batch,
-                    max_input_len=max_input_len, max_seq_len=max_seq_len, backend="aoti", dtype=dtype,
+                    max_input_len=max_input_len, max_seq_len=max_seq_len, paged_kv=paged, backend="aoti", dtype=dtype,
                     source="benchmark AOTI programs (weights shared with the eager model)")
     return engine, timings
 
@@ -224,22 +225,25 @@ def measure_engine(engine, label: str, batches: list[int], prompt_len: int, deco
         start = prompt_len
         positions = torch.full((B,), start, dtype=torch.long, device=engine.device)
 
+        held = start
+
         def steps(n=decode_steps):
-            nonlocal positions
+            nonlocal positions, held
             for _ in range(n):
-                engine.decode(tok, positions)
-                positions = positions + 1
+                engine.decode(tok, positions, [held] * B)  # positions known on the host: no device sync
+                positions, held = positions + 1, held + 1
 
         # Positions advance through the timing (warmup included); the context stays within max_seq_len.
         ms = timer(steps) / decode_steps
         entry: dict[str, Any] = {"B": B, "decode_ms_per_step": ms, "decode_tokens_per_s": B / (ms * 1e-3),
-                                 "context_at_end": int(positions[0])}
+                                 "context_at_end": held}
         if cuda and graph:
             state = [t.clone() for t in engine.state]
             fixed_pos = torch.full((B,), start, dtype=torch.long, device=engine.device)
             program = engine.programs["decode"]
             with torch.no_grad():
-                entry["decode_graph_ms_per_step"] = graph_step_ms(lambda: program(tok, fixed_pos, state))
+                table = engine.block_table
+                entry["decode_graph_ms_per_step"] = graph_step_ms(lambda: program(tok, fixed_pos, table, state))
         row["decode"].append(entry)
         print(f"  {label}: B={B} decode {ms:.3f} ms/step"
               + (f", graph {entry.get('decode_graph_ms_per_step')}" if cuda and graph else ""), flush=True)

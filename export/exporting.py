@@ -35,7 +35,8 @@ from .progress import progress
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PrefillProgram", "DecodeProgram", "export_programs", "build_engine", "example_inputs", "check_lowering"]
+__all__ = ["PrefillProgram", "DecodeProgram", "export_programs", "build_engine", "example_inputs", "check_lowering",
+           "dynamic_shapes"]
 
 
 class PrefillProgram(nn.Module):
@@ -83,23 +84,26 @@ def example_inputs(model: MiniMaxForCausalLM, settings: BuildSettings, program: 
     return ids, positions, table, [*lightning, *pools]
 
 
+def dynamic_shapes(n_lightning: int, n_softmax: int, settings: BuildSettings, program: str) -> tuple:
+    """``dynamic_shapes`` of a program's ``(input_ids, positions, block_table, state)``: B dynamic in [1,
+    max_batch] (ids, positions, table, lightning states), T in [2, max_input_len] for prefill; pools static."""
+    batch = Dim("batch", min=1, max=settings.max_batch)
+    ids = {0: batch, 1: Dim("seq", min=2, max=settings.max_input_len)} if program == "prefill" else {0: batch}
+    return ids, {0: batch}, {0: batch}, [{0: batch}] * n_lightning + [None] * (2 * n_softmax)
+
+
 def export_programs(model: MiniMaxForCausalLM, settings: BuildSettings) -> dict[str, ExportedProgram]:
     """Export prefill (B and T dynamic) and decode (B dynamic) with the ranges of ``settings``; the pools are
     static (``settings.num_pages``), the lightning states and the block table follow B."""
-    batch = Dim("batch", min=1, max=settings.max_batch)
-    seq = Dim("seq", min=2, max=settings.max_input_len)
     config = model.config
-    state_dims = [{0: batch}] * len(config.lightning_layers) + [None] * (2 * len(config.softmax_layers))
+    n_lin, n_soft = len(config.lightning_layers), len(config.softmax_layers)
     programs = {}
     with torch.no_grad():
-        for name, wrapper, ids_dims in (
-            ("prefill", PrefillProgram(model), {0: batch, 1: seq}),
-            ("decode", DecodeProgram(model), {0: batch}),
-        ):
+        for name, wrapper in (("prefill", PrefillProgram(model)), ("decode", DecodeProgram(model))):
             start = time.perf_counter()
             args = example_inputs(model, settings, name)
-            programs[name] = torch.export.export(
-                wrapper, args, dynamic_shapes=(ids_dims, {0: batch}, {0: batch}, state_dims))
+            programs[name] = torch.export.export(wrapper, args,
+                                                 dynamic_shapes=dynamic_shapes(n_lin, n_soft, settings, name))
             logger.info("exported %s in %.1fs", name, time.perf_counter() - start)
     return programs
 

@@ -23,6 +23,20 @@ and ``aot=1`` (the ONNX parser's plugin importer then picks the AOT implementati
         grouped: moe_route -> moe_align -> moe_swiglu_grouped -> moe_down_grouped -> moe_combine
         decode:  moe_route -> moe_swiglu_decode -> moe_down_combine_decode
 
+    minimax::paged_kv_write(k_cache, v_cache, k, v, block_table, positions) (in place, see below)
+                                                          -> paged_kv_write node: (k_cache_out, v_cache_out)
+    minimax::paged_attention_prefill(q, k_cache, v_cache, block_table, positions, scale)
+                                                          -> paged_attention_prefill node: o
+    minimax::paged_attention_decode(...)                  -> paged_decode_split (m, l, acc partials, ``split``
+                                                             positions each) -> paged_decode_merge: o
+
+State: the exported programs update their state inputs in place (mutated inputs), which ONNX cannot say. The
+lowering first derives a functional program from the exported one (``functional_program``: re-exported with the
+state cloned and returned, then ``paged_kv_write``'s functionalized calls rewritten into the functional
+``minimax::paged_kv_update``), so every state input has an output ``<state>.out``. The ``paged_kv_write`` plugin
+declares each output an alias of its cache input (TensorRT ``TensorDesc.aliased()``), so that a TensorRT engine
+writes the new tokens into the pool in place and copies nothing; the lightning states are returned as new tensors.
+
 The decode program takes the decode chain when every step has at most ``decode_max_tokens`` tokens (max_batch
 <= 16, ``kernels/moe/dispatch.py``), as the Triton launcher does; the prefill program always takes the grouped
 chain. ``block_m`` (rows per expert block of the grouped chain) is ``dispatch.default_config(n, top_k, E,
@@ -59,7 +73,9 @@ __all__ = [
     "PLUGIN_ATTRIBUTES",
     "EXTERNAL_DATA_THRESHOLD",
     "PLUGIN_OPS",
+    "FLOAT_ATTRIBUTES",
     "check_available",
+    "functional_program",
     "lower",
     "moe_plan",
     "register_schemas",
@@ -87,6 +103,30 @@ PLUGIN_OPS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[s
         [("q", "T"), ("k", "T"), ("v", "T"), ("s", "tensor(float)"), ("state", "tensor(float)")],
         [("o", "T"), ("new_state", "tensor(float)")],
         [],
+    ),
+    "paged_kv_write": (
+        [("k_cache", "T"), ("v_cache", "T"), ("k", "T"), ("v", "T"), ("block_table", "tensor(int32)"),
+         ("positions", "tensor(int64)")],
+        [("k_cache_out", "T"), ("v_cache_out", "T")],
+        [],
+    ),
+    "paged_attention_prefill": (
+        [("q", "T"), ("k_cache", "T"), ("v_cache", "T"), ("block_table", "tensor(int32)"),
+         ("positions", "tensor(int64)")],
+        [("o", "T")],
+        [],
+    ),
+    "paged_decode_split": (
+        [("q", "T"), ("k_cache", "T"), ("v_cache", "T"), ("block_table", "tensor(int32)"),
+         ("positions", "tensor(int64)")],
+        [("m", "tensor(float)"), ("l", "tensor(float)"), ("acc", "tensor(float)")],
+        ["split"],
+    ),
+    "paged_decode_merge": (
+        [("q", "T"), ("m", "tensor(float)"), ("l", "tensor(float)"), ("acc", "tensor(float)"),
+         ("positions", "tensor(int64)")],
+        [("o", "T")],
+        ["split"],
     ),
     "moe_route": (
         [("x", "T"), ("router_weight", "tensor(float)")],
@@ -123,6 +163,9 @@ PLUGIN_OPS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[s
     ),
 }  # fmt: skip
 
+# op type -> float attributes (the plugin contract too): the softmax scale of the attention nodes.
+FLOAT_ATTRIBUTES: dict[str, list[str]] = {"paged_attention_prefill": ["scale"], "paged_decode_split": ["scale"]}
+
 
 def check_available(settings: BuildSettings) -> None:
     """Refuse (``EngineFolderError``) when onnx or onnxscript is missing; the graphs themselves need no GPU."""
@@ -146,13 +189,14 @@ def register_schemas() -> None:
             OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=True),
             OpSchema.Attribute("plugin_version", OpSchema.AttrType.STRING, "TensorRT plugin version", required=True),
             OpSchema.Attribute("aot", OpSchema.AttrType.INT, "1: TensorRT uses the AOT implementation", required=True),
-        ] + [OpSchema.Attribute(a, OpSchema.AttrType.INT, a, required=True) for a in int_attrs]
+        ] + [OpSchema.Attribute(a, OpSchema.AttrType.INT, a, required=True) for a in int_attrs] + [
+            OpSchema.Attribute(a, OpSchema.AttrType.FLOAT, a, required=True) for a in FLOAT_ATTRIBUTES.get(op_type, ())]
         schema = OpSchema(
             op_type,
             DOMAIN,
             1,
             doc=f"TensorRT plugin {DOMAIN}::{op_type} v{PLUGIN_VERSION} (semantics: kernels/moe/stages.py, "
-            "kernels/lightning_attention/naive.py)",
+            "kernels/lightning_attention/naive.py, kernels/attention/naive.py)",
             inputs=[OpSchema.FormalParameter(name, type_str) for name, type_str in inputs],
             outputs=[OpSchema.FormalParameter(name, type_str) for name, type_str in outputs],
             type_constraints=[("T", _FLOAT, "activation dtype")],
@@ -256,11 +300,104 @@ def _translation_table(plan: dict[str, Any]) -> dict:
         _annotate(y, x.dtype, [tokens, hidden])
         return y
 
+    def paged_kv_update(k_cache, v_cache, k, v, block_table, positions):
+        k_out, v_out = op.paged_kv_write(k_cache, v_cache, k, v, block_table, positions, **attrs)
+        _annotate(k_out, k_cache.dtype, list(k_cache.shape))
+        _annotate(v_out, v_cache.dtype, list(v_cache.shape))
+        return k_out, v_out
+
+    def paged_attention_prefill(q, k_cache, v_cache, block_table, positions, scale: float):
+        o = op.paged_attention_prefill(q, k_cache, v_cache, block_table, positions, scale=float(scale), **attrs)
+        _annotate(o, q.dtype, list(q.shape))
+        return o
+
+    def paged_attention_decode(q, k_cache, v_cache, block_table, positions, scale: float):
+        rows = _mul(_dim(q.shape[0]), q.shape[2])  # B * H
+        split, n_splits = decode_plan(block_table.shape[1] * k_cache.shape[2], q.shape[3])
+        m, l, acc = op.paged_decode_split(q, k_cache, v_cache, block_table, positions, split=split,
+                                          scale=float(scale), **attrs)
+        _annotate(m, ir.DataType.FLOAT, [rows, n_splits])
+        _annotate(l, ir.DataType.FLOAT, [rows, n_splits])
+        _annotate(acc, ir.DataType.FLOAT, [rows, n_splits, q.shape[3]])
+        o = op.paged_decode_merge(q, m, l, acc, positions, split=split, **attrs)
+        _annotate(o, q.dtype, list(q.shape))
+        return o
+
     return {
         torch.ops.minimax.lightning_prefill.default: lightning_prefill,
         torch.ops.minimax.lightning_decode.default: lightning_decode,
         torch.ops.minimax.moe.default: moe,
+        torch.ops.minimax.paged_kv_update.default: paged_kv_update,
+        torch.ops.minimax.paged_attention_prefill.default: paged_attention_prefill,
+        torch.ops.minimax.paged_attention_decode.default: paged_attention_decode,
     }
+
+
+def decode_plan(capacity: int, head_dim: int) -> tuple[int, int]:
+    """``(split, num_splits)`` of the decode nodes: the CUDA kernel's split for this capacity (``M * page_size``)
+    and head dim (``kernels/attention/decode.decode_split``; the plugins run on the GPU)."""
+    from kernels.attention.decode import decode_split
+
+    split = decode_split(int(capacity), int(head_dim), torch.device("cuda"))
+    return split, -(-int(capacity) // split)
+
+
+def functional_program(program: ExportedProgram, name: str, settings: BuildSettings) -> ExportedProgram:
+    """The exported program with its in-place state updates made functional (see the module docstring):
+    ``(input_ids, positions, block_table, state) -> (logits, new state)``, the KV writes as
+    ``minimax::paged_kv_update`` nodes."""
+    import operator
+
+    from .exporting import dynamic_shapes
+
+    if program.example_inputs is None:
+        raise EngineFolderError(f"{name}: the exported program carries no example inputs; export it again")
+    args, _ = program.example_inputs
+    inputs, _ = contract_names(program, name)
+    n_lin = sum(n.startswith("lightning_state.") for n in inputs)
+    n_soft = sum(n.startswith("key_cache.") for n in inputs)
+    inner = program.module()
+
+    class Functional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, positions, block_table, state):
+            state = [t.clone() for t in state]
+            logits = self.inner(input_ids, positions, block_table, state)
+            return logits, state
+
+    with torch.no_grad():
+        ep = torch.export.export(Functional(), args, dynamic_shapes=dynamic_shapes(n_lin, n_soft, settings, name))
+        ep = ep.run_decompositions({})
+    graph = ep.graph
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target is torch.ops.higher_order.auto_functionalized_v2):
+            continue
+        if node.args[0] is not torch.ops.minimax.paged_kv_write.default:
+            raise EngineFolderError(f"{name}: unexpected in-place op {node.args[0]} in the program")
+        kw = node.kwargs
+        bases = kw["_all_bases"]
+        k_base, v_base = bases[kw["_k_cache_base_index"]], bases[kw["_v_cache_base_index"]]
+        with graph.inserting_before(node):
+            update = graph.call_function(torch.ops.minimax.paged_kv_update.default,
+                                         (k_base, v_base, kw["k"], kw["v"], kw["block_table"], kw["positions"]))
+            update.meta["val"] = (k_base.meta["val"], v_base.meta["val"])
+        for user in list(node.users):
+            if user.target is not operator.getitem or user.args[1] not in (1, 2):
+                raise EngineFolderError(f"{name}: unexpected use {user} of the KV write")
+            with graph.inserting_before(user):
+                # auto_functionalized_v2 returns (op output, *bases): the bases are k_cache (1), v_cache (2)
+                index = [kw["_k_cache_base_index"], kw["_v_cache_base_index"]].index(user.args[1] - 1)
+                replacement = graph.call_function(operator.getitem, (update, index))
+                replacement.meta = dict(user.meta)
+            user.replace_all_uses_with(replacement)
+            graph.erase_node(user)
+        graph.erase_node(node)
+    graph.lint()
+    ep.graph_module.recompile()
+    return ep
 
 
 # ------------------------------------------------------------------------------------------- names
@@ -288,19 +425,19 @@ def contract_names(program: ExportedProgram, name: str) -> tuple[list[str], list
               + [f"value_cache.{i}" for i in softmax])  # fmt: skip
     user_inputs = [s for s in program.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
-    if len(user_inputs) != 2 + len(states):
+    if len(user_inputs) != 3 + len(states):
         raise EngineFolderError(
             f"{name}: the exported program has {len(user_inputs)} inputs, the layer plan "
-            f"({len(lightning)} lightning + {len(softmax)} softmax layers) gives 2 + {len(states)}"
+            f"({len(lightning)} lightning + {len(softmax)} softmax layers) gives 3 + {len(states)}"
         )
-    for spec, state in zip(user_inputs[2:], states):
+    for spec, state in zip(user_inputs[3:], states):
         meta = placeholders[spec.arg.name].meta["val"]
         if meta.dim() != 4 or (state.startswith("lightning") and meta.dtype != torch.float32):
             raise EngineFolderError(
                 f"{name}: input {spec.arg.name} ({state}) is {meta.dtype} {tuple(meta.shape)}, not a 4-d state"
                 f"{' in fp32' if state.startswith('lightning') else ''}"
             )
-    inputs = ["input_ids", "positions", *states]
+    inputs = ["input_ids", "positions", "block_table", *states]
     return inputs, ["logits", *(s + ".out" for s in states)]
 
 
@@ -339,6 +476,7 @@ def to_onnx(program: ExportedProgram, name: str, settings: BuildSettings):
 
     inputs, outputs = contract_names(program, name)
     top_k, experts = _moe_sizes(program)
+    program = functional_program(program, name, settings)
     plan = moe_plan(settings, name, top_k, experts)
     logger.info("onnx %s: moe chain %s%s", name, plan["path"],
                 f", block_m {plan['block_m']} (for {plan['tokens']} tokens)" if plan["block_m"] else "")
@@ -426,4 +564,5 @@ def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSett
         "plugin_version": PLUGIN_VERSION,
         "moe_path": plan["path"],
         "moe_block_m": plan["block_m"],
+        "state_update": "outputs",
     }

@@ -2,7 +2,8 @@
 
 The graphs hold TensorRT-plugin nodes (domain ``minimax``) that no ONNX runtime knows; here each is an ``OpRun``
 class (class name = op type, ``op_domain = "minimax"``) backed by our reference kernels: lightning attention from
-``kernels/lightning_attention/naive.py`` and the MoE stages from ``kernels/moe/stages.py``. The standard ops run in
+``kernels/lightning_attention/naive.py``, paged attention from ``kernels/attention/naive.py`` and the MoE stages
+from ``kernels/moe/stages.py``. The standard ops run in
 onnx's numpy reference implementation. This is the parity oracle of the ONNX folder on a machine without TensorRT
 (slow: for tiny models and tests; fp32 graphs — numpy has no bfloat16).
 
@@ -19,10 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kernels.attention import naive as attention
 from kernels.lightning_attention import naive as lightning
 from kernels.moe import stages
 
-from .onnx_lowering import DOMAIN, PLUGIN_ATTRIBUTES, PLUGIN_OPS
+from .onnx_lowering import DOMAIN, FLOAT_ATTRIBUTES, PLUGIN_ATTRIBUTES, PLUGIN_OPS
 
 __all__ = ["CUSTOM_OPS", "reference_evaluator", "OnnxReferenceProgram"]
 
@@ -41,6 +43,7 @@ def _make_op(op_type: str, fn):
 
     n_inputs = len(PLUGIN_OPS[op_type][0])
     int_attrs = PLUGIN_OPS[op_type][2]
+    float_attrs = FLOAT_ATTRIBUTES.get(op_type, [])
 
     def _run(self, *inputs, plugin_namespace=None, plugin_version=None, aot=None, **attrs):
         got = {"plugin_namespace": plugin_namespace, "plugin_version": plugin_version, "aot": aot}
@@ -51,14 +54,22 @@ def _make_op(op_type: str, fn):
         if got != PLUGIN_ATTRIBUTES:
             raise ValueError(f"{DOMAIN}::{op_type} node {self.onnx_node.name!r}: plugin attributes {got}, "
                              f"expected {PLUGIN_ATTRIBUTES}")
-        if len(inputs) != n_inputs or sorted(attrs) != sorted(int_attrs):
+        if len(inputs) != n_inputs or sorted(attrs) != sorted(int_attrs + float_attrs):
             raise ValueError(f"{DOMAIN}::{op_type} node {self.onnx_node.name!r}: {len(inputs)} inputs and attributes "
-                             f"{sorted(attrs)}, expected {n_inputs} inputs and {sorted(int_attrs)}")
+                             f"{sorted(attrs)}, expected {n_inputs} inputs and {sorted(int_attrs + float_attrs)}")
         with torch.no_grad():
-            out = fn(*(_torch(a) for a in inputs), **{k: int(v) for k, v in attrs.items()})
+            out = fn(*(_torch(a) for a in inputs),
+                     **{k: float(v) if k in float_attrs else int(v) for k, v in attrs.items()})
         return _numpy(*(out if isinstance(out, tuple) else (out,)))
 
     return type(op_type, (OpRun,), {"op_domain": DOMAIN, "_run": _run})
+
+
+def _paged_kv_write(k_cache, v_cache, k, v, block_table, positions):
+    """The functional node: new pools with the tokens written (the TensorRT plugin aliases them to its inputs)."""
+    k_new, v_new = k_cache.clone(), v_cache.clone()
+    attention.paged_kv_write(k_new, v_new, k, v, block_table, positions)
+    return k_new, v_new
 
 
 def _custom_ops() -> list[type]:
@@ -72,6 +83,10 @@ def _custom_ops() -> list[type]:
         "moe_combine": stages.moe_combine,
         "moe_swiglu_decode": stages.moe_swiglu_decode,
         "moe_down_combine_decode": stages.moe_down_combine_decode,
+        "paged_kv_write": _paged_kv_write,
+        "paged_attention_prefill": attention.paged_attention,
+        "paged_decode_split": attention.paged_decode_partials,
+        "paged_decode_merge": attention.paged_decode_merge,
     }
     assert set(impls) == set(PLUGIN_OPS)
     return [_make_op(op_type, fn) for op_type, fn in impls.items()]
@@ -89,7 +104,8 @@ def reference_evaluator(model: str | Path, **kwargs):
 
 class OnnxReferenceProgram:
     """An engine-folder program (``prefill.onnx`` / ``decode.onnx``) as a callable with the exported program's
-    signature: ``(input_ids, positions, state list) -> (logits, new state list)``, torch tensors in and out."""
+    functional signature: ``(input_ids, positions, block_table, state list) -> (logits, new state list)``, torch
+    tensors in and out."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -97,8 +113,9 @@ class OnnxReferenceProgram:
         self.input_names = list(self.session.input_names)
         self.output_names = list(self.session.output_names)
 
-    def __call__(self, input_ids: Tensor, positions: Tensor, state: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        tensors = [input_ids, positions, *state]
+    def __call__(self, input_ids: Tensor, positions: Tensor, block_table: Tensor,
+                 state: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        tensors = [input_ids, positions, block_table, *state]
         if len(tensors) != len(self.input_names):
             raise ValueError(f"{self.path.name}: {len(tensors)} inputs given, the graph takes "
                              f"{len(self.input_names)} ({', '.join(self.input_names)})")

@@ -1,4 +1,5 @@
-"""TensorRT plugins (namespace ``minimax``, version ``"1"``) for lightning attention and the MoE stages.
+"""TensorRT plugins (namespace ``minimax``, version ``"1"``) for lightning attention, the MoE stages and paged
+softmax attention.
 
 Importing this package does not import TensorRT: the contract (``spec.PLUGINS``), the launch plans and the Triton
 entry kernels work without it. ``register_all()`` registers every plugin with ``tensorrt.plugin`` (TensorRT >= 10.9,
@@ -7,7 +8,7 @@ AOT implementations, so an engine runs without Python). See README.md for the ta
 
 import logging
 
-from . import lightning_attention, moe
+from . import attention, lightning_attention, moe
 from .payload import HIDDEN_PARAMS, KernelPlan, Payload, compile_plan
 from .spec import NAMESPACE, PLUGINS, VERSION, PluginSpec
 
@@ -18,8 +19,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PLANNERS = {**lightning_attention.PLANNERS, **moe.PLANNERS}
-TACTICS = {**lightning_attention.TACTICS, **moe.TACTICS}
+PLANNERS = {**lightning_attention.PLANNERS, **moe.PLANNERS, **attention.PLANNERS}
+TACTICS = {**lightning_attention.TACTICS, **moe.TACTICS, **attention.TACTICS}
 
 _registered = False
 
@@ -43,5 +44,6 @@ def register_all() -> None:
         return
     lightning_attention.register()
     moe.register()
+    attention.register()
     _registered = True
     log.info("registered %d TensorRT plugins in namespace %r: %s", len(PLUGINS), NAMESPACE, ", ".join(PLUGINS))

@@ -19,14 +19,17 @@ from .spec import PLUGINS
 
 log = logging.getLogger(__name__)
 
-_TO_TORCH = {trt.bfloat16: torch.bfloat16, trt.float16: torch.float16, trt.float32: torch.float32, trt.int32: torch.int32}
+_TO_TORCH = {trt.bfloat16: torch.bfloat16, trt.float16: torch.float16, trt.float32: torch.float32, trt.int32: torch.int32,
+             trt.int64: torch.int64}
 _TO_TRT = {v: k for k, v in _TO_TORCH.items()}
-_TOKEN = {torch.bfloat16: "BF16", torch.float16: "FP16", torch.float32: "FP32", torch.int32: "INT32"}
+_TOKEN = {torch.bfloat16: "BF16", torch.float16: "FP16", torch.float32: "FP32", torch.int32: "INT32",
+          torch.int64: "INT64"}
 
 
 def _torch_dtype(name: str, tensor: str, dtype) -> torch.dtype:
     if dtype not in _TO_TORCH:
-        raise ValueError(f"{name}: input '{tensor}' has TensorRT dtype {dtype}; supported: bf16, fp16, fp32, int32")
+        raise ValueError(f"{name}: input '{tensor}' has TensorRT dtype {dtype}; supported: bf16, fp16, fp32, int32, "
+                         "int64")
     return _TO_TORCH[dtype]
 
 
@@ -35,8 +38,11 @@ def output_descs(name: str, inputs: Sequence["trtp.TensorDesc"], attrs: Mapping[
     spec = PLUGINS[name]
     shapes = [tuple(d.shape_expr) for d in inputs]
     dtypes = spec.output_dtypes([_torch_dtype(name, n, d.dtype) for n, d in zip(spec.inputs, inputs)])
+    aliases = spec.aliases or (None,) * len(spec.outputs)
     descs = tuple(
-        trtp.from_shape_expr(shape, dtype=_TO_TRT[dt]) for shape, dt in zip(spec.output_shapes(shapes, attrs), dtypes)
+        inputs[alias].aliased() if alias is not None  # in place: the output is the input's memory (TensorRT >= 10.6)
+        else trtp.from_shape_expr(shape, dtype=_TO_TRT[dt])
+        for shape, dt, alias in zip(spec.output_shapes(shapes, attrs), dtypes, aliases)
     )
     return descs if len(descs) > 1 else descs[0]
 

@@ -16,6 +16,13 @@ NB = cdiv(R, block_m) row blocks):
 | moe_combine             | y_perm [R,hidden], inv_perm [S]                              | top_k               | y [T,hidden] |
 | moe_swiglu_decode       | x, w1, w3, topk_ids                                          | —                   | h [S,I] |
 | moe_down_combine_decode | h [S,I], w2, topk_weights, topk_ids                          | —                   | y [T,hidden] |
+| paged_kv_write          | k_cache, v_cache [P,KVH,PG,D], k, v [B,T,KVH,D], block_table [B,M] i32, positions [B] i64 | — | k_cache_out, v_cache_out (aliases of the inputs: in place) |
+| paged_attention_prefill | q [B,T,H,D], k_cache, v_cache, block_table, positions        | scale (float)       | o [B,T,H,D] |
+| paged_decode_split      | q [B,1,H,D], k_cache, v_cache, block_table, positions        | split, scale (float) | m, l [B*H,NS] f32, acc [B*H,NS,D] f32 |
+| paged_decode_merge      | q [B,1,H,D], m, l, acc, positions                            | split               | o [B,1,H,D] |
+
+(Paged attention: P pages of PG tokens, M pages per row, NS = cdiv(M * PG, split) splits; semantics in
+``kernels/attention/naive.py``, the decode partials in ``naive.paged_decode_partials``.)
 
 Shape rules take a list of input shapes whose dims are ints or TensorRT ``ShapeExpr``s (see ``algebra.py``) and
 must not branch on dim values: TensorRT also calls them with placeholder ("fake") dims. Dtypes are torch dtypes
@@ -52,6 +59,8 @@ class PluginSpec:
     attrs: tuple[str, ...]  # all attributes are ints
     output_shapes: Callable[[Sequence[Shape], Mapping[str, int]], tuple[Shape, ...]]
     dtype_combinations: tuple[tuple[torch.dtype, ...], ...]
+    float_attrs: tuple[str, ...] = ()  # float attributes (the softmax scale)
+    aliases: tuple[int | None, ...] = ()  # per output: the input it aliases (written in place), or None
 
     @property
     def plugin_id(self) -> str:
@@ -75,13 +84,18 @@ def check_call(spec: PluginSpec, shapes: Sequence[Shape], attrs: Mapping[str, in
     for name, rank, shape in zip(spec.inputs, spec.input_ranks, shapes):
         if len(shape) != rank:
             raise ValueError(f"{spec.name}: input '{name}' must have rank {rank}; got shape {tuple(shape)}")
-    missing = set(spec.attrs) - set(attrs)
-    extra = set(attrs) - set(spec.attrs)
+    names = spec.attrs + spec.float_attrs
+    missing = set(names) - set(attrs)
+    extra = set(attrs) - set(names)
     if missing or extra:
-        raise ValueError(f"{spec.name}: attributes must be {spec.attrs}; missing {sorted(missing)}, unknown {sorted(extra)}")
+        raise ValueError(f"{spec.name}: attributes must be {names}; missing {sorted(missing)}, unknown {sorted(extra)}")
     for a in spec.attrs:
         if not isinstance(attrs[a], int) or isinstance(attrs[a], bool) or attrs[a] < 1:
             raise ValueError(f"{spec.name}: attribute '{a}' must be a positive int; got {attrs[a]!r}")
+    for a in spec.float_attrs:
+        value = attrs[a]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < float(value) < float("inf"):
+            raise ValueError(f"{spec.name}: attribute '{a}' must be a positive finite float; got {value!r}")
 
 
 # --- shape rules (symbolic operand on the left; no branching on dim values) ---------------------------------------
@@ -134,7 +148,27 @@ def _down_combine_decode_shapes(shapes, attrs):
     return ((shapes[2][0], shapes[1][1]),)  # [T, hidden]
 
 
+def _paged_write_shapes(shapes, attrs):
+    return tuple(shapes[0]), tuple(shapes[1])  # the pools, written in place
+
+
+def _same_as_q(shapes, attrs):
+    return (tuple(shapes[0]),)
+
+
+def decode_splits(max_pages: Dim, page_size: Dim, split: int) -> Dim:
+    """NS: splits of ``split`` positions over a row's capacity ``M * page_size``."""
+    return cdiv(max_pages * page_size, split)
+
+
+def _decode_split_shapes(shapes, attrs):
+    (b, _, h, d), cache, table = shapes[0], shapes[1], shapes[3]
+    ns = decode_splits(table[1], cache[2], attrs["split"])
+    return (b * h, ns), (b * h, ns), (b * h, ns, d)
+
+
 _LIGHTNING_DTYPES = tuple((d, d, d, f32, f32, d, f32) for d in FLOAT_DTYPES)
+i64 = torch.int64
 
 PLUGINS: dict[str, PluginSpec] = {
     s.name: s
@@ -219,6 +253,45 @@ PLUGINS: dict[str, PluginSpec] = {
             (),
             _down_combine_decode_shapes,
             tuple((d, d, f32, i32, d) for d in FLOAT_DTYPES),
+        ),
+        PluginSpec(
+            "paged_kv_write",
+            ("k_cache", "v_cache", "k", "v", "block_table", "positions"),
+            (4, 4, 4, 4, 2, 1),
+            ("k_cache_out", "v_cache_out"),
+            (),
+            _paged_write_shapes,
+            tuple((d, d, d, d, i32, i64, d, d) for d in FLOAT_DTYPES),
+            aliases=(0, 1),
+        ),
+        PluginSpec(
+            "paged_attention_prefill",
+            ("q", "k_cache", "v_cache", "block_table", "positions"),
+            (4, 4, 4, 2, 1),
+            ("o",),
+            (),
+            _same_as_q,
+            tuple((d, d, d, i32, i64, d) for d in FLOAT_DTYPES),
+            float_attrs=("scale",),
+        ),
+        PluginSpec(
+            "paged_decode_split",
+            ("q", "k_cache", "v_cache", "block_table", "positions"),
+            (4, 4, 4, 2, 1),
+            ("m", "l", "acc"),
+            ("split",),
+            _decode_split_shapes,
+            tuple((d, d, d, i32, i64, f32, f32, f32) for d in FLOAT_DTYPES),
+            float_attrs=("scale",),
+        ),
+        PluginSpec(
+            "paged_decode_merge",
+            ("q", "m", "l", "acc", "positions"),
+            (4, 2, 2, 3, 1),
+            ("o",),
+            ("split",),
+            _same_as_q,
+            tuple((d, f32, f32, f32, i64, d) for d in FLOAT_DTYPES),
         ),
     )
 }

@@ -110,7 +110,10 @@ def test_state_layout_of_text01():
     assert len(lightning) == 70 and all(e["shape"] == [1, 64, 128, 128] and e["dtype"] == "float32" for e in lightning)
     assert sum(math.prod(e["shape"]) * 4 for e in lightning) == 280 * 2**20  # 280 MiB fp32 per sequence
     kv = [e for e in layout if e["name"].startswith(("key_cache", "value_cache"))]
-    assert len(kv) == 20 and all(e["shape"] == [1, 8, 1024, 128] for e in kv)
+    assert len(kv) == 20 and all(e["shape"] == [4, 8, 256, 128] for e in kv)  # 1024 tokens: 4 pages of 256
+    pool = c.state_layout(batch_size=3, max_seq_len=1000, page_size=64, num_pages=40)[-1]
+    assert pool["shape"] == [40, 8, 64, 128] and pool["dtype"] == "bfloat16"
+    assert c.state_layout(batch_size=3, max_seq_len=1000, page_size=64)[-1]["shape"][0] == 3 * 16  # ceil(1000/64)
     assert [e["layer"] for e in kv[:10]] == list(range(7, 80, 8))
 
 

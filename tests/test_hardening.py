@@ -294,7 +294,8 @@ def test_raised_limits_are_refused(raced_engine, tmp_path):
     contract.json; with contract.json and the hashes forged too, the limits compiled into the packages refuse it."""
     engine, _, _ = raced_engine
     copy = _copy(engine, tmp_path / "raised")
-    _edit(copy, lambda m: {**m, "profiles": {**m["profiles"], "max_seq_len": 4096}})
+    _edit(copy, lambda m: {**m, "profiles": {**m["profiles"], "max_seq_len": 4096},
+                           "paged_kv": {**m["paged_kv"], "max_pages_per_seq": -(-4096 // m["paged_kv"]["page_size"])}})
     with pytest.raises(EngineFolderError, match=r"profiles\.max_seq_len; the manifest was edited"):
         Engine.load(copy)
     forged = json.loads((copy / "manifest.json").read_text())

@@ -108,9 +108,10 @@ def fake_engine(tmp_path_factory) -> tuple[Path, dict]:
         "format_version": FORMAT_VERSION, "backend": "aoti", "device": "cpu", "dtype": "float32",
         "model_config": config.to_dict(),
         "profiles": {"max_batch": 2, "max_input_len": 8, "max_seq_len": 32},
+        "paged_kv": s.paged_layout(),
         "state_layout": layout,
         "programs": {n: {"file": f"{n}.pt2", "exported": f"exported/{n}.pt2",
-                         **program_io(config.to_dict(), layout, n)} for n in PROGRAMS},
+                         **program_io(config.to_dict(), layout, n, s.paged_layout())} for n in PROGRAMS},
         "versions": {"torch": "2.13.0"}, "weights_sha256": "0" * 64, "build_timings": {"export_s": 1.0},
     }
     manifest = write_manifest(folder, manifest)

@@ -23,6 +23,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 import plugins  # noqa: E402
+from kernels.attention import naive as attn_naive  # noqa: E402
+from kernels.attention.decode import decode_split  # noqa: E402
 from kernels.lightning_attention import chunk, recurrent  # noqa: E402
 from kernels.lightning_attention import naive as la_naive  # noqa: E402
 from kernels.moe import grouped, naive, routing  # noqa: E402
@@ -49,6 +51,10 @@ CONTRACT = {
     "moe_combine": (("y_perm", "inv_perm"), ("top_k",), ("y",)),
     "moe_swiglu_decode": (("x", "w1", "w3", "topk_ids"), (), ("h",)),
     "moe_down_combine_decode": (("h", "w2", "topk_weights", "topk_ids"), (), ("y",)),
+    "paged_kv_write": (("k_cache", "v_cache", "k", "v", "block_table", "positions"), (), ("k_cache_out", "v_cache_out")),
+    "paged_attention_prefill": (("q", "k_cache", "v_cache", "block_table", "positions"), (), ("o",)),
+    "paged_decode_split": (("q", "k_cache", "v_cache", "block_table", "positions"), ("split",), ("m", "l", "acc")),
+    "paged_decode_merge": (("q", "m", "l", "acc", "positions"), ("split",), ("o",)),
 }
 
 
@@ -210,6 +216,76 @@ def check_chain(T, E, hidden, inter, top_k, block_m, dtype, device, decode, tol,
     assert y.dtype == dtype and rel_err(y, ref) < tol, rel_err(y, ref)
 
 
+def paged_inputs(B, H, KVH, D, page_size, M, num_pages, dtype, device, seed=0):
+    """A NaN-filled pool of ``num_pages`` pages and a block table giving each row a random set of M pages."""
+    g = _gen(seed, device)
+    k_cache = torch.full((num_pages, KVH, page_size, D), float("nan"), device=device, dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    table = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed))[: B * M].view(B, M)
+    return k_cache, v_cache, table.to(torch.int32).to(device)
+
+
+def _fill_history(k_cache, v_cache, table, held, seed):
+    """Write random K/V at positions 0..held[b]-1 of each row (through the reference write)."""
+    B, KVH, D = table.shape[0], k_cache.shape[1], k_cache.shape[3]
+    L = max(max(held), 1)
+    g = _gen(seed, k_cache.device)
+    k = torch.randn(B, L, KVH, D, generator=g, device=k_cache.device).to(k_cache.dtype)
+    v = torch.randn(B, L, KVH, D, generator=g, device=k_cache.device).to(k_cache.dtype)
+    start = torch.tensor([h - L for h in held], device=k_cache.device)  # right-aligned: positions end at held - 1
+    attn_naive.paged_kv_write(k_cache, v_cache, k, v, table, start)
+
+
+def check_paged_kv_write(B, T, KVH, D, page_size, M, dtype, device, start):
+    """The write plugin with its outputs aliased to the cache inputs (as TensorRT binds them): exactly the chunk's
+    positions >= 0 change, to the values the reference writes; every other slot keeps its value (NaN)."""
+    k_cache, v_cache, table = paged_inputs(B, KVH, KVH, D, page_size, M, B * M + 3, dtype, device, seed=T)
+    g = _gen(T, device)
+    k, v = (torch.randn(B, T, KVH, D, generator=g, device=device).to(dtype) for _ in "kv")
+    positions = torch.tensor(start, device=device)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    attn_naive.paged_kv_write(ref_k, ref_v, k, v, table, positions)
+    out = driver.run("paged_kv_write", [k_cache, v_cache, k, v, table, positions], outputs=[k_cache, v_cache])
+    assert out[0] is k_cache and out[1] is v_cache
+    for got, ref in ((k_cache, ref_k), (v_cache, ref_v)):
+        assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.nan_to_num(), ref.nan_to_num())
+
+
+def check_paged_prefill(B, T, H, KVH, D, page_size, M, dtype, device, start, tol):
+    k_cache, v_cache, table = paged_inputs(B, H, KVH, D, page_size, M, B * M + 2, dtype, device, seed=T)
+    _fill_history(k_cache, v_cache, table, [max(p, 0) + T for p in start], seed=T + 1)  # history + the chunk
+    q = torch.randn(B, T, H, D, generator=_gen(T + 2, device), device=device).to(dtype)
+    positions = torch.tensor(start, device=device)
+    scale = D**-0.5
+    (o,) = driver.run("paged_attention_prefill", [q, k_cache, v_cache, table, positions], {"scale": scale})
+    ref = attn_naive.paged_attention(q.float(), k_cache.float(), v_cache.float(), table, positions, scale)
+    assert o.dtype == dtype and rel_err(o, ref) < tol, rel_err(o, ref)
+
+
+def check_paged_decode(B, H, KVH, D, page_size, M, dtype, device, held, tol):
+    """split -> merge (the two decode plugins) against the reference attention, and the split's partials against
+    ``naive.paged_decode_partials`` on the splits that hold positions."""
+    k_cache, v_cache, table = paged_inputs(B, H, KVH, D, page_size, M, B * M + 1, dtype, device, seed=B)
+    _fill_history(k_cache, v_cache, table, [max(h, 0) for h in held], seed=B + 1)
+    q = torch.randn(B, 1, H, D, generator=_gen(B + 2, device), device=device).to(dtype)
+    positions = torch.tensor([h - 1 for h in held], device=device)
+    scale = D**-0.5
+    split = decode_split(M * page_size, D, torch.device("cuda"))
+    m, l, acc = driver.run("paged_decode_split", [q, k_cache, v_cache, table, positions], {"split": split, "scale": scale})
+    (o,) = driver.run("paged_decode_merge", [q, m, l, acc, positions], {"split": split})
+    ref = attn_naive.paged_attention(q.float(), k_cache.float(), v_cache.float(), table, positions, scale)
+    assert o.dtype == dtype and rel_err(o, ref) < tol, rel_err(o, ref)
+    rm, rl, racc = attn_naive.paged_decode_partials(q.float(), k_cache.float(), v_cache.float(), table, positions,
+                                                     scale, split)
+    for b, h in enumerate(held):
+        used = -(-h // split) if h > 0 else 0
+        rows = slice(b * H, (b + 1) * H)
+        if used:
+            assert rel_err(m[rows, :used], rm[rows, :used]) < tol and rel_err(acc[rows, :used], racc[rows, :used]) < tol
+            assert rel_err(l[rows, :used], rl[rows, :used]) < tol
+        assert m[rows, used:].isnan().all(), "splits past the held positions are not written"
+
+
 # ======================================================================================================= CPU tests
 
 CPU = "cpu"
@@ -294,6 +370,15 @@ CASES = {
     "moe_combine": ([f32, i32], [(R_, HID_), (S_,)], {"top_k": K_}),
     "moe_swiglu_decode": ([f32, f32, f32, i32], [(T_, HID_), (E_, I_, HID_), (E_, I_, HID_), (T_, K_)], {}),
     "moe_down_combine_decode": ([f32, f32, f32, i32], [(S_, I_), (E_, HID_, I_), (T_, K_), (T_, K_)], {}),
+    # paged attention: B 2, T 13, H 4, KVH 2, D 16, pages of 64, M 8 per row (capacity 512), 19 pages
+    "paged_kv_write": ([f32, f32, f32, f32, i32, torch.int64], [(19, 2, 64, 16)] * 2 + [(2, T_, 2, 16)] * 2
+                       + [(2, 8), (2,)], {}),
+    "paged_attention_prefill": ([f32, f32, f32, i32, torch.int64], [(2, T_, 4, 16)] + [(19, 2, 64, 16)] * 2
+                                + [(2, 8), (2,)], {"scale": 0.25}),
+    "paged_decode_split": ([f32, f32, f32, i32, torch.int64], [(2, 1, 4, 16)] + [(19, 2, 64, 16)] * 2
+                           + [(2, 8), (2,)], {"split": 256, "scale": 0.25}),
+    "paged_decode_merge": ([f32, f32, f32, f32, torch.int64], [(2, 1, 4, 16), (8, 2), (8, 2), (8, 2, 16), (2,)],
+                           {"split": 256}),
 }  # fmt: skip
 DYNAMIC = {  # (input index, dim) of the token / batch dims a TensorRT profile leaves dynamic
     "lightning_prefill": [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1), (4, 0)],
@@ -305,6 +390,10 @@ DYNAMIC = {  # (input index, dim) of the token / batch dims a TensorRT profile l
     "moe_combine": [(0, 0), (1, 0)],
     "moe_swiglu_decode": [(0, 0), (3, 0)],
     "moe_down_combine_decode": [(0, 0), (2, 0), (3, 0)],
+    "paged_kv_write": [(2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (5, 0)],
+    "paged_attention_prefill": [(0, 0), (0, 1), (3, 0), (4, 0)],
+    "paged_decode_split": [(0, 0), (3, 0), (4, 0)],
+    "paged_decode_merge": [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)],
 }
 
 
@@ -533,6 +622,34 @@ def test_entry_chain_equals_reference(decode):
     check_chain(5 if decode else 21, E_, HID_, I_, K_, 16, f32, CPU, decode, tol=1e-5)
 
 
+@pytest.mark.parametrize("start", [[0, 5], [-4, 61], [-13, 3]])
+def test_entry_paged_kv_write(start):
+    """Pads skipped, pages crossed mid-chunk (page 64: 61..73), a row of only pads."""
+    check_paged_kv_write(2, T_, 2, 16, 64, 8, f32, CPU, start)
+
+
+@pytest.mark.parametrize("B,T,H,KVH,start", [(1, 13, 4, 4, [0]), (2, 13, 4, 1, [-5, 100]), (2, 7, 8, 2, [60, -7])])
+def test_entry_paged_attention_prefill(B, T, H, KVH, start):
+    check_paged_prefill(B, T, H, KVH, 16, 64, 8, f32, CPU, start[:B], tol=1e-5)
+
+
+@pytest.mark.parametrize("held", [[1, 300], [512, 0], [257, 64]])
+def test_entry_paged_decode(held):
+    """Split + merge over 1 or 2 splits of 256 (capacity 512), a row that holds nothing (a pad: zeros)."""
+    check_paged_decode(2, 4, 2, 16, 64, 8, f32, CPU, held, tol=1e-5)
+
+
+def test_decode_split_attribute_must_be_the_kernels():
+    dtypes, shapes, attrs = CASES["paged_decode_split"]
+    with pytest.raises(ValueError, match="split 128 is not the decode kernel's split 256"):
+        plugins.plan("paged_decode_split", dtypes, shapes, {**attrs, "split": 128})
+    with pytest.raises(ValueError, match="attribute 'scale' must be a positive finite float"):
+        plugins.plan("paged_decode_split", dtypes, shapes, {**attrs, "scale": float("inf")})
+    with pytest.raises(ValueError, match="paged_attention_prefill: 4 heads of q are not a multiple of 3 kv heads"):
+        plugins.plan("paged_attention_prefill", CASES["paged_attention_prefill"][0],
+                     [(2, 5, 4, 16), (19, 3, 64, 16), (19, 3, 64, 16), (2, 8), (2,)], {"scale": 0.25})
+
+
 def test_driver_rejects_wrong_buffers():
     x, router, *_ = moe_inputs(T_, E_, HID_, I_, f32, CPU)
     outs = driver.alloc_outputs("moe_route", [x, router], {"top_k": K_})
@@ -563,7 +680,8 @@ PTX_DTYPES["moe_swiglu_grouped"] = [bf16, f32]
 FLOAT_POS = {  # positions of the activation / weight tensors (the dtype that varies)
     "lightning_prefill": (0, 1, 2), "lightning_decode": (0, 1, 2), "moe_route": (0,), "moe_align": (),
     "moe_swiglu_grouped": (0, 1, 2), "moe_down_grouped": (0, 1), "moe_combine": (0,), "moe_swiglu_decode": (0, 1, 2),
-    "moe_down_combine_decode": (0, 1),
+    "moe_down_combine_decode": (0, 1), "paged_kv_write": (0, 1, 2, 3), "paged_attention_prefill": (0, 1, 2),
+    "paged_decode_split": (0, 1, 2), "paged_decode_merge": (0,),
 }  # fmt: skip
 H100_MAX_SHARED = 227 * 1024
 

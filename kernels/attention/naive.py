@@ -38,6 +38,8 @@ __all__ = [
     "paged_attention",
     "gather_row",
     "contiguous_to_paged",
+    "paged_decode_partials",
+    "paged_decode_merge",
 ]
 
 
@@ -141,6 +143,64 @@ def paged_attention(
         real = query_pos >= 0  # pads see nothing: zeros
         probs = torch.softmax(scores[:, real], dim=-1)  # [H, n, L]
         out[b, real] = (probs @ values).transpose(0, 1)  # [n, H, D]
+    return out.to(q.dtype)
+
+
+def paged_decode_partials(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, positions: Tensor, scale: float, split: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The first pass of flash-decoding (``decode.py``'s split kernel) as a definition: the decode case cut along
+    the sequence into splits of ``split`` positions, ``num_splits = ceil(M * page_size / split)``.
+
+    For row b, query head h (index ``r = b * H + h``) and split s over the held positions ``[s * split, (s + 1) *
+    split) ∩ [0, p]``, with scores in the log2 domain ``z_j = scale * log2(e) * q . k_j``:
+        m[r, s] = max_j z_j,   l[r, s] = sum_j 2^(z_j - m),   acc[r, s] = sum_j 2^(z_j - m) v_j      (fp32)
+    Splits that hold no position are ``m = -1e30, l = 0, acc = 0`` here; the kernel leaves them unwritten, and
+    ``paged_decode_merge`` never reads them. Returns ``(m [B*H, S], l [B*H, S], acc [B*H, S, D])``.
+    """
+    check_paged_inputs(q, k_cache, v_cache, block_table, positions, query=True)
+    B, T, H, D = q.shape
+    if T != 1:
+        raise ValueError(f"paged decode: one query per row, got T={T}")
+    KVH, page_size = k_cache.shape[1], k_cache.shape[2]
+    _check_rows(block_table, positions, 1, page_size, k_cache.shape[0])
+    S = -(-block_table.shape[1] * page_size // split)
+    m = torch.full((B * H, S), -1.0e30, dtype=torch.float32, device=q.device)
+    l = torch.zeros(B * H, S, dtype=torch.float32, device=q.device)
+    acc = torch.zeros(B * H, S, D, dtype=torch.float32, device=q.device)
+    log2e = 1.4426950408889634
+    for b in range(B):
+        held = int(positions[b]) + 1
+        if held <= 0:
+            continue
+        keys = gather_row(k_cache, block_table[b].to(q.device), held).float().repeat_interleave(H // KVH, dim=0)
+        values = gather_row(v_cache, block_table[b].to(q.device), held).float().repeat_interleave(H // KVH, dim=0)
+        z = (scale * log2e) * torch.einsum("hd,hjd->hj", q[b, 0].float(), keys)  # [H, held]
+        for sp in range(-(-held // split)):
+            seg = slice(sp * split, min((sp + 1) * split, held))
+            m_s = z[:, seg].max(dim=-1).values  # [H]
+            w = torch.exp2(z[:, seg] - m_s[:, None])
+            rows = b * H + torch.arange(H, device=q.device)
+            m[rows, sp], l[rows, sp] = m_s, w.sum(-1)
+            acc[rows, sp] = torch.einsum("hj,hjd->hd", w, values[:, seg])
+    return m, l, acc
+
+
+def paged_decode_merge(q: Tensor, m: Tensor, l: Tensor, acc: Tensor, positions: Tensor, split: int) -> Tensor:
+    """The second pass: ``o [B, 1, H, D]`` (q's dtype; ``q`` gives only shape and dtype) from the partials of
+    ``paged_decode_partials``, combining only the ``ceil((p + 1) / split)`` splits that hold positions; a row with
+    ``p < 0`` gets zeros. Equals ``paged_attention`` at T = 1."""
+    B, _, H, D = q.shape
+    out = torch.zeros(B, 1, H, D, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        used = -(-(int(positions[b]) + 1) // split) if int(positions[b]) >= 0 else 0
+        if used == 0:
+            continue
+        rows = slice(b * H, (b + 1) * H)
+        mb, lb, ab = m[rows, :used], l[rows, :used], acc[rows, :used]  # [H, used(, D)]
+        top = mb.max(dim=-1, keepdim=True).values
+        w = torch.exp2(mb - top)
+        out[b, 0] = (w[..., None] * ab).sum(1) / (w * lb).sum(-1, keepdim=True)
     return out.to(q.dtype)
 
 

@@ -119,3 +119,24 @@ def _paged_attention_decode_cuda(q, k_cache, v_cache, block_table, positions, sc
     from .decode import paged_attention_decode_triton
 
     return paged_attention_decode_triton(q, k_cache, v_cache, block_table, positions, scale)
+
+
+# ---------------------------------------------------------------------------------------------- functional form
+@torch.library.custom_op("minimax::paged_kv_update", mutates_args=())
+def paged_kv_update(
+    k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, block_table: Tensor, positions: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``paged_kv_write`` as a function: returns new pools ``(k_cache', v_cache')`` with the tokens written.
+
+    Not used by the model: the ONNX lowering (``export/onnx_lowering.py``) rewrites the in-place write of the
+    exported programs into this op, because an ONNX graph has no mutation. Its TensorRT plugin (``paged_kv_write``)
+    aliases each output to its input, so the engine writes in place after all.
+    """
+    k_new, v_new = k_cache.clone(), v_cache.clone()
+    torch.ops.minimax.paged_kv_write(k_new, v_new, k, v, block_table, positions)
+    return k_new, v_new
+
+
+@paged_kv_update.register_fake
+def _paged_kv_update_fake(k_cache, v_cache, k, v, block_table, positions) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(k_cache), torch.empty_like(v_cache)
