@@ -22,14 +22,18 @@ from export import onnx_lowering  # noqa: E402
 from export.engine_folder import program_io, symbolic_state_layout  # noqa: E402
 from export.exporting import DecodeProgram, PrefillProgram  # noqa: E402
 from export.onnx_reference import OnnxReferenceProgram, reference_evaluator  # noqa: E402
+from runtime.backends import InPlaceProgram  # noqa: E402
 from kernels.moe import stages  # noqa: E402
 from model import MiniMaxConfig, MiniMaxForCausalLM, MiniMaxState  # noqa: E402
 from tests.utils import logit_report  # noqa: E402
 
-SETTINGS = BuildSettings(backend="onnx", device="cpu", dtype="float32", max_batch=4, max_input_len=24, max_seq_len=40)
+SETTINGS = BuildSettings(backend="onnx", device="cpu", dtype="float32", max_batch=4, max_input_len=24, max_seq_len=40,
+                         page_size=8)
 PLUGIN_ATTRS = {"plugin_namespace": "minimax", "plugin_version": "1", "aot": 1}
 GROUPED = ["moe_route", "moe_align", "moe_swiglu_grouped", "moe_down_grouped", "moe_combine"]
 DECODE = ["moe_route", "moe_swiglu_decode", "moe_down_combine_decode"]
+ATTENTION = {"prefill": ["paged_kv_write", "paged_attention_prefill"],
+             "decode": ["paged_kv_write", "paged_decode_split", "paged_decode_merge"]}
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +109,11 @@ def test_plugin_table_is_the_plugin_spec():
         plugin = spec.PLUGINS[op_type]
         assert tuple(n for n, _ in inputs) == plugin.inputs and tuple(n for n, _ in outputs) == plugin.outputs
         assert tuple(attrs) == plugin.attrs, op_type
+        assert tuple(onnx_lowering.FLOAT_ATTRIBUTES.get(op_type, ())) == plugin.float_attrs, op_type
 
 
 _TORCH_DTYPES = {ir.DataType.FLOAT: torch.float32, ir.DataType.BFLOAT16: torch.bfloat16,
-                 ir.DataType.FLOAT16: torch.float16, ir.DataType.INT32: torch.int32}
+                 ir.DataType.FLOAT16: torch.float16, ir.DataType.INT32: torch.int32, ir.DataType.INT64: torch.int64}
 
 
 def _check_against_spec(model, sizes: dict[str, int]) -> int:
@@ -124,7 +129,7 @@ def _check_against_spec(model, sizes: dict[str, int]) -> int:
         plugin = spec.PLUGINS[node.op_type]
         in_dtypes = [_TORCH_DTYPES[v.dtype] for v in node.inputs]
         assert plugin.output_dtypes(in_dtypes) == tuple(_TORCH_DTYPES[v.dtype] for v in node.outputs), node.name
-        attrs = {k: v for k, v in _attrs(node).items() if k in plugin.attrs}
+        attrs = {k: v for k, v in _attrs(node).items() if k in plugin.attrs + plugin.float_attrs}
         expected = plugin.output_shapes([dims(v) for v in node.inputs], attrs)
         assert tuple(dims(v) for v in node.outputs) == tuple(tuple(s) for s in expected), node.name
     return len(nodes)
@@ -133,8 +138,9 @@ def _check_against_spec(model, sizes: dict[str, int]) -> int:
 @pytest.mark.parametrize("name", ["prefill", "decode"])
 def test_graph_inputs_and_outputs_are_the_contract(tiny, graphs, name):
     model = graphs[name]
-    io = program_io(tiny.config.to_dict(), symbolic_state_layout(tiny.config, SETTINGS), name)
-    dtypes = {"int64": ir.DataType.INT64, "float32": ir.DataType.FLOAT}
+    io = program_io(tiny.config.to_dict(), symbolic_state_layout(tiny.config, SETTINGS), name,
+                    SETTINGS.paged_layout(), in_place=False)
+    dtypes = {"int64": ir.DataType.INT64, "float32": ir.DataType.FLOAT, "int32": ir.DataType.INT32}
     for values, specs in ((model.graph.inputs, io["inputs"]), (model.graph.outputs, io["outputs"])):
         assert [v.name for v in values] == [s["name"] for s in specs]
         for v, spec in zip(values, specs):
@@ -153,15 +159,33 @@ def test_plugin_nodes_per_layer_kind(tiny, graphs, name):
     lightning = "lightning_prefill" if name == "prefill" else "lightning_decode"
     chain = GROUPED if name == "prefill" else DECODE
     assert counts == Counter({lightning: len(config.lightning_layers),
-                              **{op: config.num_hidden_layers for op in chain}})
-    assert not any(n.op_type in ("moe", "ScaledDotProductAttention") for n in model.graph)
+                              **{op: config.num_hidden_layers for op in chain},
+                              **{op: len(config.softmax_layers) for op in ATTENTION[name]}})
+    assert not any(n.op_type in ("moe", "ScaledDotProductAttention", "ScatterND", "Tile") for n in model.graph)
+    split = 256  # decode_split of a capacity of 40 positions on the GPU (the smallest split)
     for node in _plugin_nodes(model):
         extra = {"moe_route": {"top_k": 2}, "moe_align": {"num_experts": 4, "block_m": 16},
                  "moe_swiglu_grouped": {"top_k": 2, "block_m": 16}, "moe_down_grouped": {"block_m": 16},
-                 "moe_combine": {"top_k": 2}}.get(node.op_type, {})
+                 "moe_combine": {"top_k": 2}, "paged_attention_prefill": {"scale": 0.25},
+                 "paged_decode_split": {"split": split, "scale": 0.25},
+                 "paged_decode_merge": {"split": split}}.get(node.op_type, {})
         assert _attrs(node) == {**PLUGIN_ATTRS, **extra}, node.name
         inputs, outputs, _ = onnx_lowering.PLUGIN_OPS[node.op_type]
         assert len(node.inputs) == len(inputs) and len(node.outputs) == len(outputs), node.name
+
+
+def test_kv_write_nodes_take_the_pools_and_return_them(tiny, graphs):
+    """Each softmax layer: paged_kv_write reads the pool inputs and its outputs are the graph's ``<pool>.out``
+    (aliased in TensorRT), and the attention nodes read the written pools and the block table."""
+    for name, model in graphs.items():
+        writes = [n for n in _plugin_nodes(model) if n.op_type == "paged_kv_write"]
+        assert len(writes) == len(tiny.config.softmax_layers)
+        for node, layer in zip(writes, tiny.config.softmax_layers):
+            assert [v.name for v in node.inputs[:2]] == [f"key_cache.{layer}", f"value_cache.{layer}"]
+            assert [v.name for v in node.outputs] == [f"key_cache.{layer}.out", f"value_cache.{layer}.out"]
+            assert node.inputs[4].name == "block_table" and node.inputs[5].name == "positions"
+            readers = {u.node.op_type for u in node.outputs[0].uses()}
+            assert readers == {"paged_attention_prefill" if name == "prefill" else "paged_decode_split"}
 
 
 def test_lightning_nodes_read_the_layer_decay_and_state(tiny, graphs):
@@ -204,7 +228,7 @@ def test_moe_chains_are_wired_as_the_contract(graphs, name):
 
 @pytest.mark.parametrize("name", ["prefill", "decode"])
 def test_plugin_nodes_match_the_plugin_shape_and_dtype_rules(graphs, name):
-    n_nodes = 6 + 8 * len(GROUPED if name == "prefill" else DECODE)
+    n_nodes = 6 + 8 * len(GROUPED if name == "prefill" else DECODE) + 2 * len(ATTENTION[name])
     for B, T in ((1, 2), (3, 19)):
         assert _check_against_spec(graphs[name], {"B": B, "T": T if name == "prefill" else 1}) == n_nodes
 
@@ -226,12 +250,15 @@ def test_intermediate_shapes_are_the_static_bounds(graphs):
 
 
 def _run_steps(prefill, decode, ids, n_prompt, config):
+    """Prefill + decode steps on a scattered paged state; ``prefill``/``decode`` return ``(logits, new state)``."""
+    from tests.test_export import paged_state
+
     B = ids.shape[0]
-    state = MiniMaxState.allocate(config, B, SETTINGS.max_seq_len, torch.float32, "cpu").flatten()
-    logits, state = prefill(ids[:, :n_prompt].contiguous(), torch.zeros(B, dtype=torch.long), state)
+    table, state = paged_state(config, B, SETTINGS)
+    logits, state = prefill(ids[:, :n_prompt].contiguous(), torch.zeros(B, dtype=torch.long), table, state)
     steps = [logits]
     for t in range(n_prompt, ids.shape[1]):
-        logits, state = decode(ids[:, t : t + 1].contiguous(), torch.full((B,), t, dtype=torch.long), state)
+        logits, state = decode(ids[:, t : t + 1].contiguous(), torch.full((B,), t, dtype=torch.long), table, state)
         steps.append(logits)
     return torch.cat(steps, 1), state
 
@@ -243,7 +270,7 @@ def test_onnx_reference_equals_eager_over_prefill_and_decode(tiny, engine, batch
     prefill, decode = OnnxReferenceProgram(folder / "prefill.onnx"), OnnxReferenceProgram(folder / "decode.onnx")
     ids = torch.randint(0, tiny.config.vocab_size, (batch, prompt + 3), generator=torch.Generator().manual_seed(prompt))
     ours = _run_steps(prefill, decode, ids, prompt, tiny.config)
-    ref = _run_steps(PrefillProgram(tiny), DecodeProgram(tiny), ids, prompt, tiny.config)
+    ref = _run_steps(InPlaceProgram(PrefillProgram(tiny)), InPlaceProgram(DecodeProgram(tiny)), ids, prompt, tiny.config)
     report = logit_report(ours[0], ref[0])
     print(f"ONNX reference vs eager, batch {batch}, prompt {prompt} + 3 decode steps: {report}")
     assert report["max_abs"] < 2e-5 and report["top1"] == 1.0, report
@@ -259,10 +286,11 @@ def test_evaluator_refuses_a_plugin_node_with_wrong_attributes(engine, tmp_path)
     next(a for a in node.attribute if a.name == "plugin_namespace").s = b"other"
     onnx.save(proto, tmp_path / "bad.onnx")
     session = reference_evaluator(tmp_path / "bad.onnx")
-    config = MiniMaxConfig.preset("tiny")
-    state = MiniMaxState.allocate(config, 1, SETTINGS.max_seq_len, torch.float32, "cpu").flatten()
+    from tests.test_export import paged_state
+
+    table, state = paged_state(MiniMaxConfig.preset("tiny"), 1, SETTINGS)
     feeds = {"input_ids": torch.zeros(1, 1, dtype=torch.long).numpy(), "positions": torch.zeros(1, dtype=torch.long).numpy(),
-             **{v.name: t.numpy() for v, t in zip(proto.graph.input[2:], state)}}
+             "block_table": table.numpy(), **{v.name: t.numpy() for v, t in zip(proto.graph.input[3:], state)}}
     with pytest.raises(ValueError, match="plugin attributes .*'plugin_namespace': 'other'"):
         session.run(None, feeds)
 
@@ -276,12 +304,13 @@ def test_large_weights_go_to_external_data(graphs, engine, tmp_path, monkeypatch
     proto = onnx.load(tmp_path / "decode.onnx", load_external_data=False)
     external = [i for i in proto.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
     assert len(external) >= 8 * 4 and not [i.name for i in proto.graph.initializer if len(i.raw_data) > 1024]
-    config = MiniMaxConfig.preset("tiny")
+    from tests.test_export import paged_state
+
     ids = torch.tensor([[5], [7]])
-    state = [torch.randn(t.shape, generator=torch.Generator().manual_seed(1))
-             for t in MiniMaxState.allocate(config, 2, SETTINGS.max_seq_len, torch.float32, "cpu").flatten()]
-    ours = OnnxReferenceProgram(tmp_path / "decode.onnx")(ids, torch.tensor([3, 9]), state)
-    embedded = OnnxReferenceProgram(folder / "decode.onnx")(ids, torch.tensor([3, 9]), state)
+    table, state = paged_state(MiniMaxConfig.preset("tiny"), 2, SETTINGS)
+    state = [torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) for t in state]
+    ours = OnnxReferenceProgram(tmp_path / "decode.onnx")(ids, torch.tensor([3, 9]), table, state)
+    embedded = OnnxReferenceProgram(folder / "decode.onnx")(ids, torch.tensor([3, 9]), table, state)
     assert torch.equal(ours[0], embedded[0])
 
 
@@ -296,8 +325,8 @@ def test_bf16_graph_feeds_the_plugins_bf16_activations_and_fp32_state(tmp_path):
     graph, plan = onnx_lowering.to_onnx(program, "decode", settings)
     assert plan == {"path": "grouped", "block_m": 16, "tokens": 20}
     counts = Counter(n.op_type for n in _plugin_nodes(graph))
-    assert counts == Counter({"lightning_decode": 6, **{op: 8 for op in GROUPED}})
-    bf16, f32, i32 = ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.INT32
+    assert counts == Counter({"lightning_decode": 6, **{op: 8 for op in GROUPED}, **{op: 2 for op in ATTENTION["decode"]}})
+    bf16, f32, i32, i64 = ir.DataType.BFLOAT16, ir.DataType.FLOAT, ir.DataType.INT32, ir.DataType.INT64
     expected = {
         "lightning_decode": ([bf16, bf16, bf16, f32, f32], [bf16, f32]),
         "moe_route": ([bf16, f32], [f32, i32]),
@@ -305,10 +334,13 @@ def test_bf16_graph_feeds_the_plugins_bf16_activations_and_fp32_state(tmp_path):
         "moe_swiglu_grouped": ([bf16, bf16, bf16, i32, i32], [bf16]),
         "moe_down_grouped": ([bf16, bf16, i32, i32, f32], [bf16]),
         "moe_combine": ([bf16, i32], [bf16]),
+        "paged_kv_write": ([bf16, bf16, bf16, bf16, i32, i64], [bf16, bf16]),
+        "paged_decode_split": ([bf16, bf16, bf16, i32, i64], [f32, f32, f32]),
+        "paged_decode_merge": ([bf16, f32, f32, f32, i64], [bf16]),
     }
     for node in _plugin_nodes(graph):
         assert ([v.dtype for v in node.inputs], [v.dtype for v in node.outputs]) == expected[node.op_type], node.name
-    assert _check_against_spec(graph, {"B": 20, "T": 1}) == 6 + 8 * len(GROUPED)
+    assert _check_against_spec(graph, {"B": 20, "T": 1}) == 6 + 8 * len(GROUPED) + 2 * 3
     key_cache = next(v for v in graph.graph.inputs if v.name.startswith("key_cache"))
     assert key_cache.dtype == bf16 and graph.graph.outputs[0].dtype == f32  # logits fp32
     onnx_lowering.save_onnx(graph, tmp_path / "decode.onnx")  # passes the checker

@@ -18,6 +18,9 @@ from tests.test_plugins import (
     check_grouped_stages,
     check_lightning_decode,
     check_lightning_prefill,
+    check_paged_decode,
+    check_paged_kv_write,
+    check_paged_prefill,
     check_route,
     moe_inputs,
 )
@@ -88,3 +91,20 @@ def test_gpu_chain_real_size_bf16():
 
         block_m = default_config(T, TOP_K, E, torch.device(CUDA)).block_m
         check_chain(T, E, hidden, inter, TOP_K, block_m, bf16, CUDA, decode, tol=1e-2, weights=(None, router, w1, w3, w2))
+
+
+# --- paged softmax attention at MiniMax-Text-01 sizes (64 query / 8 kv heads, D 128), pages of 256 ---------------
+@pytest.mark.parametrize("start", [[0, 5], [-3, 1000]])
+def test_gpu_paged_kv_write_bf16(start):
+    check_paged_kv_write(2, 37, 8, D, 256, 8, bf16, CUDA, start)
+
+
+@pytest.mark.parametrize("B,T,start", [(1, 37, [0]), (2, 1029, [-5, 700])])
+def test_gpu_paged_attention_prefill_bf16(B, T, start):
+    check_paged_prefill(B, T, H, 8, D, 256, 8, bf16, CUDA, start, tol=1e-2)
+
+
+@pytest.mark.parametrize("held", [[1, 2048], [70000, 0]])
+def test_gpu_paged_decode_bf16(held):
+    """Capacity 80K positions in pages of 256 (split 4096: up to 18 splits), rows at 1, 2048, 70000 and a pad."""
+    check_paged_decode(2, H, 8, D, 256, 320, bf16, CUDA, held, tol=1e-2)
