@@ -73,8 +73,8 @@ def optimization_profile(
 
     ``inputs`` are the network's inputs in order, each ``(name, dims)`` with a dynamic extent given as -1, None or
     a symbol string (ONNX ``dim_param``, or the engine-folder contract's "B"/"T"). The contract
-    (``engine_folder.program_io``) fixes which dims are dynamic: dim 0 of every input is the batch B, in
-    [1, max_batch]; dim 1 of ``input_ids`` is T, in [2, max_input_len] for prefill and exactly 1 for decode.
+    (``engine_folder.program_io``) fixes which dims are dynamic: dim 0 of every input but the KV page pools
+    (``key_cache.*``, ``value_cache.*``: static) is the batch B, in [1, max_batch]; dim 1 of ``input_ids`` is T, in [2, max_input_len] for prefill and exactly 1 for decode.
     Any other dynamic extent is an error (the export has a shape the engine-folder contract does not know).
     """
     if program not in ("prefill", "decode"):
@@ -94,7 +94,8 @@ def optimization_profile(
         mins, opts, maxs = [], [], []
         for axis, d in enumerate(dims):
             dynamic = d is None or isinstance(d, str) or d < 0
-            symbol = "B" if axis == 0 else ("T" if name == "input_ids" and axis == 1 else None)
+            pool = name.startswith(("key_cache.", "value_cache."))  # KV page pools: every dim static
+            symbol = "B" if axis == 0 and not pool else ("T" if name == "input_ids" and axis == 1 else None)
             if symbol is None:
                 if dynamic:
                     raise EngineFolderError(
@@ -265,6 +266,7 @@ def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSett
 
     return {
         "file": plan_path.name,
+        "state_update": "outputs",  # functional engine I/O; the KV pools' outputs alias their inputs (in place)
         "onnx": onnx_entries,
         "timing_cache": plan.timing_cache,
         "optimization_profile": {n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in profile.items()},

@@ -9,6 +9,12 @@ implementations: ``ctx.net.add_plugin(trtp.op.minimax.<name>(...), aot=True)``):
     torch.ops.minimax.moe               -> the plugin chain of ``onnx_lowering.moe_plan`` (same plan as ONNX):
         grouped: moe_route -> moe_align -> moe_swiglu_grouped -> moe_down_grouped -> moe_combine
         decode:  moe_route -> moe_swiglu_decode -> moe_down_combine_decode
+    torch.ops.minimax.paged_kv_update   -> paged_kv_write (outputs aliased to the pools: in place)
+    torch.ops.minimax.paged_attention_prefill -> paged_attention_prefill
+    torch.ops.minimax.paged_attention_decode  -> paged_decode_split -> paged_decode_merge
+
+The program compiled is the functional form of the exported one (``onnx_lowering.functional_program``: state
+returned as outputs, the KV write as ``paged_kv_update``), as for ONNX.
 
 Why by hand: torch-tensorrt 2.11 switches its QDP generators (``generate_plugin``, ``generate_plugin_converter``,
 ``custom_op``) off when TensorRT is 10.14/10.15 (``_features.py``; tensorrt_notes.md gotcha 1), and they are
@@ -46,6 +52,8 @@ __all__ = [
     "Emit",
     "lightning_call",
     "moe_chain",
+    "paged_kv_call",
+    "paged_attention_call",
     "checked_emitter",
     "program_inputs",
     "register_converters",
@@ -88,6 +96,30 @@ def moe_chain(emit: Emit, x, router_weight, w1, w3, w2, *, top_k: int, num_exper
     return y
 
 
+def paged_kv_call(emit: Emit, k_cache, v_cache, k, v, block_table, positions) -> tuple[Any, Any]:
+    """``paged_kv_update``: the ``paged_kv_write`` plugin, whose outputs alias the pools (TensorRT writes in place)."""
+    k_out, v_out = emit("paged_kv_write", [k_cache, v_cache, k, v, block_table, positions], {})
+    return k_out, v_out
+
+
+def paged_attention_call(emit: Emit, op: str, q, k_cache, v_cache, block_table, positions, scale: float, *,
+                         capacity: int, head_dim: int):
+    """``paged_attention_prefill`` (one plugin) or ``paged_attention_decode`` (split -> merge, the split of
+    ``onnx_lowering.decode_plan`` for this capacity and head dim): returns o."""
+    if op == "paged_attention_prefill":
+        (o,) = emit(op, [q, k_cache, v_cache, block_table, positions], {"scale": float(scale)})
+        return o
+    if op != "paged_attention_decode":
+        raise ValueError(f"{op!r} is not a paged attention op")
+    from .onnx_lowering import decode_plan
+
+    split, _ = decode_plan(capacity, head_dim)
+    m, l, acc = emit("paged_decode_split", [q, k_cache, v_cache, block_table, positions],
+                     {"split": split, "scale": float(scale)})
+    (o,) = emit("paged_decode_merge", [q, m, l, acc, positions], {"split": split})
+    return o
+
+
 def checked_emitter(emit: Emit) -> Emit:
     """Wrap ``emit`` with the plugin contract's checks (``plugins.spec``): known plugin, arity, attribute names,
     number of outputs returned."""
@@ -97,10 +129,12 @@ def checked_emitter(emit: Emit) -> Emit:
         if plugin not in PLUGINS:
             raise ValueError(f"unknown plugin {plugin!r}; known: {sorted(PLUGINS)}")
         spec = PLUGINS[plugin]
-        if len(inputs) != len(spec.inputs) or set(attrs) != set(spec.attrs):
-            raise ValueError(f"{plugin}: takes inputs {spec.inputs} and attributes {spec.attrs}; got "
+        names = spec.attrs + spec.float_attrs
+        if len(inputs) != len(spec.inputs) or set(attrs) != set(names):
+            raise ValueError(f"{plugin}: takes inputs {spec.inputs} and attributes {names}; got "
                              f"{len(inputs)} inputs and attributes {sorted(attrs)}")
-        outputs = tuple(emit(plugin, inputs, {k: int(v) for k, v in attrs.items()}))
+        outputs = tuple(emit(plugin, inputs, {k: float(v) if k in spec.float_attrs else int(v)
+                                              for k, v in attrs.items()}))
         if len(outputs) != len(spec.outputs):
             raise ValueError(f"{plugin}: gave {len(outputs)} outputs, the contract has {spec.outputs}")
         return outputs
@@ -211,8 +245,30 @@ def register_converters() -> None:
                    *(_itensor(ctx, w, f"{name}.{n}") for w, n in ((w1, "w1"), (w3, "w3"), (w2, "w2")))]
         return moe_chain(_trt_emitter(ctx, name), *tensors, top_k=top_k, num_experts=num_experts, plan=plan)
 
+    @dynamo_tensorrt_converter(torch.ops.minimax.paged_kv_update.default, supports_dynamic_shapes=True)
+    def _kv_write(ctx, target, args, kwargs, name):
+        tensors = [_itensor(ctx, a, f"{name}.{n}") for a, n in
+                   zip(args[:6], ("k_cache", "v_cache", "k", "v", "block_table", "positions"))]
+        return tuple(paged_kv_call(_trt_emitter(ctx, name), *tensors))
+
+    def attention(op: str):
+        def convert(ctx, target, args, kwargs, name):
+            q, k_cache, v_cache, table, positions = args[:5]
+            scale = float(args[5] if len(args) > 5 else kwargs["scale"])
+            capacity = int(table.shape[1]) * int(k_cache.shape[2])
+            tensors = [_itensor(ctx, a, f"{name}.{n}") for a, n in
+                       zip(args[:5], ("q", "k_cache", "v_cache", "block_table", "positions"))]
+            return paged_attention_call(_trt_emitter(ctx, name), op, *tensors, scale, capacity=capacity,
+                                        head_dim=int(q.shape[-1]))
+
+        return convert
+
+    for op in ("paged_attention_prefill", "paged_attention_decode"):
+        dynamo_tensorrt_converter(getattr(torch.ops.minimax, op).default, supports_dynamic_shapes=True)(attention(op))
+
     _registered = True
-    logger.info("registered torch-tensorrt converters for minimax::lightning_prefill, lightning_decode, moe")
+    logger.info("registered torch-tensorrt converters for minimax::lightning_prefill, lightning_decode, moe, "
+                "paged_kv_update, paged_attention_prefill, paged_attention_decode")
 
 
 @contextlib.contextmanager
@@ -225,7 +281,7 @@ def _active(settings: BuildSettings, program: str) -> Iterator[None]:
 
 
 def _trt_inputs(program: ExportedProgram, name: str, settings: BuildSettings) -> list[Any]:
-    """``arg_inputs`` in the program's call structure: ``[input_ids, positions, [state...]]``."""
+    """``arg_inputs`` in the program's call structure: ``[input_ids, positions, block_table, [state...]]``."""
     import torch_tensorrt
 
     dtypes = {n.name: n.meta["val"].dtype for n in program.graph.nodes if n.op == "placeholder"}
@@ -237,7 +293,7 @@ def _trt_inputs(program: ExportedProgram, name: str, settings: BuildSettings) ->
         else:
             inputs.append(torch_tensorrt.Input(min_shape=lo, opt_shape=opt, max_shape=hi, dtype=dtypes[node],
                                                name=tensor))
-    return [inputs[0], inputs[1], inputs[2:]]
+    return [inputs[0], inputs[1], inputs[2], inputs[3:]]
 
 
 def _common_settings(settings: BuildSettings, require_full_compilation: bool) -> dict[str, Any]:
@@ -252,12 +308,15 @@ def _common_settings(settings: BuildSettings, require_full_compilation: bool) ->
 
 def compile_program(program: ExportedProgram, name: str, settings: BuildSettings, *,
                     require_full_compilation: bool = True, timing_cache_path: str | None = None):
-    """``torch_tensorrt.dynamo.compile`` of one exported program; returns the compiled ``GraphModule`` (callable
-    like the program: ``(input_ids, positions, state) -> (logits, state)``)."""
+    """``torch_tensorrt.dynamo.compile`` of one exported program's functional form; returns the compiled
+    ``GraphModule`` (``(input_ids, positions, block_table, state) -> (logits, new state)``)."""
     check_available(settings)
     import torch_tensorrt
 
+    from .onnx_lowering import functional_program
+
     register_converters()
+    program = functional_program(program, name, settings)
     kwargs = _common_settings(settings, require_full_compilation)
     if timing_cache_path is not None:
         kwargs["timing_cache_path"] = str(timing_cache_path)
@@ -272,7 +331,10 @@ def serialize_program(program: ExportedProgram, name: str, settings: BuildSettin
     check_available(settings)
     import torch_tensorrt
 
+    from .onnx_lowering import functional_program
+
     register_converters()
+    program = functional_program(program, name, settings)
     with _active(settings, name):
         return torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
             program, arg_inputs=_trt_inputs(program, name, settings), **_common_settings(settings, True))

@@ -2,12 +2,13 @@
 
 Polygraphy's ``--plugins`` flag only ``ctypes``-loads shared libraries, so our Python plugins (QDPs) cannot reach
 the CLI; the comparison runs in-process instead (tensorrt_notes.md §5): ``plugins.register_all()``, then
-``Comparator.run`` over runners that all take the engine-folder feed dict (``input_ids``, ``positions``, state
-names) and return the engine-folder outputs (``logits``, ``<state>.out``):
+``Comparator.run`` over runners that all take the engine-folder feed dict (``input_ids``, ``positions``,
+``block_table``, state names) and return the engine-folder outputs (``logits``, ``<state>.out``):
 
 - ``tensorrt_runner(plan)``: polygraphy's ``TrtRunner`` over ``EngineFromPath`` (needs TensorRT and a GPU);
-- ``ProgramRunner(fn, ...)``: any engine-folder program ``fn(input_ids, positions, state)`` — eager PyTorch
-  (``exporting.PrefillProgram(model)``), an exported program's ``.module()``, a ``runtime`` program;
+- ``ProgramRunner(fn, ...)``: any runtime program ``fn(input_ids, positions, block_table, state) -> (logits,
+  state)`` — eager PyTorch (``runtime.backends.InPlaceProgram(exporting.PrefillProgram(model))``), a ``runtime``
+  program;
 - ``OnnxReferenceRunner(onnx)``: ``export.onnx_reference.OnnxReferenceProgram`` (``onnx.reference`` with our ops'
   reference kernels, CPU, fp32).
 
@@ -79,9 +80,10 @@ def input_metadata(manifest: Mapping[str, Any], program: str):
 
 def make_feeds(manifest: Mapping[str, Any], program: str, batch: int, seq: int, *, seed: int = 0,
                device: str | torch.device = "cpu", positions: Tensor | None = None,
-               state: Sequence[Tensor] | None = None) -> "OrderedDict[str, Tensor]":
+               state: Sequence[Tensor] | None = None, block_table: Tensor | None = None) -> "OrderedDict[str, Tensor]":
     """A feed dict for ``program``: random token ids in [0, vocab) (seeded), ``positions`` (default zeros: a fresh
-    sequence) and ``state`` (default zeros) in the manifest's input order, on ``device``."""
+    sequence), ``block_table`` (default: row b owns pages ``b * M ..``) and ``state`` (default zeros) in the
+    manifest's input order, on ``device``."""
     entry = _program(manifest, program)
     if program == "decode" and seq != 1:
         raise ValueError(f"decode takes one token per row, got seq {seq}")
@@ -91,7 +93,14 @@ def make_feeds(manifest: Mapping[str, Any], program: str, batch: int, seq: int, 
     feeds: OrderedDict[str, Tensor] = OrderedDict()
     feeds["input_ids"] = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     feeds["positions"] = (positions if positions is not None else torch.zeros(batch, dtype=torch.long)).to(device)
-    specs = entry["inputs"][2:]
+    width = entry["inputs"][2]["shape"][1]
+    if block_table is None:
+        block_table = torch.arange(batch * width, dtype=torch.int32).view(batch, width)
+    if tuple(block_table.shape) != (batch, width) or block_table.dtype != torch.int32:
+        raise ValueError(f"block_table must be int32 [{batch}, {width}], got {block_table.dtype} "
+                         f"{list(block_table.shape)}")
+    feeds["block_table"] = block_table.to(device).contiguous()
+    specs = entry["inputs"][3:]
     if state is not None and len(state) != len(specs):
         raise ValueError(f"{len(state)} state tensors given, {program} takes {len(specs)}")
     for i, t in enumerate(specs):
@@ -111,7 +120,9 @@ def _base_runner():
 
 
 class ProgramRunner(_base_runner()):
-    """polygraphy runner over an engine-folder program ``fn(input_ids, positions, state) -> (logits, state)``.
+    """polygraphy runner over a runtime program ``fn(input_ids, positions, block_table, state) -> (logits, state)``.
+
+    The state is cloned first, so that an in-place program leaves the feeds as they were.
 
     Inputs are moved to ``device``; outputs come back on the CPU (what ``TrtRunner`` returns for torch feeds).
     """
@@ -131,7 +142,7 @@ class ProgramRunner(_base_runner()):
         args = [torch.as_tensor(feed_dict[n]).to(self.device).contiguous() for n in self.input_names]
         start = time.perf_counter()
         with torch.no_grad():
-            logits, state = self.fn(args[0], args[1], args[2:])
+            logits, state = self.fn(args[0], args[1], args[2], [t.clone() for t in args[3:]])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.inference_time = time.perf_counter() - start

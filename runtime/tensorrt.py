@@ -4,24 +4,26 @@ Each program (``prefill.plan``, ``decode.plan``) is deserialized with ``trt.Runt
 ``plugins.register_all()`` (our plugins are AOT: the engine carries their PTX and needs no Python, but registering
 first is harmless and is what a JIT plugin would need). A program is called like the AOTInductor ones:
 
-    fn(input_ids [B, T] int64, positions [B] int64, state: list[Tensor]) -> (logits [B, 1, V] fp32, list[Tensor])
+    fn(input_ids [B, T] int64, positions [B] int64, block_table [B, M] int32, state: list[Tensor])
+        -> (logits [B, 1, V] fp32, list[Tensor])
 
 Binding: tensors are bound by the manifest's names (``inputs``/``outputs`` of the program: ``input_ids``,
-``positions``, the state names; ``logits``, ``<state>.out``) with ``set_input_shape`` + ``set_tensor_address``;
+``positions``, ``block_table``, the state names; ``logits``, ``<state>.out``) with ``set_input_shape`` + ``set_tensor_address``;
 output buffers are torch tensors of the shapes the context reports once the input shapes are set; the engine runs
 with ``execute_async_v3`` on the current torch stream. Before the first call the engine's I/O (names, direction,
 dtypes) is checked against the manifest, and every call's inputs against the profile (clear errors, nothing runs).
 
-State in and out: TensorRT forbids nothing here, but engine outputs may alias inputs only where the engine says so
-(``ICudaEngine.get_aliased_input_tensor``, used by TensorRT 10.15's KVCacheUpdate layer). Our engines come from
-ONNX graphs that return new state tensors (the exported programs are functional), so no output aliases an input:
-each state output gets its own buffer and the next call reads it (double-buffering). Where an engine does report
-an alias, the output is bound to the input's address and the input tensor itself is returned.
+State in and out: engine outputs alias inputs where the engine says so (``ICudaEngine.get_aliased_input_tensor``).
+The KV page pools are such outputs: the ``paged_kv_write`` plugin declares ``<pool>.out`` an alias of ``<pool>``
+(``TensorDesc.aliased()``), so the output is bound to the input's address, the engine writes the new tokens in
+place and the input tensor itself is returned. The lightning states are not aliased: each gets its own output
+buffer and the next call reads it (double-buffering).
 
 CUDA graph: ``decode`` is captured in a CUDA graph for the batch size of its first call (re-captured when the batch
-size changes), on an execution context of its own, with two static state sets (A -> B and B -> A graphs,
-ping-pong): a call whose state is the set the previous call returned replays with no copy; other state tensors are
-copied into set A first. The returned state tensors therefore belong to the program and stay valid until the
+size changes, or when the caller's pools are other tensors than the captured ones), on an execution context of its
+own, with two static sets of the non-aliased states (A -> B and B -> A graphs, ping-pong) and the caller's pools
+bound in place: a call whose states are the set the previous call returned replays with no copy; other state
+tensors are copied into set A first. The returned states therefore belong to the program and stay valid until the
 next-but-one decode call (pass them back, as ``runtime.Engine`` does, or clone them); logits are returned as a new
 tensor. If capture fails (an engine with operations not allowed under capture), decode falls back to plain
 enqueues and says so once in the log. ``load_programs(..., cuda_graph=False)`` turns capture off.
@@ -133,18 +135,19 @@ class ProgramBinding:
             binding = cls(program, specs[0], specs[1], int(profiles["max_batch"]), int(profiles["max_input_len"]))
         except KeyError as e:
             raise EngineFolderError(f"manifest: program {program!r} lacks {e} (inputs/outputs/profiles)") from e
-        names = [t.name for t in binding.inputs[:2]]
-        if names != ["input_ids", "positions"] or not binding.outputs or binding.outputs[0].name != "logits":
+        names = [t.name for t in binding.inputs[:3]]
+        if (names != ["input_ids", "positions", "block_table"] or not binding.outputs
+                or binding.outputs[0].name != "logits"):
             raise EngineFolderError(f"manifest: program {program!r} does not follow the engine-folder contract "
                                     f"(inputs start {names}, outputs start {binding.outputs[:1]})")
-        if len(binding.outputs) != len(binding.inputs) - 1:
-            raise EngineFolderError(f"manifest: program {program!r} has {len(binding.inputs) - 2} state inputs but "
+        if len(binding.outputs) != len(binding.inputs) - 2:
+            raise EngineFolderError(f"manifest: program {program!r} has {len(binding.inputs) - 3} state inputs but "
                                     f"{len(binding.outputs) - 1} state outputs")
         return binding
 
     @property
     def state_inputs(self) -> tuple[TensorSpec, ...]:
-        return self.inputs[2:]
+        return self.inputs[3:]
 
     @property
     def state_outputs(self) -> tuple[TensorSpec, ...]:
@@ -174,8 +177,8 @@ class ProgramBinding:
             if t.aliased_input is not None and t.aliased_input not in {s.name for s in self.inputs}:
                 raise EngineFolderError(f"{where}: output {name!r} aliases unknown input {t.aliased_input!r}")
 
-    def check_call(self, input_ids: Tensor, positions: Tensor, state: Sequence[Tensor], device: torch.device
-                   ) -> tuple[int, int]:
+    def check_call(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: Sequence[Tensor],
+                   device: torch.device) -> tuple[int, int]:
         """Validate one call's inputs; return ``(B, T)``. Errors name the tensor, its shape and the limit."""
         where = f"{self.program}"
         if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
@@ -191,7 +194,7 @@ class ProgramBinding:
         if len(state) != len(self.state_inputs):
             raise ValueError(f"{where}: {len(state)} state tensors given, the engine takes {len(self.state_inputs)}")
         shapes = self.shapes(B, T)
-        for spec, t in zip(self.inputs, (input_ids, positions, *state)):
+        for spec, t in zip(self.inputs, (input_ids, positions, block_table, *state)):
             if tuple(t.shape) != shapes[spec.name] or t.dtype != spec.dtype:
                 raise ValueError(f"{where}: {spec.name} must be {list(shapes[spec.name])} {spec.dtype}, got "
                                  f"{list(t.shape)} {t.dtype}")
@@ -293,12 +296,26 @@ class TensorRTProgram:
             context.set_tensor_address(spec.name, result[spec.name].data_ptr())
         return result
 
-    def inputs(self, input_ids: Tensor, positions: Tensor, state: Sequence[Tensor]) -> dict[str, Tensor]:
-        return {spec.name: bindable(t) for spec, t in zip(self.binding.inputs, (input_ids, positions, *state))}
+    def inputs(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: Sequence[Tensor]
+               ) -> dict[str, Tensor]:
+        tensors = (input_ids, positions, block_table, *state)
+        bound = {}
+        for spec, t in zip(self.binding.inputs, tensors):
+            b = bindable(t)
+            if b is not t and spec.name in self.aliased_inputs:  # a copy would take the in-place write
+                raise ValueError(f"{self.where}: {spec.name} is written in place and must be contiguous and "
+                                 f"{ADDRESS_ALIGNMENT}-byte aligned")
+            bound[spec.name] = b
+        return bound
 
-    def __call__(self, input_ids: Tensor, positions: Tensor, state: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        self.binding.check_call(input_ids, positions, state, self.device)
-        outputs = self.bind(self.context, self.inputs(input_ids, positions, state))
+    @property
+    def aliased_inputs(self) -> set[str]:
+        return set(self.aliases.values())
+
+    def __call__(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: Sequence[Tensor]
+                 ) -> tuple[Tensor, list[Tensor]]:
+        self.binding.check_call(input_ids, positions, block_table, state, self.device)
+        outputs = self.bind(self.context, self.inputs(input_ids, positions, block_table, state))
         stream = torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"{self.where}: TensorRT execute_async_v3 failed (see the log)")
@@ -306,28 +323,35 @@ class TensorRTProgram:
 
 
 class DecodeGraph:
-    """The decode step of one batch size captured in two CUDA graphs (state set 0 -> 1 and 1 -> 0)."""
+    """The decode step of one batch size captured in two CUDA graphs (non-aliased state set 0 -> 1 and 1 -> 0), with
+    the aliased states (the KV pools) bound in place: the tensors of the call that captured it."""
 
-    def __init__(self, program: TensorRTProgram, batch: int):
-        if program.aliases:  # aliased outputs write into their input set: there is one set, not two
-            raise RuntimeError("the engine aliases state outputs to inputs; ping-pong graphs do not apply")
+    def __init__(self, program: TensorRTProgram, batch: int, state: Sequence[Tensor]):
         self.program, self.batch = program, batch
         b, dev = program.binding, program.device
         shapes = b.shapes(batch, 1)
+        aliased = program.aliased_inputs
+        self.in_place = [s.name in aliased for s in b.state_inputs]
+        self.shared = [t if inplace else None for t, inplace in zip(state, self.in_place)]  # the caller's pools
         self.context = program.new_context()
         self.input_ids = torch.zeros(shapes["input_ids"], dtype=torch.int64, device=dev)
         self.positions = torch.zeros(shapes["positions"], dtype=torch.int64, device=dev)
-        self.sets = [[torch.zeros(shapes[s.name], dtype=s.dtype, device=dev) for s in b.state_inputs] for _ in (0, 1)]
+        self.block_table = torch.zeros(shapes["block_table"], dtype=torch.int32, device=dev)
+        self.sets = [[torch.zeros(shapes[s.name], dtype=s.dtype, device=dev) for s, inplace in
+                      zip(b.state_inputs, self.in_place) if not inplace] for _ in (0, 1)]
         self.logits = torch.empty(shapes["logits"], dtype=b.outputs[0].dtype, device=dev)
         self.graphs = []
         stream = torch.cuda.Stream(dev)
         stream.wait_stream(torch.cuda.current_stream(dev))  # the static buffers' zero fills come first
         for src in (0, 1):
-            ins = {s.name: t for s, t in zip(b.inputs, (self.input_ids, self.positions, *self.sets[src]))}
+            ins = {s.name: t for s, t in zip(b.inputs, (self.input_ids, self.positions, self.block_table,
+                                                        *self._state(src)))}
             outs = {"logits": self.logits} | {
-                s.name: t for s, t in zip(b.state_outputs, self.sets[1 - src]) if s.name not in program.aliases}
+                s.name: t for s, t in zip(b.state_outputs, self._state(1 - src)) if s.name not in program.aliases}
             program.bind(self.context, ins, outs)
             with torch.cuda.stream(stream):  # warm-up enqueue outside capture (as trtexec does), then capture
+                # (the warm-up runs on an all-zero block table and positions: it writes position 0 of page 0 of
+                # the pools, which the first real step overwrites or never reads)
                 if not self.context.execute_async_v3(stream.cuda_stream):
                     raise RuntimeError("warm-up enqueue failed")
             stream.synchronize()
@@ -338,40 +362,55 @@ class DecodeGraph:
         for t in self.sets[0] + self.sets[1]:
             t.zero_()
 
-    def __call__(self, input_ids: Tensor, positions: Tensor, state: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    def _state(self, which: int) -> list[Tensor]:
+        """The full state list with set ``which`` in the non-aliased places and the shared pools in the others."""
+        it = iter(self.sets[which])
+        return [shared if inplace else next(it) for shared, inplace in zip(self.shared, self.in_place)]
+
+    def matches(self, state: Sequence[Tensor]) -> bool:
+        """Whether ``state``'s aliased tensors are the ones this graph writes (else it must be captured again)."""
+        return all(not inplace or t.data_ptr() == shared.data_ptr()
+                   for t, shared, inplace in zip(state, self.shared, self.in_place))
+
+    def __call__(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: Sequence[Tensor]
+                 ) -> tuple[Tensor, list[Tensor]]:
         self.input_ids.copy_(input_ids)
         self.positions.copy_(positions)
-        src = pingpong_source(state, self.sets)
+        self.block_table.copy_(block_table)
+        own = [t for t, inplace in zip(state, self.in_place) if not inplace]
+        src = pingpong_source(own, self.sets)
         if src is None:
-            for static, t in zip(self.sets[0], state):
+            for static, t in zip(self.sets[0], own):
                 static.copy_(t)
             src = 0
         self.graphs[src].replay()
-        return self.logits.clone(), list(self.sets[1 - src])
+        return self.logits.clone(), self._state(1 - src)
 
 
 class GraphedDecode:
-    """``decode`` through ``DecodeGraph`` (captured per batch size, lazily), falling back to plain enqueues."""
+    """``decode`` through ``DecodeGraph`` (captured per batch size and pool set, lazily), falling back to plain
+    enqueues."""
 
     def __init__(self, program: TensorRTProgram):
         self.program = program
         self.graph: DecodeGraph | None = None
         self.enabled = True
 
-    def __call__(self, input_ids: Tensor, positions: Tensor, state: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        B, _ = self.program.binding.check_call(input_ids, positions, state, self.program.device)
-        if self.enabled and (self.graph is None or self.graph.batch != B):
+    def __call__(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: Sequence[Tensor]
+                 ) -> tuple[Tensor, list[Tensor]]:
+        B, _ = self.program.binding.check_call(input_ids, positions, block_table, state, self.program.device)
+        if self.enabled and (self.graph is None or self.graph.batch != B or not self.graph.matches(state)):
             self.graph = None
             try:
-                self.graph = DecodeGraph(self.program, B)
+                self.graph = DecodeGraph(self.program, B, state)
                 logger.info("%s: decode captured in a CUDA graph for batch %d", self.program.where, B)
             except Exception as e:  # capture not possible for this engine: plain enqueues from now on
                 self.enabled = False
                 logger.warning("%s: CUDA-graph capture of decode failed (%s: %s); running without graphs",
                                self.program.where, type(e).__name__, e)
         if self.graph is not None:
-            return self.graph(input_ids, positions, state)
-        return self.program(input_ids, positions, state)
+            return self.graph(input_ids, positions, block_table, state)
+        return self.program(input_ids, positions, block_table, state)
 
 
 def load_programs(folder: str | Path, manifest: Mapping[str, Any], device: torch.device, cuda_graph: bool = True

@@ -25,9 +25,9 @@ from tests.utils import logit_report, rel_err
 
 TRT_SKIP = "TensorRT is not installed (pip install .[tensorrt] from NVIDIA's index; see docs/tensorrt.md)"
 SETTINGS = BuildSettings(backend="tensorrt", device="cuda", dtype="float32", max_batch=4, max_input_len=24,
-                         max_seq_len=40)
+                         max_seq_len=40, page_size=8)
 CPU_SETTINGS = BuildSettings(backend="aoti", device="cpu", dtype="float32", max_batch=4, max_input_len=24,
-                             max_seq_len=40)
+                             max_seq_len=40, page_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,9 @@ def manifest(tiny):
     cfg = tiny.config.to_dict()
     layout = symbolic_state_layout(tiny.config, SETTINGS)
     return {"backend": "tensorrt", "model_config": cfg, "state_layout": layout,
-            "profiles": {"max_batch": 4, "max_input_len": 24, "max_seq_len": 40},
-            "programs": {p: program_io(cfg, layout, p) for p in ("prefill", "decode")}}
+            "profiles": {"max_batch": 4, "max_input_len": 24, "max_seq_len": 40}, "paged_kv": SETTINGS.paged_layout(),
+            "programs": {p: program_io(cfg, layout, p, SETTINGS.paged_layout(), in_place=False)
+                         for p in ("prefill", "decode")}}
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +63,15 @@ def test_profiles_cover_the_contract_ranges(manifest, tiny):
     assert list(prefill) == names and list(decode) == names
     assert prefill["input_ids"] == ((1, 2), (1, 24), (4, 24))
     assert prefill["positions"] == ((1,), (1,), (4,))
+    assert prefill["block_table"] == ((1, 5), (1, 5), (4, 5))
     assert decode["input_ids"] == ((1, 1), (1, 1), (4, 1))
-    for entry in tiny.config.state_layout(1, 40):
-        rest = tuple(entry["shape"][1:])
+    for entry in tiny.config.state_layout(4, 40, page_size=8):
+        shape = tuple(entry["shape"])
         for profile in (prefill, decode):
-            assert profile[entry["name"]] == ((1, *rest), (1, *rest), (4, *rest))
+            if entry["name"].startswith("lightning"):  # per row: the batch range
+                assert profile[entry["name"]] == ((1, *shape[1:]), (1, *shape[1:]), (4, *shape[1:]))
+            else:  # a KV page pool: every dim fixed
+                assert profile[entry["name"]] == (shape, shape, shape) and shape[0] == 20
     custom = trl.optimization_profile(_contract_inputs(manifest, "prefill"), "prefill", SETTINGS, opt_batch=3,
                                       opt_input_len=7)
     assert custom["input_ids"][1] == (3, 7)
@@ -78,7 +83,8 @@ def test_profiles_cover_the_contract_ranges(manifest, tiny):
         ("prefill", [("input_ids", (4, -1))], "static B = 4"),
         ("prefill", [("input_ids", (-1, 24))], "static T = 24"),
         ("decode", [("input_ids", (-1, 2))], "static T = 2"),
-        ("decode", [("key_cache.3", (-1, 2, -1, 16))], "dynamic dim 2"),
+        ("decode", [("key_cache.3", (20, 2, -1, 16))], "dynamic dim 2"),
+        ("decode", [("value_cache.3", (-1, 2, 8, 16))], "dynamic dim 0"),
         ("decode", [("positions", ())], "scalar"),
         ("verify", [("input_ids", (-1, 1))], "not 'prefill' or 'decode'"),
     ],
@@ -234,6 +240,49 @@ def test_checked_emitter_enforces_the_contract():
         emit("moe_align", [1], {"num_experts": 4})
     with pytest.raises(ValueError, match="gave 1 outputs"):
         emit("moe_route", [1, 2], {"top_k": 2})
+    with pytest.raises(ValueError, match=r"paged_decode_split: takes inputs .* attributes \('split', 'scale'\)"):
+        emit("paged_decode_split", [1, 2, 3, 4, 5], {"split": 256})
+
+
+def test_paged_attention_wiring_equals_the_ops():
+    """paged_kv_call / paged_attention_call with the reference plugins (the ONNX evaluator's) equal the model's
+    ops: the write, the prefill, and decode as split -> merge with the GPU kernel's split."""
+    from export.onnx_reference import _paged_kv_write
+    from kernels.attention import naive
+
+    g = torch.Generator().manual_seed(5)
+    B, KVH, H, D, page, M = 2, 2, 4, 16, 8, 40  # capacity 320: decode split 256, two splits
+    keys = torch.randn(B, KVH, 300, D, generator=g)
+    k_cache, v_cache, table = naive.contiguous_to_paged(keys, torch.randn_like(keys), page, generator=g)
+    k_cache, v_cache = (torch.cat([c, torch.zeros(B * M - c.shape[0], *c.shape[1:])]) for c in (k_cache, v_cache))
+    table = torch.cat([table, torch.arange(table.shape[1] * B, B * M, dtype=torch.int32).view(B, -1)], 1)
+    impl = {"paged_kv_write": _paged_kv_write, "paged_attention_prefill": naive.paged_attention,
+            "paged_decode_split": naive.paged_decode_partials, "paged_decode_merge": naive.paged_decode_merge}
+    calls = []
+
+    def emit(plugin, inputs, attrs):
+        calls.append((plugin, dict(attrs)))
+        out = impl[plugin](*inputs, **attrs)
+        return out if isinstance(out, tuple) else (out,)
+
+    emit = ttl.checked_emitter(emit)
+    k, v = torch.randn(B, 3, KVH, D, generator=g), torch.randn(B, 3, KVH, D, generator=g)
+    positions = torch.tensor([297, 5])
+    k_new, v_new = ttl.paged_kv_call(emit, k_cache, v_cache, k, v, table, positions)
+    ref_k, ref_v = k_cache.clone(), v_cache.clone()
+    torch.ops.minimax.paged_kv_write(ref_k, ref_v, k, v, table, positions)
+    assert torch.equal(k_new, ref_k) and torch.equal(v_new, ref_v)
+    q = torch.randn(B, 3, H, D, generator=g)
+    o = ttl.paged_attention_call(emit, "paged_attention_prefill", q, k_new, v_new, table, positions, 0.25,
+                                 capacity=M * page, head_dim=D)
+    assert rel_err(o, torch.ops.minimax.paged_attention_prefill(q, k_new, v_new, table, positions, 0.25)) < 1e-6
+    q1, pos1 = q[:, :1].contiguous(), positions + 2
+    o = ttl.paged_attention_call(emit, "paged_attention_decode", q1, k_new, v_new, table, pos1, 0.25,
+                                 capacity=M * page, head_dim=D)
+    assert rel_err(o, torch.ops.minimax.paged_attention_decode(q1, k_new, v_new, table, pos1, 0.25)) < 1e-6
+    assert [c[0] for c in calls] == ["paged_kv_write", "paged_attention_prefill", "paged_decode_split",
+                                     "paged_decode_merge"]
+    assert calls[2][1] == {"split": 256, "scale": 0.25}
 
 
 def test_torch_tensorrt_inputs_of_the_exported_programs(programs, manifest):
@@ -242,6 +291,7 @@ def test_torch_tensorrt_inputs_of_the_exported_programs(programs, manifest):
         assert [n for n, _ in inputs] == [t["name"] for t in manifest["programs"][name]["inputs"]]
         profile = dict(inputs)
         assert profile["positions"] == ((1,), (2,), (4,))  # opt 2: opt == min breaks torch-tensorrt (#4103)
+        assert profile["block_table"] == ((1, 5), (2, 5), (4, 5))
         assert profile["input_ids"] == (((1, 2), (2, 24), (4, 24)) if name == "prefill" else ((1, 1), (2, 1), (4, 1)))
 
 
@@ -262,8 +312,9 @@ def test_binding_from_manifest(manifest, tiny):
     b = rt.ProgramBinding.from_manifest(manifest, "prefill")
     shapes = b.shapes(3, 7)
     assert shapes["input_ids"] == (3, 7) and shapes["logits"] == (3, 1, tiny.config.vocab_size)
-    for entry in tiny.config.state_layout(3, 40):
+    for entry in tiny.config.state_layout(3, 40, page_size=8, num_pages=20):
         assert shapes[entry["name"]] == shapes[entry["name"] + ".out"] == tuple(entry["shape"])
+    assert shapes["block_table"] == (3, 5)
     assert [s.name + ".out" for s in b.state_inputs] == [s.name for s in b.state_outputs]
     broken = json.loads(json.dumps(manifest))
     broken["programs"]["decode"]["outputs"].pop()
@@ -291,27 +342,31 @@ def test_engine_io_is_checked_against_the_manifest(manifest):
 
 
 def test_call_inputs_are_checked(manifest, tiny):
+    from tests.test_export import paged_state
+
     b = rt.ProgramBinding.from_manifest(manifest, "prefill")
-    state = MiniMaxState.allocate(tiny.config, 2, 40, torch.float32, "cpu").flatten()
+    table, state = paged_state(tiny.config, 2, SETTINGS)
     ids, pos = torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, dtype=torch.long)
-    assert b.check_call(ids, pos, state, torch.device("cpu")) == (2, 5)
+    assert b.check_call(ids, pos, table, state, torch.device("cpu")) == (2, 5)
     cases = [
-        ((torch.zeros(5, 5, dtype=torch.long), torch.zeros(5, dtype=torch.long), state), "batch 5 is outside"),
-        ((torch.zeros(2, 25, dtype=torch.long), pos, state), "length 25 is outside"),
-        ((torch.zeros(2, 1, dtype=torch.long), pos, state), "length 1 is outside"),
-        ((ids.int(), pos, state), "input_ids must be"),
-        ((ids, pos, state[:-1]), "state tensors given"),
-        ((ids, pos, [*state[:-1], state[-1][:1]]), "value_cache.7 must be"),
-        ((ids, pos.int(), state), "positions must be"),
+        ((torch.zeros(5, 5, dtype=torch.long), torch.zeros(5, dtype=torch.long), table, state), "batch 5 is outside"),
+        ((torch.zeros(2, 25, dtype=torch.long), pos, table, state), "length 25 is outside"),
+        ((torch.zeros(2, 1, dtype=torch.long), pos, table, state), "length 1 is outside"),
+        ((ids.int(), pos, table, state), "input_ids must be"),
+        ((ids, pos, table, state[:-1]), "state tensors given"),
+        ((ids, pos, table, [*state[:-1], state[-1][:1]]), "value_cache.7 must be"),
+        ((ids, pos.int(), table, state), "positions must be"),
+        ((ids, pos, table.long(), state), "block_table must be"),
+        ((ids, pos, table[:, :4], state), r"block_table must be \[2, 5\]"),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             b.check_call(*args, torch.device("cpu"))
     with pytest.raises(ValueError, match="engine runs on meta"):
-        b.check_call(ids, pos, state, torch.device("meta"))
+        b.check_call(ids, pos, table, state, torch.device("meta"))
     decode = rt.ProgramBinding.from_manifest(manifest, "decode")
     with pytest.raises(ValueError, match=r"must be \[B, 1\]"):
-        decode.check_call(ids, pos, state, torch.device("cpu"))
+        decode.check_call(ids, pos, table, state, torch.device("cpu"))
 
 
 def test_bindable_and_pingpong():
@@ -339,35 +394,44 @@ def test_runtime_refuses_a_cpu_device(tmp_path, manifest):
 def _steps_feeds(manifest, tiny, batch, prompt):
     """Prefill feeds (fresh state), and the decode feeds that follow them (eager state after the prompt)."""
     pre = trt_parity.make_feeds(manifest, "prefill", batch, prompt, seed=batch)
+    state = [t.clone() for t in list(pre.values())[3:]]
     with torch.no_grad():
-        _, state = PrefillProgram(tiny)(pre["input_ids"], pre["positions"], list(pre.values())[2:])
+        PrefillProgram(tiny)(pre["input_ids"], pre["positions"], pre["block_table"], state)  # in place
     dec = trt_parity.make_feeds(manifest, "decode", batch, 1, seed=7, positions=torch.full((batch,), prompt),
                                 state=state)
     return pre, dec
+
+
+def _functional(program):
+    """An in-place program (eager wrapper, an exported program's module) as ``(logits, state)``: the runtime form."""
+    from runtime.backends import InPlaceProgram
+
+    return InPlaceProgram(program)
 
 
 def test_polygraphy_comparison_passes_for_equal_programs_and_fails_otherwise(programs, manifest, tiny):
     atol, rtol = trt_parity.tolerances("float32")
     feeds = [_steps_feeds(manifest, tiny, b, p) for b, p in ((1, 2), (3, 11))]
     for name, wrapper in (("prefill", PrefillProgram(tiny)), ("decode", DecodeProgram(tiny))):
-        runners = [trt_parity.ProgramRunner(wrapper, manifest, name, name="eager"),
-                   trt_parity.ProgramRunner(programs[name].module(), manifest, name, name="exported")]
+        runners = [trt_parity.ProgramRunner(_functional(wrapper), manifest, name, name="eager"),
+                   trt_parity.ProgramRunner(_functional(programs[name].module()), manifest, name, name="exported")]
         report = trt_parity.compare(runners, [f[name == "decode"] for f in feeds], atol, rtol)
         assert report.passed and report.top1 == 1.0 and report.max_abs["logits"] < 1e-4, report
 
-    def drifting(ids, pos, state):  # one logit off by 2e-3: above the fp32 tolerance
-        logits, new = DecodeProgram(tiny)(ids, pos, state)
-        return logits + torch.where(torch.arange(logits.shape[-1]) == 3, 2e-3, 0.0), new
+    def drifting(ids, pos, table, state):  # one logit off by 2e-3: above the fp32 tolerance
+        logits = DecodeProgram(tiny)(ids, pos, table, state)
+        return logits + torch.where(torch.arange(logits.shape[-1]) == 3, 2e-3, 0.0), state
 
-    def unwritten(ids, pos, state):  # an output element never written (NaN poison)
-        logits, new = DecodeProgram(tiny)(ids, pos, state)
+    def unwritten(ids, pos, table, state):  # an output element never written (NaN poison)
+        logits = DecodeProgram(tiny)(ids, pos, table, state)
+        new = list(state)
         new[0] = new[0].clone()
         new[0].view(-1)[5] = float("nan")
         return logits, new
 
     decode_feeds = [f[1] for f in feeds]
     for bad in (drifting, unwritten):
-        runners = [trt_parity.ProgramRunner(DecodeProgram(tiny), manifest, "decode", name="eager"),
+        runners = [trt_parity.ProgramRunner(_functional(DecodeProgram(tiny)), manifest, "decode", name="eager"),
                    trt_parity.ProgramRunner(bad, manifest, "decode", name=bad.__name__)]
         report = trt_parity.compare(runners, decode_feeds, atol, rtol)
         assert not report.passed, report
@@ -379,7 +443,7 @@ def test_polygraphy_onnx_reference_runner(programs, manifest, tiny, tmp_path):
 
     entries = onnx_lowering.lower(programs["decode"], tmp_path, "decode", SETTINGS)
     atol, rtol = trt_parity.tolerances("float32")
-    runners = [trt_parity.ProgramRunner(DecodeProgram(tiny), manifest, "decode", name="eager"),
+    runners = [trt_parity.ProgramRunner(_functional(DecodeProgram(tiny)), manifest, "decode", name="eager"),
                trt_parity.OnnxReferenceRunner(tmp_path / entries["file"], manifest, "decode", name="onnx-reference")]
     report = trt_parity.compare(runners, [_steps_feeds(manifest, tiny, 2, 5)[1]], atol, rtol)
     assert report.passed and report.top1 == 1.0, report
@@ -406,7 +470,7 @@ def trt_engine(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("trt") / "tiny"
     assert build.main(["--preset", "tiny", "--out", str(out), "--backend", "tensorrt", "--device", "cuda",
-                       "--max-batch", "4", "--max-input-len", "24", "--max-seq-len", "40"]) == 0
+                       "--max-batch", "4", "--max-input-len", "24", "--max-seq-len", "40", "--page-size", "8"]) == 0
     manifest = read_manifest(out)
     with torch.device("cuda"):
         model = MiniMaxForCausalLM(MiniMaxConfig.preset("tiny")).init_random_weights(seed=0).eval()
@@ -415,13 +479,16 @@ def trt_engine(tmp_path_factory):
 
 
 def _run_steps(prefill, decode, ids, n_prompt, config):
+    from tests.test_export import paged_state
+
     B, device = ids.shape[0], ids.device
-    state = MiniMaxState.allocate(config, B, 40, torch.float32, device).flatten()
-    logits, state = prefill(ids[:, :n_prompt].contiguous(), torch.zeros(B, dtype=torch.long, device=device), state)
+    table, state = paged_state(config, B, SETTINGS, device)
+    logits, state = prefill(ids[:, :n_prompt].contiguous(), torch.zeros(B, dtype=torch.long, device=device), table,
+                            state)
     steps = [logits.clone()]
     for t in range(n_prompt, ids.shape[1]):
         logits, state = decode(ids[:, t:t + 1].contiguous(), torch.full((B,), t, dtype=torch.long, device=device),
-                               state)
+                               table, state)
         steps.append(logits.clone())
     return torch.cat(steps, 1), [s.clone() for s in state]
 
@@ -447,7 +514,7 @@ def test_tensorrt_engine_equals_eager_over_prefill_and_decode(trt_engine, batch,
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt + 6), generator=torch.Generator().manual_seed(1))
     ids = ids.cuda()
     ours = _run_steps(fns["prefill"], fns["decode"], ids, prompt, model.config)
-    ref = _run_steps(PrefillProgram(model), DecodeProgram(model), ids, prompt, model.config)
+    ref = _run_steps(_functional(PrefillProgram(model)), _functional(DecodeProgram(model)), ids, prompt, model.config)
     report = logit_report(ours[0], ref[0])
     print(f"TensorRT vs eager (cuda_graph={cuda_graph}), batch {batch}, prompt {prompt} + 6 decode steps: {report}")
     assert report["max_abs"] < 1e-3 and report["top1"] == 1.0, report
@@ -464,7 +531,7 @@ def test_tensorrt_engine_polygraphy_parity(trt_engine):
         feeds = [_steps_feeds(manifest, cpu_model, b, p)[name == "decode"] for b, p in ((1, 3), (4, 17))]
         feeds = [{k: v.cuda() for k, v in f.items()} for f in feeds]
         runners = [trt_parity.tensorrt_runner(Path(folder) / manifest["programs"][name]["file"]),
-                   trt_parity.ProgramRunner(wrapper, manifest, name, name="eager", device="cuda")]
+                   trt_parity.ProgramRunner(_functional(wrapper), manifest, name, name="eager", device="cuda")]
         report = trt_parity.compare(runners, feeds, atol, rtol)
         assert report.passed and report.top1 == 1.0, report
 
