@@ -158,7 +158,8 @@ def graph_step_ms(step: Callable[[], Any], reps: int = 10) -> float | str:
         return f"capture failed ({type(exc).__name__}: {str(exc)[:160]})"
 
 
-def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: int, workdir: Path):
+def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: int, workdir: Path,
+                      page_size: int = 256, num_pages: int | None = None, programs_to_build=("prefill", "decode")):
     """Export + AOTInductor-compile prefill and decode without packaged weights, load them onto the model's
     weights, and wrap them in ``runtime.Engine``. Returns (engine, build seconds by stage)."""
     from export import BuildSettings, export_programs
@@ -169,7 +170,8 @@ def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: in
     dtype = next(k for k, v in DTYPES.items() if v == model.dtype)
     device = model.lm_head.weight.device
     settings = BuildSettings(backend="aoti", device=device.type, dtype=dtype, max_batch=max_batch,
-                             max_input_len=max_input_len, max_seq_len=max_seq_len)
+                             max_input_len=max_input_len, max_seq_len=max_seq_len, page_size=page_size,
+                             num_pages=num_pages)
     paged = settings.paged_layout()
     settings = dataclasses.replace(settings, page_size=paged["page_size"], num_pages=paged["num_pages"])
     timings: dict[str, float] = {}
@@ -179,6 +181,8 @@ def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: in
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     programs = {}
     for name, ep in exported.items():
+        if name not in programs_to_build:
+            continue
         t0 = time.perf_counter()
         path = workdir / f"{name}.pt2"
         torch._inductor.aoti_compile_and_package(

@@ -41,7 +41,7 @@ def test_model_on_gpu_with_triton_kernels_matches_cpu_reference():
     print("GPU fp32 (Triton kernels, TF32 off) vs CPU reference:", report)
     assert report["rel"] < 1e-3 and report["top1"] > 0.99, report
     # prefill + decode on the GPU equals the whole forward on the CPU
-    state = gpu.new_state(3, 310)
+    state = gpu.new_state(3, 310, page_size=64)
     logits, state = gpu.prefill(ids[:, :290].cuda(), state)
     steps = [logits]
     for t in range(290, 301):
@@ -72,15 +72,15 @@ def test_aoti_cuda_engine_equals_eager(tmp_path):
 
     _, gpu = _models()
     settings = BuildSettings(backend="aoti", device="cuda", dtype="float32", max_batch=4, max_input_len=64,
-                             max_seq_len=96)
+                             max_seq_len=96, page_size=16)  # prompts and decode steps cross pages
     manifest = build_engine(gpu, settings, tmp_path / "engine")
     prefill = torch._inductor.aoti_load_package(str(tmp_path / "engine" / "prefill.pt2"))
     decode = torch._inductor.aoti_load_package(str(tmp_path / "engine" / "decode.pt2"))
     assert manifest["device"] == "cuda"
     ids = torch.randint(0, CONFIG.vocab_size, (3, 61), generator=torch.Generator().manual_seed(2)).cuda()
 
-    ours, _ = _run_steps(prefill, decode, ids, 53, 96, CONFIG)
-    ref, _ = _run_steps(PrefillProgram(gpu), DecodeProgram(gpu), ids, 53, 96, CONFIG)
+    ours, _ = _run_steps(prefill, decode, ids, 53, settings, CONFIG)
+    ref, _ = _run_steps(PrefillProgram(gpu), DecodeProgram(gpu), ids, 53, settings, CONFIG)
     report = logit_report(ours.cpu(), ref.cpu())
     print("AOTI CUDA engine vs eager (GPU), prefill 53 + 8 decode steps:", report)
     assert report["rel"] < 1e-4 and report["top1"] == 1.0, report

@@ -58,9 +58,9 @@ def _op_counts(graph_module):
 def test_export_keeps_one_node_per_op_call():
     config = MiniMaxConfig.preset("tiny")
     model = MiniMaxForCausalLM(config).init_random_weights(0).eval()
-    n_lin, n_layers = len(config.lightning_layers), config.num_hidden_layers
+    n_lin, n_soft, n_layers = len(config.lightning_layers), len(config.softmax_layers), config.num_hidden_layers
     B, T, S = 2, 5, 16
-    state = model.new_state(B, S)
+    state = model.new_state(B, S, page_size=4)
 
     class Prefill(torch.nn.Module):
         def __init__(self, m):
@@ -74,21 +74,34 @@ def test_export_keeps_one_node_per_op_call():
         def forward(self, input_ids, positions, state):
             return self.m.decode(input_ids, positions, state)
 
+    def writes(gm):  # the in-place KV write, functionalised
+        return sum(1 for n in gm.graph.nodes if n.op == "call_function" and "auto_functionalized" in str(n.target)
+                   and n.args[0] is torch.ops.minimax.paged_kv_write.default)
+
     ids = torch.randint(0, config.vocab_size, (B, T))
     batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=2, max=S)
-    state_dims = [[{0: batch}] * n_lin, [{0: batch}] * 2, [{0: batch}] * 2]  # MiniMaxState fields, in order
-    ep = torch.export.export(Prefill(model), (ids, state), dynamic_shapes=({0: batch, 1: seq}, state_dims))
+    # MiniMaxState fields in order: lightning states (per row), key / value page pools (static), block table
+    state_dims = [[{0: batch}] * n_lin, [None] * n_soft, [None] * n_soft, {0: batch}]
+    ep = torch.export.export(Prefill(model), (ids, state.clone()), dynamic_shapes=({0: batch, 1: seq}, state_dims))
     ep = ep.run_decompositions()
-    assert _op_counts(ep.graph_module) == {"minimax.lightning_prefill.default": n_lin, "minimax.moe.default": n_layers}
+    assert _op_counts(ep.graph_module) == {"minimax.lightning_prefill.default": n_lin, "minimax.moe.default": n_layers,
+                                           "minimax.paged_attention_prefill.default": n_soft}
+    assert writes(ep.graph_module) == n_soft
+    exported_state = state.clone()
+    exported_logits, _ = ep.module()(ids, exported_state)
     eager_logits, eager_state = model.prefill(ids, state)
-    exported_logits, exported_state = ep.module()(ids, state)
     torch.testing.assert_close(exported_logits, eager_logits, rtol=1e-5, atol=1e-5)
+    for a, b in zip(exported_state.flatten(), eager_state.flatten()):  # the exported program updated its inputs
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
     positions = torch.full((B,), T, dtype=torch.long)
     ep_dec = torch.export.export(
-        Decode(model), (ids[:, :1], positions, eager_state), dynamic_shapes=({0: batch}, {0: batch}, state_dims)
+        Decode(model), (ids[:, :1], positions, eager_state.clone()),
+        dynamic_shapes=({0: batch}, {0: batch}, state_dims)
     ).run_decompositions()
-    assert _op_counts(ep_dec.graph_module) == {"minimax.lightning_decode.default": n_lin, "minimax.moe.default": n_layers}
+    assert _op_counts(ep_dec.graph_module) == {"minimax.lightning_decode.default": n_lin, "minimax.moe.default": n_layers,
+                                               "minimax.paged_attention_decode.default": n_soft}
+    assert writes(ep_dec.graph_module) == n_soft
+    logits_b, _ = ep_dec.module()(ids[:, :1], positions, eager_state.clone())
     logits_a, _ = model.decode(ids[:, :1], positions, eager_state)
-    logits_b, _ = ep_dec.module()(ids[:, :1], positions, eager_state)
     torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ pytestmark = [
 # The tiny preset with head_dim 64 (a size the Triton lightning kernels take).
 CONFIG = dataclasses.replace(MiniMaxConfig.preset("tiny"), head_dim=64, rotary_dim=32)
 SETTINGS = BuildSettings(backend="aoti", device="cuda", dtype="float32", max_batch=4, max_input_len=32,
-                         max_seq_len=128)
+                         max_seq_len=128, page_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def engine_dir(gpu_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def engines(gpu_model, engine_dir):
     aoti = Engine.load(engine_dir)
-    eager = Engine.from_model(gpu_model, SETTINGS.max_batch, SETTINGS.max_input_len, SETTINGS.max_seq_len)
+    eager = Engine.from_model(gpu_model, SETTINGS.max_batch, SETTINGS.max_input_len, SETTINGS.max_seq_len,
+                              page_size=SETTINGS.page_size)
     return aoti, eager
 
 
