@@ -4,7 +4,9 @@ and decode at 4M held tokens.
 GPU (one process, the ceilings measured in the same run):
 
 1. **Capacity sweep** (``minimax-text-01`` cut to 2 real-width layers, eager engine with the Triton kernels, bf16):
-   a decode step with 512 tokens held at capacities 8K / 128K / 512K / 1M; the step should cost what is held.
+   a decode step with 512 tokens held at capacities 8K / 128K / 512K / 1M through ``runtime.Engine`` with an
+   AOTInductor decode program per capacity (and as a CUDA-graph replay of that program); the step should cost
+   what is held, not the capacity.
 2. **The 8-layer real-width slice** (7 lightning + 1 softmax layer, ~96 GB of bf16 weights, random), AOTInductor
    programs compiled without weights and pointed at the model's (``benchmarks/decode.build_aoti_engine``), one
    engine of capacity ``--decode-held + 128`` (4M) with pages of 256 tokens, batch 1, prefill chunks of ``--chunk``:
@@ -20,7 +22,8 @@ GPU (one process, the ceilings measured in the same run):
 
 CPU (``--cpu``): the reference path's decode step, tiny preset, 64 tokens held, capacities 1K and 256K.
 
-    LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONPATH=. python -m benchmarks.long_context --out r.json
+    LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONPATH=. python -m benchmarks.long_context --skip-slice --out a.json
+    LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONPATH=. python -m benchmarks.long_context --skip-sweep --out b.json
     PYTHONPATH=. python -m benchmarks.long_context --cpu --out r.json
 """
 
@@ -39,6 +42,7 @@ import torch
 from benchmarks.common import environment, measure_ceilings, time_ms, write_json
 from benchmarks.decode import (
     build_aoti_engine,
+    graph_step_ms,
     host_ms,
     random_model,
     reduced_config,
@@ -82,30 +86,53 @@ def decode_steps_timer(engine, start: int, n: int):
 
 # ------------------------------------------------------------------------------------------------ capacity sweep
 @torch.no_grad()
-def capacity_sweep(model, capacities: list[int], held: int, steps: int, cuda: bool, page_size: int) -> list[dict]:
+def capacity_sweep(model, capacities: list[int], held: int, steps: int, cuda: bool, page_size: int,
+                   workdir: Path | None = None) -> list[dict]:
+    """Decode with ``held`` tokens at each capacity. On CUDA the decode program is an AOTInductor package compiled
+    for that capacity (the block-table width is static) and is also timed as a CUDA-graph replay; the prompt is
+    prefilled by the eager model into the same state. On the CPU the eager reference path."""
+    from export.exporting import PrefillProgram
     from runtime import Engine
+    from runtime.backends import InPlaceProgram
 
     rows = []
     V = model.config.vocab_size
     prompt = torch.randint(0, V, (1, held), generator=torch.Generator().manual_seed(0)).to(model.lm_head.weight.device)
     for capacity in capacities:
-        engine = Engine.from_model(model, 1, max(2, held), capacity, page_size=page_size)
+        row: dict[str, Any] = {"capacity": capacity, "held": held}
+        if cuda:
+            engine, timings = build_aoti_engine(model, 1, max(2, held), capacity, workdir, page_size=page_size,
+                                                programs_to_build=("decode",))
+            engine.programs["prefill"] = InPlaceProgram(PrefillProgram(model), "prefill")  # eager, same state
+            row["compile_decode_s"] = timings.get("compile_decode_s")
+        else:
+            engine = Engine.from_model(model, 1, max(2, held), capacity, page_size=page_size)
         engine.reset(1)
         engine.reserve([held + 64 * steps])
         engine.prefill(prompt, torch.zeros(1, dtype=torch.long, device=engine.device), [0])
         run = decode_steps_timer(engine, held, steps)
         ms = (time_ms(run, warmup=1, iters=5) if cuda else host_ms(run, warmup=1, iters=3)) / steps
-        pool_gib = sum(t.numel() * t.element_size() for t, per_row in zip(engine._buffers, engine._per_row)
-                       if not per_row) / GIB
-        rows.append({"capacity": capacity, "held": held, "decode_ms_per_step": ms, "pool_gib": pool_gib})
-        print(f"  capacity {capacity:>9}: {held} held, decode {ms:.3f} ms/step (pools {pool_gib:.2f} GiB)", flush=True)
+        row["decode_ms_per_step"] = ms
+        if cuda:
+            program, table, state = engine.programs["decode"], engine.block_table, engine.state
+            token = torch.zeros(1, 1, dtype=torch.long, device=engine.device)
+            pos = torch.full((1,), engine.pages.held[0], dtype=torch.long, device=engine.device)  # the next position
+            row["decode_graph_ms"] = graph_step_ms(lambda: program(token, pos, table, state))
+        row["pool_gib"] = sum(t.numel() * t.element_size() for t, per_row in zip(engine._buffers, engine._per_row)
+                              if not per_row) / GIB
+        rows.append(row)
+        print(f"  capacity {capacity:>9}: {held} held, decode {ms:.3f} ms/step"
+              + (f", graph replay {row['decode_graph_ms']}" if cuda else "")
+              + f" (pools {row['pool_gib']:.2f} GiB)", flush=True)
         del engine
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-    base = min(r["decode_ms_per_step"] for r in rows)
-    for r in rows:
-        r["ratio_to_fastest"] = r["decode_ms_per_step"] / base
+    for key in ("decode_ms_per_step", "decode_graph_ms"):
+        values = [r[key] for r in rows if isinstance(r.get(key), float)]
+        for r in rows:
+            if isinstance(r.get(key), float):
+                r[key.replace("_ms", "") + "_ratio_to_fastest"] = r[key] / min(values)
     return rows
 
 
@@ -113,7 +140,10 @@ def run_cpu(args) -> dict[str, Any]:
     from model import MiniMaxConfig, MiniMaxForCausalLM
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = MiniMaxForCausalLM(MiniMaxConfig.preset("tiny")).init_random_weights(seed=0).eval()
+    import dataclasses
+
+    config = dataclasses.replace(MiniMaxConfig.preset("tiny"), max_position_embeddings=1 << 20)  # room for 256K
+    model = MiniMaxForCausalLM(config).init_random_weights(seed=0).eval()
     print("CPU reference path, tiny preset (fp32):", flush=True)
     rows = capacity_sweep(model, [1024, 262144], held=64, steps=8, cuda=False, page_size=256)
     return {"environment": environment(), "cpu_capacity_sweep": rows,
@@ -126,17 +156,25 @@ def run_gpu(args) -> dict[str, Any]:
     bf16 = torch.bfloat16
     payload: dict[str, Any] = {"environment": environment(), "command": "python -m benchmarks.long_context "
                                + " ".join(sys.argv[1:])}
+
+    def save() -> None:  # after every section: a run cut short keeps what it measured
+        write_json(args.out, payload)
+
     print(f"device: {payload['environment']['device']}", flush=True)
     ceilings = payload["ceilings"] = measure_ceilings()
 
     if not args.skip_sweep:
-        print("capacity sweep: 2 real-width layers (1 lightning + 1 softmax), eager engine, bf16", flush=True)
+        print("capacity sweep: 2 real-width layers (1 lightning + 1 softmax), AOTI decode per capacity, bf16", flush=True)
         small = random_model(reduced_config("minimax-text-01", 2), bf16, "cuda")
-        payload["capacity_sweep"] = capacity_sweep(small, args.capacities, held=512, steps=16, cuda=True,
-                                                   page_size=256)
+        with tempfile.TemporaryDirectory() as tmp:
+            payload["capacity_sweep"] = capacity_sweep(small, args.capacities, held=512, steps=16, cuda=True,
+                                                       page_size=256, workdir=Path(tmp))
         del small
         gc.collect()
         torch.cuda.empty_cache()
+        save()
+    if args.skip_slice:
+        return payload
 
     config = reduced_config("minimax-text-01", args.layers)
     t0 = time.perf_counter()
@@ -155,6 +193,7 @@ def run_gpu(args) -> dict[str, Any]:
                         "pool_gib": pool_bytes / GIB, "lightning_state_gib": lightning_bytes / GIB,
                         "build_timings_s": timings, "chunk": args.chunk, "paged_kv": engine.paged_kv}
     print(f"  engine: capacity {capacity}, pools {pool_bytes / GIB:.2f} GiB, build {timings}", flush=True)
+    save()
     V = config.vocab_size
     g = torch.Generator().manual_seed(1)
     peak_tflops = ceilings["matmul_bf16_tflops"]
@@ -188,7 +227,8 @@ def run_gpu(args) -> dict[str, Any]:
               + (f", decode {row['decode_ms_per_token']:.3f} ms/token ({row['decode_ratio_to_floor']:.2f}x floor "
                  f"{row['decode_bytes_floor_ms']:.3f} ms), peak - (weights + KV + state) "
                  f"{row['peak_over_weights_kv_state_gib']:.2f} GiB" if decode_new > 1 else ""), flush=True)
-    payload["prefill"] = prefill_rows
+        payload["prefill"] = prefill_rows
+        save()
 
     # decode at --decode-held tokens: the pools filled directly
     held = args.decode_held
@@ -227,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacities", type=lambda s: [int(x) for x in s.split(",")],
                    default=[8192, 131072, 524288, 1 << 20], help="capacities of the sweep")
     p.add_argument("--skip-sweep", action="store_true", help="skip the capacity sweep")
+    p.add_argument("--skip-slice", action="store_true", help="only the capacity sweep (the sweep and the slice do "
+                   "not fit one process on a 141 GB GPU: run them as two invocations)")
     args = p.parse_args(argv)
     if args.cpu:
         payload = run_cpu(args)

@@ -87,8 +87,11 @@ def example_inputs(model: MiniMaxForCausalLM, settings: BuildSettings, program: 
 def dynamic_shapes(n_lightning: int, n_softmax: int, settings: BuildSettings, program: str) -> tuple:
     """``dynamic_shapes`` of a program's ``(input_ids, positions, block_table, state)``: B dynamic in [1,
     max_batch] (ids, positions, table, lightning states), T in [2, max_input_len] for prefill; pools static."""
-    batch = Dim("batch", min=1, max=settings.max_batch)
-    ids = {0: batch, 1: Dim("seq", min=2, max=settings.max_input_len)} if program == "prefill" else {0: batch}
+    # A range of one value cannot be a Dim (torch.export refuses min == max): the program then takes one more than
+    # the engine admits (the runtime enforces max_batch / max_input_len, and B, T stay symbolic in the program).
+    batch = Dim("batch", min=1, max=max(2, settings.max_batch))
+    seq = Dim("seq", min=2, max=max(3, settings.max_input_len))
+    ids = {0: batch, 1: seq} if program == "prefill" else {0: batch}
     return ids, {0: batch}, {0: batch}, [{0: batch}] * n_lightning + [None] * (2 * n_softmax)
 
 
