@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import inspect
 import re
 import statistics
@@ -178,6 +179,11 @@ def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: in
     t0 = time.perf_counter()
     exported = export_programs(model, settings)
     timings["export_s"] = time.perf_counter() - t0
+    for ep in exported.values():  # the example inputs hold full-size KV pools: free them before compiling
+        ep.example_inputs = None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     programs = {}
     for name, ep in exported.items():
