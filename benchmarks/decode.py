@@ -179,8 +179,6 @@ def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: in
     t0 = time.perf_counter()
     exported = export_programs(model, settings)
     timings["export_s"] = time.perf_counter() - t0
-    for ep in exported.values():  # the example inputs hold full-size KV pools: free them before compiling
-        ep.example_inputs = None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

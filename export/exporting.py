@@ -66,8 +66,12 @@ class DecodeProgram(PrefillProgram):
         return logits
 
 
-def example_inputs(model: MiniMaxForCausalLM, settings: BuildSettings, program: str, batch: int = 2, seq: int = 3):
-    """Sample inputs for export (batch 2, T 3: sizes that are not specialised as 0/1; the pools at build size)."""
+def example_inputs(model: MiniMaxForCausalLM, settings: BuildSettings, program: str, batch: int = 2, seq: int = 3,
+                   pools: list[Tensor] | None = None):
+    """Sample inputs for export (batch 2, T 3: sizes that are not specialised as 0/1; the pools at build size).
+
+    ``pools``: KV pools to use (``example_pools``), so that the two programs' examples share one set: at real
+    scale a pool set is tens of GB."""
     device = model.lm_head.weight.device
     seq = min(seq, settings.max_input_len) if program == "prefill" else 1
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
@@ -76,12 +80,21 @@ def example_inputs(model: MiniMaxForCausalLM, settings: BuildSettings, program: 
         positions += 3
     paged = settings.paged_layout()
     config = model.config
-    H, D, KVH = config.num_attention_heads, config.head_dim, config.num_key_value_heads
+    H, D = config.num_attention_heads, config.head_dim
     lightning = [torch.zeros(batch, H, D, D, device=device) for _ in config.lightning_layers]
-    pools = [torch.zeros(paged["num_pages"], KVH, paged["page_size"], D, dtype=settings.torch_dtype, device=device)
-             for _ in range(2 * len(config.softmax_layers))]
+    if pools is None:
+        pools = example_pools(model, settings)
     table = identity_block_table(batch, paged["max_pages_per_seq"], device).remainder(paged["num_pages"])
     return ids, positions, table, [*lightning, *pools]
+
+
+def example_pools(model: MiniMaxForCausalLM, settings: BuildSettings) -> list[Tensor]:
+    """Zero KV pools of the build's size (key pools, then value pools)."""
+    paged = settings.paged_layout()
+    config = model.config
+    return [torch.zeros(paged["num_pages"], config.num_key_value_heads, paged["page_size"], config.head_dim,
+                        dtype=settings.torch_dtype, device=model.lm_head.weight.device)
+            for _ in range(2 * len(config.softmax_layers))]
 
 
 def dynamic_shapes(n_lightning: int, n_softmax: int, settings: BuildSettings, program: str) -> tuple:
@@ -101,10 +114,11 @@ def export_programs(model: MiniMaxForCausalLM, settings: BuildSettings) -> dict[
     config = model.config
     n_lin, n_soft = len(config.lightning_layers), len(config.softmax_layers)
     programs = {}
+    pools = example_pools(model, settings)  # one set for both programs' examples
     with torch.no_grad():
         for name, wrapper in (("prefill", PrefillProgram(model)), ("decode", DecodeProgram(model))):
             start = time.perf_counter()
-            args = example_inputs(model, settings, name)
+            args = example_inputs(model, settings, name, pools=pools)
             programs[name] = torch.export.export(wrapper, args,
                                                  dynamic_shapes=dynamic_shapes(n_lin, n_soft, settings, name))
             logger.info("exported %s in %.1fs", name, time.perf_counter() - start)
