@@ -136,6 +136,37 @@ def capacity_sweep(model, capacities: list[int], held: int, steps: int, cuda: bo
     return rows
 
 
+@torch.no_grad()
+def run_profile(args) -> dict[str, Any]:
+    """Where prefill time goes: a ``--profile`` prompt through the eager slice (the same Triton kernels as the
+    compiled engine, without Inductor's fusion of the small ops) under ``torch.profiler``, CUDA time by kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from runtime import Engine
+
+    config = reduced_config("minimax-text-01", args.layers)
+    model = random_model(config, torch.bfloat16, "cuda")
+    engine = Engine.from_model(model, 1, args.chunk, args.profile + 8, page_size=256)
+    prompt = torch.randint(0, config.vocab_size, (args.profile,), generator=torch.Generator().manual_seed(3)).tolist()
+    engine.generate([prompt[: args.chunk]], max_new_tokens=1)  # warm
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate([prompt], max_new_tokens=1)
+    total = 0.0
+    kernels: dict[str, float] = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if e.device_type == torch.autograd.DeviceType.CUDA and t:
+            kernels[e.key] = kernels.get(e.key, 0.0) + t / 1e3
+            total += t / 1e3
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
+    print(f"profile: {args.profile} tokens in chunks of {args.chunk}, eager, {total:.1f} ms of CUDA kernels; "
+          f"prefill wall {1e3 * engine.stats.prefill_s:.1f} ms", flush=True)
+    for name, ms in top:
+        print(f"  {ms:9.1f} ms {100 * ms / total:5.1f} %  {name[:110]}", flush=True)
+    return {"profile_tokens": args.profile, "chunk": args.chunk, "cuda_kernel_ms": total,
+            "prefill_wall_ms": 1e3 * engine.stats.prefill_s, "top_kernels_ms": top}
+
+
 def run_cpu(args) -> dict[str, Any]:
     from model import MiniMaxConfig, MiniMaxForCausalLM
 
@@ -267,11 +298,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacities", type=lambda s: [int(x) for x in s.split(",")],
                    default=[8192, 131072, 524288, 1 << 20], help="capacities of the sweep")
     p.add_argument("--skip-sweep", action="store_true", help="skip the capacity sweep")
+    p.add_argument("--profile", type=int, default=0, metavar="TOKENS",
+                   help="only profile the prefill of a prompt of TOKENS tokens through the eager slice")
     p.add_argument("--skip-slice", action="store_true", help="only the capacity sweep (the sweep and the slice do "
                    "not fit one process on a 141 GB GPU: run them as two invocations)")
     args = p.parse_args(argv)
     if args.cpu:
         payload = run_cpu(args)
+    elif args.profile:
+        payload = {"environment": environment(), "profile": run_profile(args)}
     else:
         if not torch.cuda.is_available():
             print("no CUDA device: run with --cpu for the CPU part", file=sys.stderr)
