@@ -214,13 +214,18 @@ def run_gpu(args) -> dict[str, Any]:
     print(f"{args.layers}-layer slice: {weight_bytes / GIB:.1f} GiB of weights, built in "
           f"{time.perf_counter() - t0:.1f}s", flush=True)
     capacity = args.decode_held + 128
-    with tempfile.TemporaryDirectory() as tmp:
-        engine, timings = build_aoti_engine(model, 1, args.chunk, capacity, Path(tmp), page_size=256)
+    if args.eager:  # the eager model behind the same runtime (Triton kernels as eager calls: MoE on TMA kernels)
+        from runtime import Engine
+
+        engine, timings = Engine.from_model(model, 1, args.chunk, capacity, page_size=256), {}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine, timings = build_aoti_engine(model, 1, args.chunk, capacity, Path(tmp), page_size=256)
     pools = [t for t, per_row in zip(engine._buffers, engine._per_row) if not per_row]
     lightning = [t for t, per_row in zip(engine._buffers, engine._per_row) if per_row]
     pool_bytes = sum(t.numel() * t.element_size() for t in pools)
     lightning_bytes = sum(t.numel() * t.element_size() for t in lightning)
-    payload["slice"] = {"layers": args.layers, "weight_gib": weight_bytes / GIB, "capacity": capacity,
+    payload["slice"] = {"engine": "eager" if args.eager else "aoti", "layers": args.layers, "weight_gib": weight_bytes / GIB, "capacity": capacity,
                         "pool_gib": pool_bytes / GIB, "lightning_state_gib": lightning_bytes / GIB,
                         "build_timings_s": timings, "chunk": args.chunk, "paged_kv": engine.paged_kv}
     print(f"  engine: capacity {capacity}, pools {pool_bytes / GIB:.2f} GiB, build {timings}", flush=True)
@@ -298,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capacities", type=lambda s: [int(x) for x in s.split(",")],
                    default=[8192, 131072, 524288, 1 << 20], help="capacities of the sweep")
     p.add_argument("--skip-sweep", action="store_true", help="skip the capacity sweep")
+    p.add_argument("--eager", action="store_true", help="run the slice through the eager engine instead of AOTI")
     p.add_argument("--profile", type=int, default=0, metavar="TOKENS",
                    help="only profile the prefill of a prompt of TOKENS tokens through the eager slice")
     p.add_argument("--skip-slice", action="store_true", help="only the capacity sweep (the sweep and the slice do "
