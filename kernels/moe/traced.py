@@ -45,18 +45,35 @@ def _cdiv(a, b: int):
     return (a + b - 1) // b  # works for ints and SymInts (triton.cdiv too, but keep it obviously symbolic-safe)
 
 
+def _upper_bound(n) -> int | None:
+    """The largest value a SymInt can take in its export range (no guard), or None when it has none."""
+    try:
+        bound = n.node.shape_env.bound_sympy(n.node.expr).upper
+        return int(bound) if bound.is_finite else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def static_config(
     n_tokens, top_k: int, num_experts: int, device: torch.device, decode_kernels: bool = True
 ) -> dispatch.MoeTritonConfig:
     """``dispatch.default_config`` decided from what is statically known about ``n_tokens`` (int or SymInt).
 
-    Never adds a guard: each threshold is tested with ``statically_known_true``; the TMA flags are cleared (pointer
+    Never adds a guard: each threshold is tested with ``statically_known_true`` or on the range's upper bound (a
+    symbolic T with an upper bound above 16 gets the tiles of that bound); the TMA flags are cleared (pointer
     kernels, see the module docstring). ``decode_kernels=False``: the decode class is never chosen (T <= 16 gets
     the grouped tiles of the smallest class, and ``decode_max_tokens = 0``)."""
+    upper = _upper_bound(n_tokens)
     if isinstance(n_tokens, int):  # concrete size: the eager choice
         cfg = dispatch.default_config(n_tokens if decode_kernels else max(n_tokens, 17), top_k, num_experts, device)
     elif decode_kernels and statically_known_true(n_tokens <= 16):
         cfg = dispatch.default_config(16, top_k, num_experts, device)
+    elif upper is not None and upper > 16:
+        # The tiles of the range's largest size: a prefill program spends its time in full chunks (a long prompt is
+        # all full chunks but the first), and any tiles give the same result (only the padding changes). Choosing
+        # from the lower bound instead gave every 8K-token chunk the 17-token tiles (16-row blocks: the expert
+        # weights read once per 16 rows), 2.5x slower than eager at 32K tokens on the H200 (docs/benchmarks.md).
+        cfg = dispatch.default_config(upper, top_k, num_experts, device)
     else:
         # smallest T that surely falls in each class of default_config: rows_per_expert = T * top_k / E
         cfg = dispatch.default_config(17, top_k, num_experts, device)  # few rows per expert (any T > 16)
