@@ -4,6 +4,10 @@ Lowering-module protocol (see ``exporting.LOWERINGS``): ``check_available(settin
 when this backend cannot build for ``settings`` here (called before any long work), and
 ``lower(program, folder, name, settings)`` writes the artefacts of program ``name`` into ``folder`` and returns the
 manifest entries of that program (at least ``"file"``, the artefact the runtime loads, relative to ``folder``).
+
+AOTInductor packages are compiled without their weights (``package_constants_in_so=False``): ``build_engine``
+writes the weights once, as the folder's sharded safetensors (``export/weights.py``), and the runtime loads them
+and hands them to both packages (``load_constants(..., user_managed=True)``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSett
     path = folder / f"{name}.pt2"
     built = json.dumps(dataclasses.asdict(settings), sort_keys=True, separators=(",", ":"), default=str)
     metadata = {SETTINGS_METADATA_KEY: built, "minimax.program": name}
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                             inductor_configs={"aot_inductor.metadata": metadata})
-    return {"file": path.name}
+    # Compiled without its constants: the weights are the folder's (``export/weights.py``), given to the package at
+    # load with ``load_constants`` (one copy on the device for both programs; the package holds code only).
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs={
+        "aot_inductor.metadata": metadata, "aot_inductor.package_constants_in_so": False})
+    return {"file": path.name, "constants": "weights"}

@@ -16,6 +16,8 @@ they were lowered from (``exported/*.pt2``, the single source of every lowering)
     programs         {"prefill"|"decode": {"file", "inputs": [{name, shape, dtype}], "outputs": [...]}}
     versions         torch / triton / tensorrt / onnx versions that built the folder
     weights_sha256   hash of the weights (names, shapes, dtypes and bytes) the engines were built from
+    weights          (AOTInductor) the folder's weights apart from the programs: sharded safetensors under
+                     ``weights/``, every tensor's shape, dtype and shard (``export/weights.py``)
     files            {relative path: sha256} of every file in the folder but manifest.json, checked on load
                      (a file that is not listed, a program file that is not listed, is refused)
 
@@ -59,7 +61,8 @@ from typing import Any, Iterator
 
 import torch
 
-FORMAT_VERSION = 3  # 2: contract.json, ``files`` covers the whole folder; 3: paged KV cache, state in place
+FORMAT_VERSION = 4  # 2: contract.json, ``files`` covers the whole folder; 3: paged KV cache, state in place;
+# 4: AOTInductor programs without constants, the weights as sharded safetensors under weights/
 MANIFEST_NAME = "manifest.json"
 CONTRACT_NAME = "contract.json"
 DEVICES = ("cpu", "cuda")
@@ -530,6 +533,12 @@ def _validate(path: Path, manifest: Any) -> None:
         for key in ("inputs", "outputs"):
             if key in entry:
                 _check_tensor_list(path, entry[key], f"programs.{program}.{key}")
+    if "weights" in manifest:
+        from .weights import check_entry
+
+        check_entry(path, manifest["weights"])
+    elif manifest["backend"] == "aoti":
+        raise EngineFolderError(f"{path}: an 'aoti' engine folder needs a 'weights' entry (its programs hold none)")
     files = manifest["files"]
     if not isinstance(files, dict):
         raise EngineFolderError(f"{path}: files must be an object {{path: sha256}}")

@@ -181,6 +181,14 @@ def build_engine(
                                        **program_io(config.to_dict(), symbolic_state_layout(config, settings), name,
                                                    settings.paged_layout(), in_place=entries.get("state_update", "in_place") == "in_place")}
         start = time.perf_counter()
+        weights = None
+        if settings.backend == "aoti":  # programs without constants: the weights, once, beside them
+            from .weights import model_tensors, write_weights
+
+            with progress("writing weights"):
+                weights = write_weights(folder, model_tensors(model))
+            timings["weights_s"] = time.perf_counter() - start
+            start = time.perf_counter()
         manifest = {
             "format_version": FORMAT_VERSION,
             "backend": settings.backend,
@@ -196,6 +204,8 @@ def build_engine(
             "weights_sha256": weights_sha256(model),
             "build_timings": timings,
         }
+        if weights is not None:
+            manifest["weights"] = weights
         manifest = write_manifest(folder, manifest)
         timings["manifest_s"] = time.perf_counter() - start
     logger.info("engine written to %s (%s)", out_dir, ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

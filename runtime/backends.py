@@ -42,13 +42,18 @@ class InPlaceProgram:
 
 
 def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.device) -> dict[str, Program]:
-    """AOTInductor packages (``prefill.pt2`` / ``decode.pt2``), loaded with ``torch._inductor.aoti_load_package``.
+    """AOTInductor packages (``prefill.pt2`` / ``decode.pt2``), loaded with ``torch._inductor.aoti_load_package``,
+    and the folder's weights (``export/weights.py``: sharded safetensors, checked tensor by tensor), loaded once on
+    ``device`` and given to both packages as their constants (``load_constants(user_managed=True)``: no copy).
 
     Loaded single-threaded (the runtime calls from one thread; this is also what lets a CUDA graph capture the
     call). On the project's H100 image Python must start with ``LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6``.
     """
+    from export.weights import load_weights, program_constants
+
     programs = {}
     device_index = device.index if device.type == "cuda" and device.index is not None else -1
+    weights = load_weights(folder, manifest["weights"], device)  # one copy, shared by both programs
     for name in ("prefill", "decode"):
         path = Path(folder) / manifest["programs"][name]["file"]
         try:
@@ -57,6 +62,11 @@ def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.dev
         except RuntimeError as e:
             raise EngineFolderError(f"{path}: cannot load the AOTInductor package ({e})"[:600]) from e
         check_aoti_settings(path, package, manifest)
+        try:
+            package.load_constants(program_constants(package.get_constant_fqns(), weights, str(path)),
+                                   check_full_update=True, user_managed=True)
+        except RuntimeError as e:
+            raise EngineFolderError(f"{path}: the folder's weights do not fit the program ({e})"[:600]) from e
         programs[name] = InPlaceProgram(package, name)
         logger.info("loaded %s (AOTInductor, %s)", path, device)
     return programs

@@ -76,8 +76,10 @@ def test_exported_programs_equal_eager(tiny):
 @pytest.mark.parametrize("batch, prompt", [(1, 2), (3, 19)])
 def test_aoti_engine_equals_eager_over_prefill_and_decode(tiny, engine, batch, prompt):
     folder, manifest = engine
-    prefill = torch._inductor.aoti_load_package(str(folder / manifest["programs"]["prefill"]["file"]))
-    decode = torch._inductor.aoti_load_package(str(folder / manifest["programs"]["decode"]["file"]))
+    from runtime.backends import load_aoti_programs
+
+    programs = load_aoti_programs(folder, manifest, torch.device("cpu"))  # packages + the folder's weights
+    prefill, decode = programs["prefill"].fn, programs["decode"].fn
     ids = torch.randint(0, tiny.config.vocab_size, (batch, prompt + 6), generator=torch.Generator().manual_seed(prompt))
     ours = _run_steps(prefill, decode, ids, prompt, SETTINGS, tiny.config)
     ref = _run_steps(PrefillProgram(tiny), DecodeProgram(tiny), ids, prompt, SETTINGS, tiny.config)
@@ -129,7 +131,13 @@ def test_manifest_describes_the_engine(tiny, engine):
     assert [o["name"] for o in prefill["outputs"]] == ["logits"] and prefill["state_update"] == "in_place"
     assert manifest["versions"]["torch"] == torch.__version__
     assert set(manifest["files"]) == {"prefill.pt2", "decode.pt2", "exported/prefill.pt2", "exported/decode.pt2",
-                                      "contract.json"}
+                                      "contract.json", "weights/weights-00001.safetensors"}
+    weights = manifest["weights"]
+    assert weights["shards"] == ["weights/weights-00001.safetensors"]
+    assert set(weights["tensors"]) == {n for n, _ in tiny.named_parameters()} | {n for n, _ in tiny.named_buffers()}
+    assert weights["tensors"]["lm_head.weight"]["dtype"] == "float32"
+    assert weights["tensors"]["model.layers.0.block_sparse_moe.experts.w1"]["shape"] == list(
+        tiny.model.layers[0].block_sparse_moe.experts.w1.shape)
     assert len(manifest["weights_sha256"]) == 64
 
 

@@ -74,8 +74,10 @@ def test_aoti_cuda_engine_equals_eager(tmp_path):
     settings = BuildSettings(backend="aoti", device="cuda", dtype="float32", max_batch=4, max_input_len=64,
                              max_seq_len=96, page_size=16)  # prompts and decode steps cross pages
     manifest = build_engine(gpu, settings, tmp_path / "engine")
-    prefill = torch._inductor.aoti_load_package(str(tmp_path / "engine" / "prefill.pt2"))
-    decode = torch._inductor.aoti_load_package(str(tmp_path / "engine" / "decode.pt2"))
+    from runtime.backends import load_aoti_programs
+
+    programs = load_aoti_programs(tmp_path / "engine", manifest, torch.device("cuda", torch.cuda.current_device()))
+    prefill, decode = programs["prefill"].fn, programs["decode"].fn
     assert manifest["device"] == "cuda"
     ids = torch.randint(0, CONFIG.vocab_size, (3, 61), generator=torch.Generator().manual_seed(2)).cuda()
 

@@ -101,6 +101,8 @@ def fake_engine(tmp_path_factory) -> tuple[Path, dict]:
     config, s = MiniMaxConfig.preset("tiny"), BuildSettings(max_batch=2, max_input_len=8, max_seq_len=32)
     layout = symbolic_state_layout(config, s)
     (folder / "exported").mkdir()
+    (folder / "weights").mkdir()
+    (folder / "weights" / "weights-00001.safetensors").write_bytes(b"stand-in shard")
     for name in PROGRAMS:
         (folder / f"{name}.pt2").write_bytes(name.encode())
         (folder / "exported" / f"{name}.pt2").write_bytes(b"ep " + name.encode())
@@ -113,6 +115,9 @@ def fake_engine(tmp_path_factory) -> tuple[Path, dict]:
         "programs": {n: {"file": f"{n}.pt2", "exported": f"exported/{n}.pt2",
                          **program_io(config.to_dict(), layout, n, s.paged_layout())} for n in PROGRAMS},
         "versions": {"torch": "2.13.0"}, "weights_sha256": "0" * 64, "build_timings": {"export_s": 1.0},
+        "weights": {"format": "safetensors", "shards": ["weights/weights-00001.safetensors"],
+                    "tensors": {"lm_head.weight": {"shape": [512, 64], "dtype": "float32",
+                                                   "shard": "weights/weights-00001.safetensors"}}},
     }
     manifest = write_manifest(folder, manifest)
     assert read_manifest(folder) == manifest

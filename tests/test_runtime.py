@@ -404,3 +404,78 @@ def test_cli_missing_engine_exits_2(tmp_path, capsys):
 
     assert main([str(tmp_path / "nothing"), "--prompt-ids", "5"]) == 2
     assert "not an engine folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- weights apart
+def _shard(folder):
+    return folder / json.loads((folder / "manifest.json").read_text())["weights"]["shards"][0]
+
+
+def test_programs_hold_no_weights_and_share_one_copy(engine_dir, aoti, tiny):
+    """The packages are code only (the weights are the folder's shard); both programs run on one set of tensors,
+    which equals the model's."""
+    shard_bytes = _shard(engine_dir).stat().st_size
+    weight_bytes = sum(t.numel() * t.element_size() for _, t in [*tiny.named_parameters(), *tiny.named_buffers()])
+    assert shard_bytes >= weight_bytes
+    from safetensors.torch import load_file
+
+    stored = load_file(str(_shard(engine_dir)))
+    for name, t in [*tiny.named_parameters(), *tiny.named_buffers()]:
+        assert torch.equal(stored[name], t.detach()), name
+    import zipfile
+
+    # A package with its constants holds their bytes (in the .so or beside it): look for two weights' raw bytes.
+    needles = [stored[n][:4].contiguous().view(torch.uint8).numpy().tobytes() for n in ("lm_head.weight",
+                                                                                       "model.embed_tokens.weight")]
+    for program in ("prefill.pt2", "decode.pt2"):
+        with zipfile.ZipFile(engine_dir / program) as z:
+            for member in z.namelist():
+                data = z.read(member)
+                assert not any(needle in data for needle in needles), (program, member)
+
+
+def _rewrite_shard(folder, change):
+    """Rewrite the folder's shard with ``change(tensors)`` and re-sign the manifest (a determined editor)."""
+    from safetensors.torch import load_file, save_file
+
+    from export.engine_folder import write_manifest
+
+    tensors = load_file(str(_shard(folder)))
+    save_file(change(tensors), str(_shard(folder)))
+    write_manifest(folder, json.loads((folder / "manifest.json").read_text()))
+
+
+def test_damaged_or_mismatched_weights_are_refused_by_name(engine_dir, tmp_path):
+    damaged = _copy_with_manifest(engine_dir, tmp_path / "damaged")
+    with open(_shard(damaged), "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\xff" * 8)
+    with pytest.raises(EngineFolderError, match=r"weights/weights-00001.safetensors does not match its hash"):
+        Engine.load(damaged)
+
+    missing = _copy_with_manifest(engine_dir, tmp_path / "missing")
+    _shard(missing).unlink()
+    from export.engine_folder import write_manifest
+
+    write_manifest(missing, json.loads((missing / "manifest.json").read_text()))
+    with pytest.raises(EngineFolderError, match=r"weights-00001.safetensors: weight shard is missing"):
+        Engine.load(missing)
+
+    dropped = _copy_with_manifest(engine_dir, tmp_path / "dropped")
+    _rewrite_shard(dropped, lambda t: {k: v for k, v in t.items() if k != "model.norm.weight"})
+    with pytest.raises(EngineFolderError, match=r"weight 'model.norm.weight' is missing from the shard"):
+        Engine.load(dropped)
+
+    reshaped = _copy_with_manifest(engine_dir, tmp_path / "reshaped")
+    _rewrite_shard(reshaped, lambda t: {**t, "lm_head.weight": t["lm_head.weight"][:-1].contiguous()})
+    with pytest.raises(EngineFolderError, match=r"weight 'lm_head.weight' is torch.float32 \[511, 64\], the manifest "
+                                                r"says float32 \[512, 64\]"):
+        Engine.load(reshaped)
+
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    tensors = dict(manifest["weights"]["tensors"])
+    del tensors["model.layers.0.input_layernorm.weight"]
+    unlisted = _copy_with_manifest(engine_dir, tmp_path / "unlisted", weights={**manifest["weights"], "tensors": tensors})
+    with pytest.raises(EngineFolderError, match=r"needs constants the folder's weights do not hold: "
+                                                r"\['model.model.layers.0.input_layernorm.weight'\]"):
+        Engine.load(unlisted)
