@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pages", type=int, default=None,
                    help="pages per KV pool (default: every row at full context, max-batch * ceil(max-seq-len / "
                         "page-size)); fewer pages serve fewer long rows at once")
+    p.add_argument("--shard-mb", type=int, default=2048,
+                   help="size of the engine folder's weight shards in MB (AOTInductor; default 2048)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing engine folder (only an engine folder, and only once the new one is complete)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -142,8 +144,27 @@ def _build(args: argparse.Namespace) -> int:
             return 2
 
         start = time.perf_counter()
+        weights_writer = None
         try:
-            if args.checkpoint:
+            if args.checkpoint and backend == "aoti":
+                # Never hold the weights: the programs are exported from an uninitialised skeleton (allocated, not
+                # written), and the checkpoint is converted into the folder's weights shard by shard.
+                from model.loading import convert_checkpoint, validate_checkpoint
+
+                validate_checkpoint(args.checkpoint, settings.torch_dtype)  # names and shapes, before any work
+                with torch.device("meta"):
+                    model = MiniMaxForCausalLM(config, dtype=settings.torch_dtype)
+                model = model.to_empty(device=device)
+                model.model.reset_buffers()
+                model.eval()
+
+                def weights_writer(folder):
+                    from export.weights import ShardWriter
+
+                    writer = ShardWriter(folder, shard_bytes=args.shard_mb << 20)
+                    convert_checkpoint(args.checkpoint, writer, settings.torch_dtype)
+                    return writer.close(), writer.sha256
+            elif args.checkpoint:
                 log.info("loading %s (%s, %s)", args.checkpoint, settings.dtype, device)
                 model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=settings.torch_dtype, device=device)
             else:
@@ -155,9 +176,9 @@ def _build(args: argparse.Namespace) -> int:
             return 2
         log.info("weights ready in %.1fs", time.perf_counter() - start)
         try:
-            build_engine(model, settings, args.out, overwrite=args.overwrite)
-        except EngineFolderError as e:
-            log.error("%s", e)
+            build_engine(model, settings, args.out, overwrite=args.overwrite, weights_writer=weights_writer)
+        except (EngineFolderError, CheckpointError) as e:
+            log.error("build failed, nothing written to %s: %s", args.out, e)
             return 2
         except OSError as e:  # disk full, permissions changed under us: the staging folder is already removed
             log.error("build failed, nothing written to %s: %s", args.out, e)

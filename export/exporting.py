@@ -12,7 +12,7 @@ import importlib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -150,9 +150,14 @@ def check_lowering(settings: BuildSettings) -> None:
 
 
 def build_engine(
-    model: MiniMaxForCausalLM, settings: BuildSettings, out_dir: str | Path, overwrite: bool = False
+    model: MiniMaxForCausalLM, settings: BuildSettings, out_dir: str | Path, overwrite: bool = False,
+    weights_writer: Callable[[Path], tuple[dict[str, Any], str]] | None = None,
 ) -> dict[str, Any]:
-    """Export, lower and write a complete engine folder to ``out_dir``; return its manifest."""
+    """Export, lower and write a complete engine folder to ``out_dir``; return its manifest.
+
+    ``weights_writer(folder) -> (weights entry, sha256)``: writes the folder's weights itself (AOTInductor only;
+    e.g. streamed from a checkpoint by ``model.loading.convert_checkpoint``), in which case ``model`` is only the
+    skeleton the programs are exported from and its tensor values are never read."""
     config = model.config
     settings.validate(config.max_position_embeddings)
     paged = settings.paged_layout()  # fixed here, so that the programs' metadata and the manifest say the same
@@ -181,12 +186,21 @@ def build_engine(
                                        **program_io(config.to_dict(), symbolic_state_layout(config, settings), name,
                                                    settings.paged_layout(), in_place=entries.get("state_update", "in_place") == "in_place")}
         start = time.perf_counter()
-        weights = None
+        weights, digest = None, None
+        if weights_writer is not None and settings.backend != "aoti":
+            raise EngineFolderError(f"backend {settings.backend!r} embeds the weights in its programs: it cannot take "
+                                    "them from a weights writer")
         if settings.backend == "aoti":  # programs without constants: the weights, once, beside them
-            from .weights import model_tensors, write_weights
+            from .weights import ShardWriter, model_tensors
 
             with progress("writing weights"):
-                weights = write_weights(folder, model_tensors(model))
+                if weights_writer is not None:
+                    weights, digest = weights_writer(folder)
+                else:
+                    writer = ShardWriter(folder)
+                    for name, t in model_tensors(model):
+                        writer.add(name, t)
+                    weights = writer.close()
             timings["weights_s"] = time.perf_counter() - start
             start = time.perf_counter()
         manifest = {
@@ -201,7 +215,7 @@ def build_engine(
             "state_layout": symbolic_state_layout(config, settings),
             "programs": manifest_programs,
             "versions": _versions(),
-            "weights_sha256": weights_sha256(model),
+            "weights_sha256": digest if digest is not None else weights_sha256(model),
             "build_timings": timings,
         }
         if weights is not None:

@@ -8,7 +8,12 @@ fp32 router gates and LM head, the derived decay and RoPE buffers), so one set s
 ``.model``). The manifest's ``weights`` entry lists every tensor with its shape, dtype and shard:
 
     {"format": "safetensors", "shards": ["weights/weights-00001.safetensors", ...],
-     "tensors": {name: {"shape": [...], "dtype": "bfloat16", "shard": "weights/weights-00001.safetensors"}}}
+     "tensors": {name: {"shape": [...], "dtype": "bfloat16", "shard": "weights/weights-00001.safetensors"}},
+     "stacked": {name: {"shape": [E, ...], "dtype": ..., "parts": [name of part 0, part 1, ...]}}}
+
+``stacked`` (written by the checkpoint converter, ``model.loading.convert_checkpoint``): a tensor stored as its
+slices along dim 0 (the experts of a layer, one part each, as the checkpoint holds them), stacked on load into one
+device tensor; so that a conversion never holds more than one expert.
 
 and the manifest's ``files`` holds each shard's sha256, checked on load like every file of the folder.
 
@@ -21,6 +26,8 @@ on CUDA through pinned host memory with asynchronous copies (one stream, synchro
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -63,9 +70,11 @@ class ShardWriter:
         self.shard_bytes = shard_bytes
         self.shards: list[str] = []
         self.tensors: dict[str, dict[str, Any]] = {}
+        self.stacked: dict[str, dict[str, Any]] = {}
         self._pending: dict[str, Tensor] = {}
         self._pending_bytes = 0
         self.bytes_written = 0
+        self._hash = hashlib.sha256()  # names, shapes, dtypes and bytes in the order written
 
     def add(self, name: str, tensor: Tensor) -> None:
         if name in self.tensors or name in self._pending:
@@ -73,10 +82,28 @@ class ShardWriter:
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        self._pending[name] = t.contiguous()
+        t = t.contiguous()
+        self._hash.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode())
+        self._hash.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._pending[name] = t
         self._pending_bytes += t.numel() * t.element_size()
         if self._pending_bytes >= self.shard_bytes:
             self.flush()
+
+    def add_part(self, name: str, index: int, count: int, tensor: Tensor) -> None:
+        """Slice ``index`` of ``count`` of the stacked tensor ``name`` (dim 0); the parts may come in any order."""
+        entry = self.stacked.setdefault(name, {"shape": [count, *tensor.shape], "dtype": _dtype_name(tensor.dtype),
+                                                "parts": [None] * count})
+        if entry["shape"] != [count, *tensor.shape] or entry["dtype"] != _dtype_name(tensor.dtype):
+            raise EngineFolderError(f"weights: part {index} of {name!r} is {tensor.dtype} {list(tensor.shape)}, the "
+                                    f"others {entry['dtype']} {entry['shape'][1:]}")
+        part = f"{name}.{index}"
+        entry["parts"][index] = part
+        self.add(part, tensor)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
 
     def flush(self) -> None:
         if not self._pending:
@@ -97,7 +124,13 @@ class ShardWriter:
     def close(self) -> dict[str, Any]:
         """Write the last shard; return the manifest's ``weights`` entry."""
         self.flush()
-        return {"format": "safetensors", "shards": list(self.shards), "tensors": dict(self.tensors)}
+        incomplete = {n: e["parts"].index(None) for n, e in self.stacked.items() if None in e["parts"]}
+        if incomplete:
+            raise EngineFolderError(f"weights: stacked tensors with missing parts (first missing index): {incomplete}")
+        entry = {"format": "safetensors", "shards": list(self.shards), "tensors": dict(self.tensors)}
+        if self.stacked:
+            entry["stacked"] = dict(self.stacked)
+        return entry
 
 
 def write_weights(folder: str | Path, tensors: Iterable[tuple[str, Tensor]], shard_bytes: int = SHARD_BYTES
@@ -123,6 +156,15 @@ def check_entry(path: Path, entry: Any) -> None:
                 or t.get("dtype") not in (*DTYPES, "int32", "int64")):
             raise EngineFolderError(f"{path}: weights.tensors[{name!r}] must name a listed shard, a shape and a "
                                     f"dtype; got {t!r}"[:400])
+    stacked = entry.get("stacked", {})
+    if not isinstance(stacked, dict):
+        raise EngineFolderError(f"{path}: weights.stacked must be an object")
+    for name, t in stacked.items():
+        parts = t.get("parts") if isinstance(t, dict) else None
+        if (not isinstance(parts, list) or not isinstance(t.get("shape"), list) or not t["shape"]
+                or len(parts) != t["shape"][0] or not all(p in tensors for p in parts)):
+            raise EngineFolderError(f"{path}: weights.stacked[{name!r}] must list one stored part per slice of its "
+                                    f"shape; got {t!r}"[:400])
 
 
 def load_weights(folder: str | Path, entry: Mapping[str, Any], device: torch.device,
@@ -132,15 +174,25 @@ def load_weights(folder: str | Path, entry: Mapping[str, Any], device: torch.dev
 
     folder = Path(folder)
     device = torch.device(device)
-    wanted = list(entry["tensors"]) if names is None else list(names)
-    unknown = [n for n in wanted if n not in entry["tensors"]]
+    stacked = entry.get("stacked", {})
+    part_of = {p: (name, i) for name, t in stacked.items() for i, p in enumerate(t["parts"])}
+    if names is None:
+        names = [n for n in entry["tensors"] if n not in part_of] + list(stacked)
+    names = list(names)
+    unknown = [n for n in names if n not in entry["tensors"] and n not in stacked]
+    out: dict[str, Tensor] = {}
+    for name in names:  # stacked tensors: allocated whole on the device, filled part by part below
+        if name in stacked:
+            spec = stacked[name]
+            out[name] = torch.empty(spec["shape"], dtype=DTYPES.get(spec["dtype"]) or getattr(torch, spec["dtype"]),
+                                    device=device)
+    wanted = [n for n in names if n not in stacked] + [p for n in names if n in stacked for p in stacked[n]["parts"]]
     if unknown:
         raise EngineFolderError(f"{folder}: the programs need weights the manifest does not list: {unknown[:5]}"
                                 f"{' ...' if len(unknown) > 5 else ''}")
     by_shard: dict[str, list[str]] = {}
     for name in wanted:
         by_shard.setdefault(entry["tensors"][name]["shard"], []).append(name)
-    out: dict[str, Tensor] = {}
     start, nbytes = time.perf_counter(), 0
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     for i, (shard, shard_names) in enumerate(sorted(by_shard.items())):
@@ -163,11 +215,17 @@ def load_weights(folder: str | Path, entry: Mapping[str, Any], device: torch.dev
                 if list(t.shape) != spec["shape"] or t.dtype != want_dtype:
                     raise EngineFolderError(f"{path}: weight {name!r} is {t.dtype} {list(t.shape)}, the manifest says "
                                             f"{spec['dtype']} {spec['shape']}")
-                if stream is not None:
-                    host = t.pin_memory()
-                    with torch.cuda.stream(stream):
-                        t = host.to(device, non_blocking=True)
-                out[name] = t
+                if name in part_of:  # a slice of a stacked tensor: copied into its place
+                    whole, index = part_of[name]
+                    src = t.pin_memory() if stream is not None else t
+                    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                        out[whole][index].copy_(src, non_blocking=stream is not None)
+                else:
+                    if stream is not None:
+                        host = t.pin_memory()
+                        with torch.cuda.stream(stream):
+                            t = host.to(device, non_blocking=True)
+                    out[name] = t
                 nbytes += t.numel() * t.element_size()
         logger.info("weights: shard %d/%d %s loaded (%.1f MB so far, %.1fs)", i + 1, len(by_shard), shard,
                     nbytes / 1e6, time.perf_counter() - start)

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "load_checkpoint", "checkpoint_key_plan", "IGNORED_KEY_PATTERN"]
+__all__ = ["CheckpointError", "load_checkpoint", "checkpoint_key_plan", "convert_checkpoint", "validate_checkpoint",
+           "derived_buffers", "IGNORED_KEY_PATTERN"]
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -195,3 +196,80 @@ def load_checkpoint(
     logger.info("loaded %s: %d tensors from %d shard(s) in %.1fs (%s on %s)", root, total, len(by_shard),
                 time.perf_counter() - start, dtype, device)
     return model
+
+
+def derived_buffers(config: MiniMaxConfig) -> dict[str, torch.Tensor]:
+    """The buffers the model computes from its config (decay rates per lightning layer, RoPE inverse frequencies),
+    by name, fp32 on the CPU: what ``MiniMaxModel.reset_buffers`` computes, without a model."""
+    from .config import LIGHTNING
+
+    buffers = {f"model.layers.{i}.self_attn.decay_rate": torch.tensor(config.lightning_decay_rates(i),
+                                                                      dtype=torch.float32)
+               for i, kind in enumerate(config.layer_types) if kind == LIGHTNING}
+    r = config.rotary_dim
+    buffers["model.inv_freq"] = 1.0 / (config.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float32) / r))
+    return buffers
+
+
+def validate_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16, **config_overrides) -> MiniMaxConfig:
+    """Check a checkpoint without reading tensor data (config, index, shards, names, shapes, dtypes);
+    ``CheckpointError`` naming the file and tensor. Returns the config."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint directory not found")
+    config = MiniMaxConfig.from_pretrained(root, **config_overrides)
+    from .modeling import MiniMaxForCausalLM
+
+    with torch.device("meta"):
+        skeleton = MiniMaxForCausalLM(config, dtype=dtype)
+    plan = checkpoint_key_plan(skeleton)
+    _check_shapes(root, _validate(plan, _read_index(root), root), plan)
+    return config
+
+
+def convert_checkpoint(path: str | Path, writer, dtype: torch.dtype = torch.bfloat16, **config_overrides
+                       ) -> MiniMaxConfig:
+    """Stream a checkpoint into an engine folder's weights (``export.weights.ShardWriter``) without building the
+    model: validated as ``load_checkpoint`` validates (config, index, shards, names, shapes), then read one tensor
+    at a time, converted (model dtype; fp32 router gates and LM head) and handed to ``writer``, which writes a shard
+    whenever it holds ``shard_bytes``. Expert weights are written as the slices of their stacked tensors
+    (``writer.add_part``: stacked on load), so peak memory is one shard plus one tensor, whatever the model size.
+    Returns the config."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint directory not found")
+    config = MiniMaxConfig.from_pretrained(root, **config_overrides)
+    from .modeling import MiniMaxForCausalLM
+
+    with torch.device("meta"):
+        skeleton = MiniMaxForCausalLM(config, dtype=dtype)
+    plan = checkpoint_key_plan(skeleton)
+    params = dict(skeleton.named_parameters())
+    weight_map = _read_index(root)
+    by_shard = _validate(plan, weight_map, root)
+    _check_shapes(root, by_shard, plan)
+    total = sum(len(k) for k in by_shard.values())
+    done, start = 0, time.perf_counter()
+    for n, (shard, keys) in enumerate(sorted(by_shard.items()), 1):
+        with _open_shard(root / shard) as f:
+            for key in keys:
+                target = plan[key]
+                want = params[target.param].dtype
+                try:
+                    tensor = f.get_tensor(key).to(want)
+                except Exception as e:
+                    raise CheckpointError(f"{root / shard}: cannot read tensor {key} ({e})") from e
+                if target.index is None:
+                    writer.add(target.param, tensor)
+                else:
+                    writer.add_part(target.param, target.index, params[target.param].shape[0], tensor)
+                del tensor
+        done += len(keys)
+        logger.info("converting %s: shard %d/%d (%s), %d/%d tensors, %.1fs", root.name, n, len(by_shard), shard,
+                    done, total, time.perf_counter() - start)
+    for name, t in derived_buffers(config).items():
+        writer.add(name, t)
+    expected = {n for n, _ in skeleton.named_buffers()}
+    if expected != set(derived_buffers(config)):  # a guard: the model's buffers are the ones computed here
+        raise CheckpointError(f"model buffers {sorted(expected)} differ from the derived ones")
+    return config

@@ -1,0 +1,76 @@
+"""Real-scale engine folders (issue 12): a checkpoint converted shard by shard into the folder's weights (never
+the whole model in memory), programs built from an uninitialised skeleton, and the engine equal to the eager model
+loaded from the same checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import build
+from export import read_manifest
+from export.weights import ShardWriter, load_weights
+from model import MiniMaxForCausalLM
+from model.loading import CheckpointError, convert_checkpoint
+from runtime import Engine
+
+
+@pytest.fixture(scope="module")
+def converted_engine(hf_checkpoint, tmp_path_factory):
+    _, ckpt = hf_checkpoint
+    out = tmp_path_factory.mktemp("converted") / "engine"
+    assert build.main(["--checkpoint", str(ckpt), "--out", str(out), "--device", "cpu", "--dtype", "fp32",
+                       "--max-batch", "2", "--max-input-len", "8", "--max-seq-len", "32", "--page-size", "8",
+                       "--shard-mb", "1"]) == 0
+    return out
+
+
+def test_converter_streams_experts_as_parts_and_stacks_them_on_load(hf_checkpoint, tmp_path):
+    """Every weight of the converted folder equals the model ``load_checkpoint`` builds (stacked experts, fp32
+    gates / LM head, derived buffers), and the writer closed several shards on the way."""
+    _, ckpt = hf_checkpoint
+    writer = ShardWriter(tmp_path, shard_bytes=200_000)
+    config = convert_checkpoint(ckpt, writer, torch.float32)
+    entry = writer.close()
+    assert len(entry["shards"]) > 3
+    assert set(entry["stacked"]) == {f"model.layers.{i}.block_sparse_moe.experts.{w}"
+                                     for i in range(config.num_hidden_layers) for w in ("w1", "w2", "w3")}
+    weights = load_weights(tmp_path, entry, torch.device("cpu"))
+    model = MiniMaxForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert set(weights) == set(expected)
+    for name, t in expected.items():
+        assert weights[name].dtype == t.dtype and torch.equal(weights[name], t.detach()), name
+
+
+def test_engine_built_from_a_checkpoint_equals_the_eager_model(converted_engine, hf_checkpoint):
+    manifest = read_manifest(converted_engine)
+    assert len(manifest["weights"]["shards"]) > 1 and "stacked" in manifest["weights"]
+    engine = Engine.load(converted_engine)
+    model = MiniMaxForCausalLM.from_pretrained(hf_checkpoint[1], dtype=torch.float32)
+    eager = Engine.from_model(model, 2, 8, 32, page_size=8)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3, 4]]
+    ours = engine.generate(prompts, max_new_tokens=12)
+    assert torch.equal(ours, eager.generate(prompts, max_new_tokens=12))
+    ids = torch.tensor([prompts[0]])
+    engine.reset(1)
+    logits = engine.prefill(ids[:, :8], torch.zeros(1, dtype=torch.long), [0])
+    eager.reset(1)
+    ref = eager.prefill(ids[:, :8], torch.zeros(1, dtype=torch.long), [0])
+    assert (logits - ref).abs().max() < 1e-4
+
+
+def test_a_broken_checkpoint_is_refused_before_the_build(hf_checkpoint, tmp_path, caplog):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoint[1], ckpt)
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (ckpt / shard).unlink()
+    assert build.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 2
+    assert f"missing shard file(s): {shard}" in caplog.text and not (tmp_path / "e").exists()
+    with pytest.raises(CheckpointError, match="missing shard"):
+        convert_checkpoint(ckpt, ShardWriter(tmp_path / "w"), torch.float32)
