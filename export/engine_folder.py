@@ -15,7 +15,8 @@ they were lowered from (``exported/*.pt2``, the single source of every lowering)
                      [B, H, D, D] fp32, KV page pools [num_pages, KVH, page_size, D]
     programs         {"prefill"|"decode": {"file", "inputs": [{name, shape, dtype}], "outputs": [...]}}
     versions         torch / triton / tensorrt / onnx versions that built the folder
-    weights_sha256   hash of the weights (names, shapes, dtypes and bytes) the engines were built from
+    weights_sha256   hash of the weights (names, shapes, dtypes and bytes) the engines were built from: in the
+                     model's state_dict order, or, for weights converted from a checkpoint, in the order written
     weights          (AOTInductor) the folder's weights apart from the programs: sharded safetensors under
                      ``weights/``, every tensor's shape, dtype and shard (``export/weights.py``)
     files            {relative path: sha256} of every file in the folder but manifest.json, checked on load

@@ -335,7 +335,9 @@ class DecodeGraph:
         self.shared = [t if inplace else None for t, inplace in zip(state, self.in_place)]  # the caller's pools
         self.context = program.new_context()
         self.input_ids = torch.zeros(shapes["input_ids"], dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(shapes["positions"], dtype=torch.int64, device=dev)
+        # -1: the warm-up and capture steps below are left pads, which write no KV (the pools bound here are the
+        # caller's, holding its rows) and attend to nothing
+        self.positions = torch.full(shapes["positions"], -1, dtype=torch.int64, device=dev)
         self.block_table = torch.zeros(shapes["block_table"], dtype=torch.int32, device=dev)
         self.sets = [[torch.zeros(shapes[s.name], dtype=s.dtype, device=dev) for s, inplace in
                       zip(b.state_inputs, self.in_place) if not inplace] for _ in (0, 1)]
@@ -350,8 +352,7 @@ class DecodeGraph:
                 s.name: t for s, t in zip(b.state_outputs, self._state(1 - src)) if s.name not in program.aliases}
             program.bind(self.context, ins, outs)
             with torch.cuda.stream(stream):  # warm-up enqueue outside capture (as trtexec does), then capture
-                # (the warm-up runs on an all-zero block table and positions: it writes position 0 of page 0 of
-                # the pools, which the first real step overwrites or never reads)
+                # (at positions -1: nothing is written into the caller's pools)
                 if not self.context.execute_async_v3(stream.cuda_stream):
                     raise RuntimeError("warm-up enqueue failed")
             stream.synchronize()
