@@ -4,6 +4,8 @@
 ``paged_kv_write`` mutates its two cache arguments (``mutates_args``): exported, it is an ``auto_functionalized``
 node on the program's mutated inputs, which Inductor re-inplaces, so a compiled step writes the new tokens into the
 pool and copies nothing. The attention ops are functional and return a new contiguous ``[B, T, H, D]`` tensor.
+``minimax::paged_kv_update`` is the write as a function (new pools), used only by the ONNX / TensorRT lowerings,
+whose graphs have no mutation.
 
 As for the other ops (``kernels/lightning_attention/op.py``): they are ``triton_op``s whose body (also the fake
 kernel) holds PyTorch ops and ``wrap_triton`` launches on CUDA (``traced.py``), and calls opaque fp32 reference ops
