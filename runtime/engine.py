@@ -144,6 +144,14 @@ class PagePool:
         self.table.zero_()
         self.held = [0] * len(self.held)
 
+    def release(self, b: int) -> None:
+        """Give row b's pages back (its table row zeroed, nothing held)."""
+        self._free.extend(self.rows[b])
+        self._free.sort(reverse=True)
+        self.rows[b] = []
+        self.table[b].zero_()
+        self.held[b] = 0
+
     def ensure(self, lengths: Sequence[int]) -> bool:
         """Give row b pages for positions ``0..lengths[b]-1`` (all rows or none: ``RequestError`` when the pool
         or the table is short, naming the row). Returns whether the table changed."""
@@ -220,7 +228,8 @@ class Engine:
         self._buffers = self._allocate_state(max_batch)  # kept for the engine's life; requests use rows 0..B-1
         self._per_row = ["B" in e["shape"] for e in state_layout]  # lightning states: rows; KV pools: whole
         self.state: list[Tensor] = self._rows_of(0)  # state of the current/last request
-        self._table = self.pages.table.to(self.device)  # the block table the programs read ([max_batch, M])
+        # the block table the programs read ([max_batch, M]); a copy of the pool's CPU table even on the CPU
+        self._table = self.pages.table.to(self.device, copy=True)
         self._batch = 0
         logger.info(
             "engine %s: backend %s, %s on %s, batch <= %d, prefill chunk <= %d, context <= %d, KV pages %d x %d "

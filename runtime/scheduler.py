@@ -1,0 +1,279 @@
+"""In-flight batching over an engine's paged cache: requests join and leave at every step (issue 13, first part).
+
+    sched = Scheduler(engine, token_budget=512)
+    a = sched.submit([5, 6, 7], max_new_tokens=16)                 # -> request id; validated here (RequestError)
+    b = sched.submit(prompt_b, max_new_tokens=8, temperature=0.7, seed=1)
+    while sched.step(): ...                                        # or sched.run_until_idle()
+    sched.result(a).tokens, sched.result(b).finish_reason          # "length" | "stop" | "cancelled"
+
+Slots are the rows of the engine's state buffers (``max_batch`` of them). The rows are kept compact: running
+sequences (prompt done, decoding) are rows ``0..R-1`` and sequences still prefilling follow them, so one decode
+step runs the decode program on rows ``0..R-1`` exactly (a lightning state is updated for every row a decode step
+covers, so a prefilling row must never be among them). A finished or cancelled sequence gives its row and pages back
+at once; the last row of its group moves into the hole (one row of lightning state copied, block-table rows and
+page lists swapped: no KV is moved). A prefilling sequence that finishes its prompt is swapped to row ``R``.
+
+Each step: (1) admit waiting requests while a row is free and the pool has the pages of the whole request (its
+prompt plus ``max_new_tokens``, reserved up front, so that an admitted sequence always finishes: no preemption is
+needed; a request larger than the whole pool is refused at ``submit``); (2) prefill prompt chunks of the prefilling
+sequences, each through the prefill program on its own row (batch 1, views of the state), up to ``token_budget``
+tokens per step, so a long prompt never stalls the decodes for more than one budget; (3) one decode step of every
+running sequence, with each request's own sampling (temperature, top-k, top-p, seed, stop ids, max tokens).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .engine import SEED_MAX, Engine, RequestError
+from .sampling import SamplingParams, sample
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Scheduler", "Result"]
+
+
+@dataclass
+class Result:
+    """A request's outcome so far: generated ids, and why it finished (None while it runs)."""
+
+    request_id: int
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "length", "stop", "cancelled"
+
+
+@dataclass
+class _Sequence:
+    result: Result
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None
+    prefilled: int = 0  # prompt tokens already in the cache
+    logits: Tensor | None = None  # [V] after the prompt's last chunk, or the last decode step
+    cancelled: bool = False
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.result.prompt
+
+    @property
+    def position(self) -> int:
+        """Next position to write: prompt tokens prefilled, plus tokens fed back by decode steps."""
+        return self.prefilled + max(0, len(self.result.tokens) - 1)
+
+
+class Scheduler:
+    """Continuous batching on one ``Engine`` (module docstring). Single-threaded: ``submit`` / ``cancel`` /
+    ``step`` are called from one thread."""
+
+    def __init__(self, engine: Engine, token_budget: int | None = None):
+        self.engine = engine
+        self.token_budget = token_budget or engine.max_input_len
+        if self.token_budget < 2:
+            raise ValueError(f"token_budget must be >= 2, got {self.token_budget}")
+        self.waiting: deque[_Sequence] = deque()
+        self.rows: list[_Sequence] = []  # running (prompt done) first, then prefilling
+        self.results: dict[int, Result] = {}
+        self._ids = itertools.count()
+        if engine.backend not in ("aoti", "eager"):
+            raise NotImplementedError(f"the scheduler drives programs that update their state in place (aoti, "
+                                      f"eager); this engine is {engine.backend!r}")
+        engine.reset(engine.max_batch)  # every row zero, every page free; the scheduler owns the engine now
+        self._per_row = [t for t, per_row in zip(engine._buffers, engine._per_row) if per_row]
+        self.steps = 0
+
+    # ------------------------------------------------------------------------------------------------ requests
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop_ids: Sequence[int] = ()) -> int:
+        """Queue a request; returns its id. ``RequestError`` for a request the engine can never serve."""
+        e = self.engine
+        prompt = list(prompt)
+        if not prompt:
+            raise RequestError("prompt is empty (at least one token is needed)")
+        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < e.vocab_size)]
+        if bad:
+            raise RequestError(f"token id {bad[0]!r} is outside the vocabulary [0, {e.vocab_size})")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise RequestError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if len(prompt) + max_new_tokens > e.max_seq_len:
+            raise RequestError(f"prompt of {len(prompt)} tokens with max_new_tokens {max_new_tokens} reaches "
+                               f"{len(prompt) + max_new_tokens} tokens, past the engine's max_seq_len {e.max_seq_len}")
+        need = e.pages.pages_for(len(prompt) + max_new_tokens)
+        if need > e.pages.num_pages:
+            raise RequestError(f"the request needs {need} KV pages, the pool has {e.pages.num_pages}")
+        try:
+            sampling = SamplingParams(temperature, top_k, top_p)
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):
+            raise RequestError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+        generator = torch.Generator(device=e.device).manual_seed(seed) if seed is not None else None
+        rid = next(self._ids)
+        result = Result(rid, prompt)
+        self.results[rid] = result
+        self.waiting.append(_Sequence(result, max_new_tokens, sampling, frozenset(stop_ids), generator))
+        return rid
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a request at the next step (its row and pages are given back then); unknown ids are ignored."""
+        for seq in (*self.waiting, *self.rows):
+            if seq.result.request_id == request_id:
+                seq.cancelled = True
+
+    def result(self, request_id: int) -> Result:
+        return self.results[request_id]
+
+    @property
+    def running(self) -> int:
+        return sum(1 for s in self.rows if s.prefilled == len(s.prompt))
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.rows
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        for _ in range(max_steps):
+            if not self.step():
+                return
+        raise RuntimeError(f"scheduler still busy after {max_steps} steps")
+
+    # ------------------------------------------------------------------------------------------------ rows
+    def _swap(self, a: int, b: int) -> None:
+        """Exchange rows a and b: lightning states (copied), pages, block-table rows, held lengths."""
+        if a == b:
+            return
+        e = self.engine
+        with torch.no_grad():
+            for t in self._per_row:
+                tmp = t[a].clone()
+                t[a].copy_(t[b])
+                t[b].copy_(tmp)
+            e._table[[a, b]] = e._table[[b, a]]
+        p = e.pages
+        p.table[[a, b]] = p.table[[b, a]]
+        p.rows[a], p.rows[b] = p.rows[b], p.rows[a]
+        p.held[a], p.held[b] = p.held[b], p.held[a]
+        self.rows[a], self.rows[b] = self.rows[b], self.rows[a]
+
+    def _remove(self, row: int, reason: str) -> None:
+        """Finish the sequence in ``row``: pages back to the pool, the row closed up (running rows stay first)."""
+        seq = self.rows[row]
+        seq.result.finish_reason = reason
+        running = self.running
+        if row < running:  # keep running rows compact: the last running row takes its place ...
+            self._swap(row, running - 1)
+            row = running - 1
+        last = len(self.rows) - 1
+        self._swap(row, last)  # ... and the last row (a prefilling one, or itself) takes the running hole's place
+        e = self.engine
+        e.pages.release(last)
+        e._table[last].zero_()
+        self.rows.pop()
+        logger.debug("request %d finished (%s): %d tokens", seq.result.request_id, reason, len(seq.result.tokens))
+
+    def _admit(self) -> None:
+        e = self.engine
+        while self.waiting and len(self.rows) < e.max_batch:
+            seq = self.waiting[0]
+            if seq.cancelled:
+                self.waiting.popleft()
+                seq.result.finish_reason = "cancelled"
+                continue
+            row = len(self.rows)
+            need = len(seq.prompt) + seq.max_new_tokens
+            if e.pages.pages_for(need) > e.pages.free_pages:
+                return  # wait for pages (first come, first served)
+            self.waiting.popleft()
+            lengths = [0] * e.max_batch
+            lengths[row] = need
+            e.pages.ensure(lengths)  # only this row changes
+            e._table[row].copy_(e.pages.table[row])
+            with torch.no_grad():
+                for t in self._per_row:
+                    t[row].zero_()
+            self.rows.append(seq)
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _row_state(self, row: int) -> list[Tensor]:
+        e = self.engine
+        return [t[row:row + 1] if per_row else t for t, per_row in zip(e._buffers, e._per_row)]
+
+    def _prefill(self) -> None:
+        e = self.engine
+        budget = self.token_budget
+        for row in range(self.running, len(self.rows)):
+            seq = self.rows[row]
+            while budget > 0 and seq.prefilled < len(seq.prompt):
+                remaining = len(seq.prompt) - seq.prefilled
+                take = min(remaining, e.max_input_len, budget)  # a one-token chunk goes through decode
+                start = seq.prefilled
+                ids = torch.tensor([seq.prompt[start:start + take]], dtype=torch.long, device=e.device)
+                pos = torch.tensor([start], dtype=torch.long, device=e.device)
+                name = "decode" if take == 1 else "prefill"
+                with torch.no_grad():
+                    logits, _ = e.programs[name](ids, pos, e._table[row:row + 1], self._row_state(row))
+                e.pages.held[row] = start + take
+                seq.prefilled += take
+                budget -= take
+                if seq.prefilled == len(seq.prompt):
+                    seq.logits = logits[0, -1]
+            if seq.prefilled == len(seq.prompt):
+                # prompt done: join the running rows (rows are prefilled in order, so this is already its place
+                # unless an earlier prefilling row is still unfinished, which the budget's break rules out)
+                self._swap(row, self.running - 1)
+            if budget <= 0:
+                break
+
+    def _sample(self, seq: _Sequence, logits: Tensor) -> int:
+        s = seq.sampling
+        return int(sample(logits[None], s.temperature, s.top_k, s.top_p, seq.generator)[0])
+
+    def step(self) -> bool:
+        """Admit, prefill within the budget, then one decode step of the running sequences. Returns whether any
+        work remains."""
+        for row in reversed(range(len(self.rows))):
+            if self.rows[row].cancelled:
+                self._remove(row, "cancelled")
+        self._admit()
+        self._prefill()
+        R = self.running
+        e = self.engine
+        if R:
+            # every running sequence has logits for its next token: sample it, retire the finished ones
+            for row in range(R):
+                seq = self.rows[row]
+                token = self._sample(seq, seq.logits)
+                seq.result.tokens.append(token)
+            for row in reversed(range(R)):
+                seq = self.rows[row]
+                if seq.result.tokens[-1] in seq.stop_ids:
+                    self._remove(row, "stop")
+                elif len(seq.result.tokens) >= seq.max_new_tokens:
+                    self._remove(row, "length")
+            R = self.running
+            if R:
+                ids = torch.tensor([[self.rows[r].result.tokens[-1]] for r in range(R)], dtype=torch.long,
+                                   device=e.device)
+                positions_cpu = [self.rows[r].position for r in range(R)]
+                pos = torch.tensor(positions_cpu, dtype=torch.long, device=e.device)
+                e.pages.check_step(positions_cpu, 1)  # the invariant that no row skips or rewinds, checked
+                with torch.no_grad():
+                    logits, _ = e.programs["decode"](ids, pos, e._table[:R], self._rows_prefix(R))
+                for r in range(R):
+                    self.rows[r].logits = logits[r, -1]
+                    e.pages.held[r] = positions_cpu[r] + 1
+        self.steps += 1
+        return not self.idle
+
+    def _rows_prefix(self, n: int) -> list[Tensor]:
+        e = self.engine
+        return [t[:n] if per_row else t for t, per_row in zip(e._buffers, e._per_row)]
