@@ -54,7 +54,43 @@ def _peak_memory(device) -> str:
     return f"{rss_kib / 1024:.1f} MiB peak RSS"
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime serve",
+                                description="Serve an engine folder over an OpenAI-compatible HTTP API "
+                                            "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)")
+    p.add_argument("engine_dir", metavar="ENGINE_DIR", help="engine folder written by build.py (aoti)")
+    p.add_argument("--tokenizer", metavar="DIR", required=True, help="local Hugging Face tokenizer folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="prompt tokens prefilled per scheduler step (default: the engine's max_input_len)")
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the folder's name)")
+    return p
+
+
+def serve_main(argv: list[str]) -> int:
+    try:
+        args = serve_parser().parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from export.engine_folder import EngineFolderError
+
+    from .server import serve
+
+    try:
+        serve(args.engine_dir, args.tokenizer, args.host, args.port, args.token_budget, args.model_name)
+    except (EngineFolderError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "serve":
+        return serve_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: bad flags exit 2 (message printed), --help exits 0

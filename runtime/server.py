@@ -1,0 +1,296 @@
+"""An OpenAI-compatible HTTP server over the in-flight batching scheduler (issue 13, first part).
+
+    python -m runtime serve ENGINE_DIR --tokenizer DIR --port 8000
+
+Endpoints (FastAPI + uvicorn): ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat
+template), both with server-sent-event streaming (``"stream": true``); ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus text: running / waiting sequences, KV pages in use, tokens generated, requests by
+outcome). Requests are validated by their pydantic models (unknown fields refused) and by the scheduler (prompt
+too long for the engine, ids outside the vocabulary, bad sampling values): every refusal is a 400 with an
+OpenAI-style ``{"error": {"message", "type", "param"}}`` body. A client that disconnects cancels its sequence.
+
+``AsyncEngine`` runs a ``runtime.scheduler.Scheduler`` in one background thread (the only thread that touches the
+engine) and hands each request's tokens to its asyncio consumer as they are produced.
+"""
+
+import asyncio  # no ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at runtime
+import itertools
+import json
+import logging
+import threading
+import time
+from typing import Any, AsyncIterator, Literal
+
+from .engine import Engine, RequestError
+from .scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AsyncEngine", "create_app", "serve"]
+
+
+class AsyncEngine:
+    """The scheduler in a background thread; ``generate`` is an async iterator of ``(token, finish_reason)``."""
+
+    def __init__(self, engine: Engine, token_budget: int | None = None):
+        self.scheduler = Scheduler(engine, token_budget)
+        self._lock = threading.Lock()
+        self._work = threading.Event()
+        self._stop = False
+        self._listeners: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[int]]] = {}
+        self.tokens_generated = 0
+        self.finished: dict[str, int] = {}
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            self._work.wait(0.1)
+            with self._lock:
+                if self.scheduler.idle:
+                    self._work.clear()
+                    continue
+                try:
+                    self.scheduler.step()
+                except Exception:  # noqa: BLE001 - a failed step ends its requests, never the server
+                    logger.exception("scheduler step failed; ending the running requests")
+                    for seq in [*self.scheduler.rows, *self.scheduler.waiting]:
+                        seq.cancelled = True
+                        seq.result.finish_reason = "error"
+                    self.scheduler.step()
+                self._publish()
+
+    def _publish(self) -> None:
+        for rid, (loop, queue, sent) in list(self._listeners.items()):
+            result = self.scheduler.results[rid]
+            new = result.tokens[sent[0]:]
+            sent[0] += len(new)
+            self.tokens_generated += len(new)
+            for token in new:
+                loop.call_soon_threadsafe(queue.put_nowait, (token, None))
+            if result.finish_reason is not None:
+                loop.call_soon_threadsafe(queue.put_nowait, (None, result.finish_reason))
+                self.finished[result.finish_reason] = self.finished.get(result.finish_reason, 0) + 1
+                del self._listeners[rid]
+                del self.scheduler.results[rid]
+
+    def submit(self, prompt: list[int], **params) -> tuple[int, asyncio.Queue]:
+        """Queue a request (``RequestError`` if it can never be served); returns its id and token queue."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            rid = self.scheduler.submit(prompt, **params)
+            self._listeners[rid] = (asyncio.get_running_loop(), queue, [0])
+        self._work.set()
+        return rid, queue
+
+    def cancel(self, rid: int) -> None:
+        with self._lock:
+            self.scheduler.cancel(rid)
+        self._work.set()
+
+    async def generate(self, prompt: list[int], **params) -> AsyncIterator[tuple[int | None, str | None]]:
+        """Yield ``(token, None)`` per new token, then ``(None, finish_reason)``; closing the iterator early (a
+        disconnected client) cancels the request."""
+        rid, queue = self.submit(prompt, **params)
+        done = False
+        try:
+            while True:
+                token, reason = await queue.get()
+                if reason is not None:
+                    done = True
+                    yield None, reason
+                    return
+                yield token, None
+        finally:
+            if not done:
+                self.cancel(rid)
+
+    def metrics(self) -> dict[str, float]:
+        with self._lock:
+            s, pages = self.scheduler, self.scheduler.engine.pages
+            return {"running": s.running, "prefilling": len(s.rows) - s.running, "waiting": len(s.waiting),
+                    "pages_in_use": pages.num_pages - pages.free_pages, "pages_total": pages.num_pages}
+
+    def close(self) -> None:
+        self._stop = True
+        self._work.set()
+        self._thread.join(timeout=5)
+
+
+# ------------------------------------------------------------------------------------------------ HTTP
+def _models():
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class _Base(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        model: str
+        max_tokens: int = Field(16, ge=1)
+        temperature: float = Field(1.0, ge=0.0)
+        top_p: float | None = Field(None, gt=0.0, le=1.0)
+        top_k: int | None = Field(None, ge=1)  # not in OpenAI's schema; vLLM and SGLang take it as an extra
+        seed: int | None = Field(None, ge=0, le=2**63 - 1)
+        stop: str | list[str] | None = None
+        stream: bool = False
+        n: int = Field(1, ge=1, le=1)
+        user: str | None = None
+
+    class CompletionRequest(_Base):
+        prompt: str | list[int]
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        role: Literal["system", "user", "assistant"]
+        content: str
+
+    class ChatRequest(_Base):
+        messages: list[Message] = Field(min_length=1)
+
+    return CompletionRequest, ChatRequest
+
+
+def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str):
+    """The FastAPI application (module docstring). ``tokenizer``: a Hugging Face tokenizer."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+    CompletionRequest, ChatRequest = _models()
+    app = FastAPI(title="minimax-compiler", version="0.1")
+    ids = itertools.count()
+    eos = tokenizer.eos_token_id
+
+    def error(status: int, message: str, param: str | None = None) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"error": {"message": message, "type": "invalid_request_error",
+                                                                   "param": param, "code": None}})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return error(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", where)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "minimax-compiler"}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        m = engine.metrics()
+        lines = [f"minimax_sequences{{state=\"{k}\"}} {m[k]}" for k in ("running", "prefilling", "waiting")]
+        lines += [f"minimax_kv_pages_in_use {m['pages_in_use']}", f"minimax_kv_pages_total {m['pages_total']}",
+                  f"minimax_generated_tokens_total {engine.tokens_generated}"]
+        lines += [f"minimax_requests_total{{finish_reason=\"{k}\"}} {v}" for k, v in sorted(engine.finished.items())]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    def sampling(req) -> dict[str, Any]:
+        return {"max_new_tokens": req.max_tokens, "temperature": req.temperature, "top_k": req.top_k,
+                "top_p": req.top_p, "seed": req.seed, "stop_ids": [eos] if eos is not None else []}
+
+    async def run(request: Request, req, prompt_ids: list[int], kind: str):
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{next(ids)}"
+        created = int(time.time())
+        start = time.perf_counter()
+        try:
+            stream = engine.generate(prompt_ids, **sampling(req))
+            first = await stream.__anext__()  # the request is validated when submitted
+        except RequestError as e:
+            return error(400, str(e), "prompt")
+
+        async def pieces():
+            """(text delta, finish_reason) as tokens arrive; stop strings cut the text and end the request."""
+            tokens, text, item = [], "", first
+            while True:
+                token, reason = item
+                if token is not None and token != eos:
+                    tokens.append(token)
+                    full = tokenizer.decode(tokens, skip_special_tokens=True)
+                    cut = min((full.find(s) for s in stops if s and s in full), default=-1)
+                    if cut >= 0:
+                        delta, text = full[len(text):cut], full[:cut]
+                        await stream.aclose()  # cancels the sequence
+                        yield delta, "stop", len(tokens)
+                        return
+                    delta, text = full[len(text):], full
+                    if delta:
+                        yield delta, None, len(tokens)
+                if reason is not None:
+                    yield "", "stop" if reason == "stop" else ("length" if reason == "length" else reason), len(tokens)
+                    return
+                item = await stream.__anext__()
+
+        def usage(n: int) -> dict[str, int]:
+            return {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "total_tokens": len(prompt_ids) + n}
+
+        def chunk(delta: str, reason: str | None) -> dict[str, Any]:
+            if kind == "chat":
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": delta} if delta else {},
+                                     "finish_reason": reason}]}
+            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": [{"index": 0, "text": delta, "logprobs": None, "finish_reason": reason}]}
+
+        if req.stream:
+            async def events():
+                n = 0
+                async for delta, reason, n in pieces():
+                    if await request.is_disconnected():
+                        break  # leaving the generator cancels the sequence
+                    yield f"data: {json.dumps(chunk(delta, reason))}\n\n"
+                yield "data: [DONE]\n\n"
+                logger.info("%s: %d prompt + %d tokens in %.3fs (stream)", rid, len(prompt_ids), n,
+                            time.perf_counter() - start)
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        text, reason, n = "", None, 0
+        async for delta, reason, n in pieces():
+            text += delta
+        logger.info("%s: %d prompt + %d tokens in %.3fs", rid, len(prompt_ids), n, time.perf_counter() - start)
+        body = chunk(text, reason)
+        if kind == "chat":
+            body.update(object="chat.completion")
+            body["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text},
+                                "finish_reason": reason}]
+        body["usage"] = usage(n)
+        return body
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, req: CompletionRequest):
+        if req.model != model_name:
+            return error(404, f"model {req.model!r} does not exist; this server serves {model_name!r}", "model")
+        prompt = req.prompt if isinstance(req.prompt, list) else tokenizer.encode(req.prompt)
+        return await run(request, req, list(prompt), "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request, req: ChatRequest):
+        if req.model != model_name:
+            return error(404, f"model {req.model!r} does not exist; this server serves {model_name!r}", "model")
+        prompt = tokenizer.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True,
+                                               tokenize=True)
+        if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):  # BatchEncoding in some versions
+            prompt = prompt["input_ids"]
+        return await run(request, req, list(prompt), "chat")
+
+    return app
+
+
+def serve(engine_dir: str, tokenizer_dir: str, host: str = "127.0.0.1", port: int = 8000,
+          token_budget: int | None = None, model_name: str | None = None) -> None:
+    """Load the engine and the tokenizer, and serve until interrupted."""
+    from pathlib import Path
+
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    engine = AsyncEngine(Engine.load(engine_dir), token_budget)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    app = create_app(engine, tokenizer, model_name or Path(engine_dir).name)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        engine.close()
