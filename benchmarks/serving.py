@@ -1,0 +1,184 @@
+"""Serving under load (issue 13): the real server (``runtime.server``) on 127.0.0.1, driven over HTTP.
+
+``--reliability N``: N requests from concurrent clients, a mix of well-formed completions (streamed and not, greedy
+and sampled, different prompt and output lengths), streams the client drops after a few tokens (cancellation),
+and malformed payloads (bad JSON, unknown fields, prompts past the context, bad sampling values). It passes when
+the server is up at the end, every well-formed request got a complete answer, every malformed one a 4xx with an
+error message, and the KV page pool is whole again (``/metrics``). Reports the counts and the wall time.
+
+Engine: an engine folder (``--engine DIR``, with ``--tokenizer DIR``), or by default the tiny preset's eager
+engine with a word-level tokenizer made here (runs on the CPU).
+
+    PYTHONPATH=. python -m benchmarks.serving --reliability 1000 --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import random
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from benchmarks.common import environment, write_json
+
+
+def _tiny(max_batch: int):
+    import torch  # noqa: F401
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from model import MiniMaxConfig, MiniMaxForCausalLM
+    from runtime import Engine
+
+    config = MiniMaxConfig.preset("tiny")
+    model = MiniMaxForCausalLM(config).init_random_weights(seed=5, std=0.1).eval()
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, config.vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    return Engine.from_model(model, max_batch, 16, 128, page_size=16), tokenizer, "tiny"
+
+
+def start_server(engine, tokenizer, name: str, token_budget: int | None):
+    import uvicorn
+
+    from runtime.server import AsyncEngine, create_app
+
+    async_engine = AsyncEngine(engine, token_budget)
+    app = create_app(async_engine, tokenizer, name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if server.started:
+            break
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server, thread, async_engine
+
+
+def _post(url: str, body: bytes, timeout: float = 120.0) -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _stream_and_drop(url: str, body: dict, keep: int) -> int:
+    """Read ``keep`` SSE events of a streamed completion, then close the connection (a client that goes away)."""
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    seen = 0
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                seen += 1
+                if seen >= keep:
+                    break
+    return seen
+
+
+def reliability(url: str, name: str, vocab: int, n: int, seed: int, workers: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    jobs = []
+    for i in range(n):
+        kind = rng.choices(["ok", "ok_stream", "drop", "malformed"], weights=[5, 2, 2, 1])[0]
+        prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(1, 60))]
+        body = {"model": name, "prompt": prompt, "max_tokens": rng.randint(1, 40),
+                "temperature": rng.choice([0.0, 0.0, 0.8]), "seed": rng.randrange(1 << 30)}
+        if kind == "malformed":
+            bad = rng.choice([b"{not json", json.dumps({**body, "frobnicate": 1}).encode(),
+                              json.dumps({**body, "prompt": [5] * 200}).encode(),
+                              json.dumps({**body, "temperature": -1}).encode(),
+                              json.dumps({**body, "prompt": [vocab + 7]}).encode()])
+            jobs.append((kind, bad))
+        else:
+            jobs.append((kind, body))
+
+    def run(job):
+        kind, body = job
+        if kind == "malformed":
+            code, payload = _post(url + "/v1/completions", body)
+            return kind, 400 <= code < 500 and bool(payload.get("error", {}).get("message"))
+        if kind == "drop":
+            return kind, _stream_and_drop(url + "/v1/completions", body, keep=2) >= 1
+        if kind == "ok_stream":
+            req = urllib.request.Request(url + "/v1/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            with urllib.request.urlopen(req, timeout=300) as r:
+                events = [line for line in r if line.startswith(b"data: ")]
+            finished = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-1]]
+            return kind, events[-1].strip() == b"data: [DONE]" and finished[-1] in ("stop", "length")
+        code, payload = _post(url + "/v1/completions", json.dumps(body).encode())
+        ok = code == 200 and payload["choices"][0]["finish_reason"] in ("stop", "length") and \
+            payload["usage"]["completion_tokens"] <= body["max_tokens"]
+        return kind, ok
+
+    start = time.perf_counter()
+    counts: dict[str, list[int]] = {}
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        for kind, ok in pool.map(run, jobs):
+            counts.setdefault(kind, [0, 0])[0 if ok else 1] += 1
+    wall = time.perf_counter() - start
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        health = json.loads(r.read())
+    pages = None
+    for _ in range(100):  # dropped streams are cancelled at the scheduler's next step
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            metrics = r.read().decode()
+        pages = int(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("minimax_kv_pages_in_use")))
+        if pages == 0:
+            break
+        time.sleep(0.1)
+    passed = health == {"status": "ok"} and pages == 0 and all(bad == 0 for _, bad in counts.values())
+    return {"requests": n, "wall_s": wall, "by_kind": {k: {"ok": v[0], "failed": v[1]} for k, v in counts.items()},
+            "health": health, "pages_in_use_after": pages, "passed": passed, "metrics_after": metrics}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reliability", type=int, default=1000, metavar="N", help="requests of the reliability run")
+    p.add_argument("--engine", default=None, help="engine folder (default: the tiny eager engine)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (with --engine)")
+    p.add_argument("--max-batch", type=int, default=4, help="rows of the tiny engine (default 4)")
+    p.add_argument("--workers", type=int, default=16, help="concurrent clients (default 16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.engine:
+        from pathlib import Path
+
+        from transformers import AutoTokenizer
+
+        from runtime import Engine
+
+        engine, tokenizer, name = Engine.load(args.engine), AutoTokenizer.from_pretrained(args.tokenizer), \
+            Path(args.engine).name
+    else:
+        engine, tokenizer, name = _tiny(args.max_batch)
+    url, server, thread, async_engine = start_server(engine, tokenizer, name, None)
+    try:
+        result = reliability(url, name, engine.vocab_size, args.reliability, args.seed, args.workers)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        async_engine.close()
+    print(json.dumps({k: v for k, v in result.items() if k != "metrics_after"}, indent=1), flush=True)
+    write_json(args.out, {"environment": environment(), "reliability": result,
+                          "command": "PYTHONPATH=. python -m benchmarks.serving " + " ".join(argv or sys.argv[1:])})
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
