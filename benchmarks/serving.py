@@ -6,10 +6,17 @@ and malformed payloads (bad JSON, unknown fields, prompts past the context, bad 
 the server is up at the end, every well-formed request got a complete answer, every malformed one a 4xx with an
 error message, and the KV page pool is whole again (``/metrics``). Reports the counts and the wall time.
 
+``--load N --rate R``: N streamed requests with Poisson arrivals (R per second), prompt lengths uniform in
+``--prompt-range``, output lengths uniform in ``--output-range``, greedy; reports output tokens/s, time to first
+token and inter-token latency (p50 / p99) and peak pages in use. The peer in the same run is static batching over
+the same requests with the same engine kind: ``Engine.stream`` on batches of up to ``max_batch`` requests that have
+arrived when the previous batch ends (each batch waits for its longest request).
+
 Engine: an engine folder (``--engine DIR``, with ``--tokenizer DIR``), or by default the tiny preset's eager
 engine with a word-level tokenizer made here (runs on the CPU).
 
     PYTHONPATH=. python -m benchmarks.serving --reliability 1000 --out r.json
+    PYTHONPATH=. python -m benchmarks.serving --reliability 0 --load 200 --rate 20 --out r.json
 """
 
 from __future__ import annotations
@@ -146,6 +153,87 @@ def reliability(url: str, name: str, vocab: int, n: int, seed: int, workers: int
             "health": health, "pages_in_use_after": pages, "passed": passed, "metrics_after": metrics}
 
 
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p99": float("nan")}
+    v = sorted(values)
+    return {"p50": v[len(v) // 2], "p99": v[min(len(v) - 1, int(0.99 * len(v)))]}
+
+
+def make_load(n: int, rate: float, vocab: int, prompt_range, output_range, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    t, jobs = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        jobs.append({"arrival": t, "prompt": [rng.randrange(2, vocab) for _ in range(rng.randint(*prompt_range))],
+                     "max_tokens": rng.randint(*output_range)})
+    return jobs
+
+
+def load_server(url: str, name: str, jobs: list[dict], async_engine) -> dict[str, Any]:
+    """Send ``jobs`` at their arrival times as streamed requests; TTFT, ITL, tokens/s."""
+    t0 = time.perf_counter()
+    peak = [0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], async_engine.metrics()["pages_in_use"])
+            time.sleep(0.01)
+
+    def one(job):
+        delay = job["arrival"] - (time.perf_counter() - t0)
+        if delay > 0:
+            time.sleep(delay)
+        sent = time.perf_counter()
+        body = {"model": name, "prompt": job["prompt"], "max_tokens": job["max_tokens"], "temperature": 0,
+                "stream": True}
+        req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+        times = []
+        with urllib.request.urlopen(req, timeout=600) as r:
+            for line in r:
+                if line.startswith(b"data: {"):
+                    times.append(time.perf_counter())
+        return sent, times
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(one, jobs))
+    stop.set()
+    end = max(t[-1] for _, t in results if t)
+    tokens = sum(len(t) for _, t in results)  # one event per token with text (the last may carry only a reason)
+    return {"output_tokens_per_s": tokens / (end - t0), "ttft_s": _percentiles([t[0] - s for s, t in results if t]),
+            "itl_s": _percentiles([b - a for _, t in results for a, b in zip(t, t[1:])]), "wall_s": end - t0,
+            "peak_pages_in_use": peak[0]}
+
+
+def load_static(engine, jobs: list[dict]) -> dict[str, Any]:
+    """The same arrivals served by static batches of ``engine.max_batch`` (``Engine.stream``), timed for real."""
+    t0 = time.perf_counter()
+    pending, ttft, itl, tokens = list(jobs), [], [], 0
+    while pending:
+        now = time.perf_counter() - t0
+        if pending[0]["arrival"] > now:
+            time.sleep(pending[0]["arrival"] - now)
+            now = time.perf_counter() - t0
+        batch = [j for j in pending if j["arrival"] <= now][: engine.max_batch]
+        pending = pending[len(batch):]
+        last = None
+        for step in engine.stream([j["prompt"] for j in batch], max_new_tokens=max(j["max_tokens"] for j in batch)):
+            t = time.perf_counter() - t0
+            if last is None:
+                ttft += [t - j["arrival"] for j in batch]
+            else:
+                itl += [t - last] * len(batch)
+            last = t
+        tokens += sum(j["max_tokens"] for j in batch)  # what the requests asked for (the rest is wasted work)
+    wall = time.perf_counter() - t0
+    return {"output_tokens_per_s": tokens / wall, "ttft_s": _percentiles(ttft), "itl_s": _percentiles(itl),
+            "wall_s": wall}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reliability", type=int, default=1000, metavar="N", help="requests of the reliability run")
@@ -154,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=4, help="rows of the tiny engine (default 4)")
     p.add_argument("--workers", type=int, default=16, help="concurrent clients (default 16)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--load", type=int, default=0, metavar="N", help="requests of the load run (0: none)")
+    p.add_argument("--rate", type=float, default=20.0, help="arrivals per second of the load run")
+    p.add_argument("--prompt-range", type=lambda s: tuple(int(x) for x in s.split(",")), default=(8, 96))
+    p.add_argument("--output-range", type=lambda s: tuple(int(x) for x in s.split(",")), default=(4, 24))
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.engine:
@@ -167,17 +259,41 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.engine).name
     else:
         engine, tokenizer, name = _tiny(args.max_batch)
+    vocab = engine.vocab_size
+    payload: dict[str, Any] = {"environment": environment(),
+                               "command": "PYTHONPATH=. python -m benchmarks.serving " + " ".join(argv or sys.argv[1:])}
+    jobs = make_load(args.load, args.rate, vocab, args.prompt_range, args.output_range, args.seed) if args.load else []
+    if jobs:  # the static peer first, on its own engine of the same kind (the server's scheduler owns the other)
+        static_engine = Engine_like(engine, args)
+        payload["static"] = load_static(static_engine, jobs)
+        print("static batching:", json.dumps(payload["static"]), flush=True)
     url, server, thread, async_engine = start_server(engine, tokenizer, name, None)
     try:
-        result = reliability(url, name, engine.vocab_size, args.reliability, args.seed, args.workers)
+        if args.reliability:
+            payload["reliability"] = reliability(url, name, vocab, args.reliability, args.seed, args.workers)
+            print(json.dumps({k: v for k, v in payload["reliability"].items() if k != "metrics_after"}, indent=1),
+                  flush=True)
+        if jobs:
+            payload["in_flight"] = load_server(url, name, jobs, async_engine)
+            print("in-flight batching (server):", json.dumps(payload["in_flight"]), flush=True)
+            payload["throughput_ratio"] = (payload["in_flight"]["output_tokens_per_s"]
+                                           / payload["static"]["output_tokens_per_s"])
+            print(f"throughput in-flight / static: {payload['throughput_ratio']:.2f}x", flush=True)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         async_engine.close()
-    print(json.dumps({k: v for k, v in result.items() if k != "metrics_after"}, indent=1), flush=True)
-    write_json(args.out, {"environment": environment(), "reliability": result,
-                          "command": "PYTHONPATH=. python -m benchmarks.serving " + " ".join(argv or sys.argv[1:])})
-    return 0 if result["passed"] else 1
+    write_json(args.out, payload)
+    return 0 if payload.get("reliability", {"passed": True})["passed"] else 1
+
+
+def Engine_like(engine, args):
+    """A second engine of the same kind for the static peer."""
+    from runtime import Engine
+
+    if args.engine:
+        return Engine.load(args.engine)
+    return _tiny(args.max_batch)[0]
 
 
 if __name__ == "__main__":
