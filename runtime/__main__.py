@@ -63,7 +63,7 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--token-budget", type=int, default=None,
-                   help="prompt tokens prefilled per scheduler step (default: the engine's max_input_len)")
+                   help="prompt tokens prefilled per scheduler step (default: max_batch * max_input_len)")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the folder's name)")
     return p
 

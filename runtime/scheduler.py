@@ -16,8 +16,9 @@ page lists swapped: no KV is moved). A prefilling sequence that finishes its pro
 Each step: (1) admit waiting requests while a row is free and the pool has the pages of the whole request (its
 prompt plus ``max_new_tokens``, reserved up front, so that an admitted sequence always finishes: no preemption is
 needed; a request larger than the whole pool is refused at ``submit``); (2) prefill prompt chunks of the prefilling
-sequences, each through the prefill program on its own row (batch 1, views of the state), up to ``token_budget``
-tokens per step, so a long prompt never stalls the decodes for more than one budget; (3) one decode step of every
+sequences up to ``token_budget`` tokens per step (pads included), so a long prompt never stalls the decodes for
+more than one budget: the first chunks of the newly admitted rows together in one left-padded call, then each
+unfinished prompt through the prefill program on its own row (batch 1, views of the state); (3) one decode step of every
 running sequence, with each request's own sampling (temperature, top-k, top-p, seed, stop ids, max tokens).
 """
 
@@ -77,7 +78,8 @@ class Scheduler:
 
     def __init__(self, engine: Engine, token_budget: int | None = None):
         self.engine = engine
-        self.token_budget = token_budget or engine.max_input_len
+        # default: one full chunk per row per step (a prefilling row is never starved by the others)
+        self.token_budget = token_budget or engine.max_batch * engine.max_input_len
         if self.token_budget < 2:
             raise ValueError(f"token_budget must be >= 2, got {self.token_budget}")
         self.waiting: deque[_Sequence] = deque()
@@ -207,9 +209,48 @@ class Scheduler:
         e = self.engine
         return [t[row:row + 1] if per_row else t for t, per_row in zip(e._buffers, e._per_row)]
 
+    def _prefill_new_rows(self, budget: int) -> int:
+        """The first chunk of the newly admitted rows (a contiguous run at the end, nothing prefilled yet) in one
+        call: left-padded to the longest chunk, the pads at negative positions (no KV written, the zero lightning
+        state unchanged), as ``Engine.generate`` batches ragged prompts. Returns the tokens it used."""
+        e = self.engine
+        first = len(self.rows)
+        while first > self.running and self.rows[first - 1].prefilled == 0:
+            first -= 1
+        rows = list(range(first, len(self.rows)))
+        if len(rows) < 2:
+            return 0  # one new row: the per-row path is as good
+        T = min(e.max_input_len, max(len(self.rows[r].prompt) for r in rows))
+        while rows and len(rows) * T > budget:
+            rows.pop()  # the budget counts padded tokens
+        if len(rows) < 2:
+            return 0
+        takes = [min(len(self.rows[r].prompt), T) for r in rows]
+        pad = self.engine.vocab_size - 1  # any id: a pad's embedding meets nothing
+        ids = torch.tensor([[pad] * (T - k) + self.rows[r].prompt[:k] for r, k in zip(rows, takes)], dtype=torch.long,
+                           device=e.device)
+        pos = torch.tensor([k - T for k in takes], dtype=torch.long, device=e.device)
+        a, b = rows[0], rows[-1] + 1
+        state = [t[a:b] if per_row else t for t, per_row in zip(e._buffers, e._per_row)]
+        with torch.no_grad():
+            logits, _ = e.programs["decode" if T == 1 else "prefill"](ids, pos, e._table[a:b], state)
+        for i, (r, k) in enumerate(zip(rows, takes)):
+            seq = self.rows[r]
+            seq.prefilled = k
+            e.pages.held[r] = k
+            if k == len(seq.prompt):
+                seq.logits = logits[i, -1]
+        return len(rows) * T
+
+    def _compact(self) -> None:
+        """Rows whose prompt is done move in front of the ones still prefilling (running rows stay a prefix)."""
+        done = [r for r, seq in enumerate(self.rows) if seq.prefilled == len(seq.prompt)]
+        for target, r in enumerate(done):
+            self._swap(target, r)
+
     def _prefill(self) -> None:
         e = self.engine
-        budget = self.token_budget
+        budget = self.token_budget - self._prefill_new_rows(self.token_budget)
         for row in range(self.running, len(self.rows)):
             seq = self.rows[row]
             while budget > 0 and seq.prefilled < len(seq.prompt):
@@ -226,12 +267,9 @@ class Scheduler:
                 budget -= take
                 if seq.prefilled == len(seq.prompt):
                     seq.logits = logits[0, -1]
-            if seq.prefilled == len(seq.prompt):
-                # prompt done: join the running rows (rows are prefilled in order, so this is already its place
-                # unless an earlier prefilling row is still unfinished, which the budget's break rules out)
-                self._swap(row, self.running - 1)
             if budget <= 0:
                 break
+        self._compact()
 
     def _sample(self, seq: _Sequence, logits: Tensor) -> int:
         s = seq.sampling
