@@ -33,6 +33,7 @@ class AsyncEngine:
     """The scheduler in a background thread; ``generate`` is an async iterator of ``(token, finish_reason)``."""
 
     def __init__(self, engine: Engine, token_budget: int | None = None):
+        self._threads_before: int | None = None
         if engine.device.type == "cpu":
             # The scheduler thread shares the cores with the HTTP event loop: torch's OpenMP workers spinning on
             # every core starved it (a 120-stream CPU load ran at 71 instead of 270 tokens/s). Leave it one core.
@@ -44,6 +45,7 @@ class AsyncEngine:
             if torch.get_num_threads() > threads:
                 logger.info("CPU engine: torch threads %d -> %d (one core for the server)", torch.get_num_threads(),
                             threads)
+                self._threads_before = torch.get_num_threads()
                 torch.set_num_threads(threads)
         self.scheduler = Scheduler(engine, token_budget)
         self._lock = threading.Lock()
@@ -127,6 +129,10 @@ class AsyncEngine:
         self._stop = True
         self._work.set()
         self._thread.join(timeout=5)
+        if self._threads_before is not None:  # the process's torch threads as they were
+            import torch
+
+            torch.set_num_threads(self._threads_before)
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
