@@ -140,6 +140,38 @@ def _check_shapes(root: Path, by_shard: dict[str, list[str]], plan: dict[str, _T
                     raise CheckpointError(f"{root / shard}: tensor {key} has dtype {dtype}, expected a float dtype")
 
 
+def _prepare(cls, path: str | Path, dtype: torch.dtype, config_overrides: dict):
+    """Config, meta-device model, key plan and shard -> keys, all validated without reading tensor data."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: checkpoint directory not found")
+    config = MiniMaxConfig.from_pretrained(root, **config_overrides)
+    with torch.device("meta"):
+        model = cls(config, dtype=dtype)
+    plan = checkpoint_key_plan(model)
+    by_shard = _validate(plan, _read_index(root), root)
+    _check_shapes(root, by_shard, plan)
+    return root, config, model, plan, by_shard
+
+
+def _stream(root: Path, by_shard: dict[str, list[str]], plan: dict[str, _Target], verb: str):
+    """``(target, tensor)`` for every planned key, shard by shard, one memory-mapped tensor at a time."""
+    total = sum(len(k) for k in by_shard.values())
+    done, start = 0, time.perf_counter()
+    for n, (shard, keys) in enumerate(sorted(by_shard.items()), 1):
+        with _open_shard(root / shard) as f:
+            for key in keys:
+                try:
+                    tensor = f.get_tensor(key)  # memory-mapped view of the file
+                except Exception as e:
+                    raise CheckpointError(f"{root / shard}: cannot read tensor {key} ({e})") from e
+                yield plan[key], tensor
+                del tensor
+        done += len(keys)
+        logger.info("%s %s: shard %d/%d (%s), %d/%d tensors, %.1fs", verb, root.name, n, len(by_shard), shard, done,
+                    total, time.perf_counter() - start)
+
+
 def load_checkpoint(
     cls: type["MiniMaxForCausalLM"],
     path: str | Path,
@@ -148,43 +180,21 @@ def load_checkpoint(
     **config_overrides,
 ) -> "MiniMaxForCausalLM":
     """Build ``cls`` from ``path/config.json`` on the meta device and fill it from the safetensors shards."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: checkpoint directory not found")
     device = torch.device(device)
-    config = MiniMaxConfig.from_pretrained(root, **config_overrides)
-    with torch.device("meta"):
-        model = cls(config, dtype=dtype)
-    plan = checkpoint_key_plan(model)
-    weight_map = _read_index(root)
-    by_shard = _validate(plan, weight_map, root)
-    _check_shapes(root, by_shard, plan)
-
+    start = time.perf_counter()
+    root, config, model, plan, by_shard = _prepare(cls, path, dtype, config_overrides)
     params = dict(model.named_parameters())
     loaded: dict[str, torch.Tensor] = {}
     for name, p in params.items():
         if ".block_sparse_moe.experts." in name:  # stacked: allocated once, filled expert by expert
             loaded[name] = torch.empty(p.shape, dtype=p.dtype, device=device)
-
-    total = sum(len(k) for k in by_shard.values())
-    done, start = 0, time.perf_counter()
-    for n, (shard, keys) in enumerate(sorted(by_shard.items()), 1):
-        with _open_shard(root / shard) as f:
-            for key in keys:
-                target = plan[key]
-                want = params[target.param].dtype
-                try:
-                    tensor = f.get_tensor(key)  # memory-mapped view of the file
-                except Exception as e:
-                    raise CheckpointError(f"{root / shard}: cannot read tensor {key} ({e})") from e
-                if target.index is None:
-                    loaded[target.param] = tensor.to(device=device, dtype=want)
-                else:
-                    loaded[target.param][target.index].copy_(tensor)
-                del tensor
-        done += len(keys)
-        logger.info("loading %s: shard %d/%d (%s), %d/%d tensors, %.1fs", root.name, n, len(by_shard), shard, done,
-                    total, time.perf_counter() - start)
+    total = 0
+    for target, tensor in _stream(root, by_shard, plan, "loading"):
+        if target.index is None:
+            loaded[target.param] = tensor.to(device=device, dtype=params[target.param].dtype)
+        else:
+            loaded[target.param][target.index].copy_(tensor)
+        total += 1
 
     model.load_state_dict(loaded, strict=True, assign=True)
     model.model.reset_buffers()
@@ -214,17 +224,9 @@ def derived_buffers(config: MiniMaxConfig) -> dict[str, torch.Tensor]:
 def validate_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16, **config_overrides) -> MiniMaxConfig:
     """Check a checkpoint without reading tensor data (config, index, shards, names, shapes, dtypes);
     ``CheckpointError`` naming the file and tensor. Returns the config."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: checkpoint directory not found")
-    config = MiniMaxConfig.from_pretrained(root, **config_overrides)
     from .modeling import MiniMaxForCausalLM
 
-    with torch.device("meta"):
-        skeleton = MiniMaxForCausalLM(config, dtype=dtype)
-    plan = checkpoint_key_plan(skeleton)
-    _check_shapes(root, _validate(plan, _read_index(root), root), plan)
-    return config
+    return _prepare(MiniMaxForCausalLM, path, dtype, config_overrides)[1]
 
 
 def convert_checkpoint(path: str | Path, writer, dtype: torch.dtype = torch.bfloat16, **config_overrides
@@ -235,38 +237,16 @@ def convert_checkpoint(path: str | Path, writer, dtype: torch.dtype = torch.bflo
     whenever it holds ``shard_bytes``. Expert weights are written as the slices of their stacked tensors
     (``writer.add_part``: stacked on load), so peak memory is one shard plus one tensor, whatever the model size.
     Returns the config."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: checkpoint directory not found")
-    config = MiniMaxConfig.from_pretrained(root, **config_overrides)
     from .modeling import MiniMaxForCausalLM
 
-    with torch.device("meta"):
-        skeleton = MiniMaxForCausalLM(config, dtype=dtype)
-    plan = checkpoint_key_plan(skeleton)
+    root, config, skeleton, plan, by_shard = _prepare(MiniMaxForCausalLM, path, dtype, config_overrides)
     params = dict(skeleton.named_parameters())
-    weight_map = _read_index(root)
-    by_shard = _validate(plan, weight_map, root)
-    _check_shapes(root, by_shard, plan)
-    total = sum(len(k) for k in by_shard.values())
-    done, start = 0, time.perf_counter()
-    for n, (shard, keys) in enumerate(sorted(by_shard.items()), 1):
-        with _open_shard(root / shard) as f:
-            for key in keys:
-                target = plan[key]
-                want = params[target.param].dtype
-                try:
-                    tensor = f.get_tensor(key).to(want)
-                except Exception as e:
-                    raise CheckpointError(f"{root / shard}: cannot read tensor {key} ({e})") from e
-                if target.index is None:
-                    writer.add(target.param, tensor)
-                else:
-                    writer.add_part(target.param, target.index, params[target.param].shape[0], tensor)
-                del tensor
-        done += len(keys)
-        logger.info("converting %s: shard %d/%d (%s), %d/%d tensors, %.1fs", root.name, n, len(by_shard), shard,
-                    done, total, time.perf_counter() - start)
+    for target, tensor in _stream(root, by_shard, plan, "converting"):
+        tensor = tensor.to(params[target.param].dtype)
+        if target.index is None:
+            writer.add(target.param, tensor)
+        else:
+            writer.add_part(target.param, target.index, params[target.param].shape[0], tensor)
     for name, t in derived_buffers(config).items():
         writer.add(name, t)
     expected = {n for n, _ in skeleton.named_buffers()}

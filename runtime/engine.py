@@ -306,9 +306,10 @@ class Engine:
             tensors.append(torch.zeros(shape, dtype=DTYPES[entry["dtype"]], device=self.device))
         return tensors
 
-    def _rows_of(self, batch: int) -> list[Tensor]:
-        # A prefix of dim 0 of a contiguous tensor is contiguous (the programs need contiguous inputs).
-        return [t[:batch] if per_row else t for t, per_row in zip(self._buffers, self._per_row)]
+    def _rows_of(self, batch: int, start: int = 0) -> list[Tensor]:
+        """The state of rows ``start .. start + batch - 1`` (per-row tensors sliced, KV pools whole). A run of dim 0
+        of a contiguous tensor is contiguous (the programs need contiguous inputs)."""
+        return [t[start:start + batch] if per_row else t for t, per_row in zip(self._buffers, self._per_row)]
 
     def reset(self, batch: int) -> list[Tensor]:
         """Start a new batch of ``batch`` rows (``<= max_batch``): lightning states of rows ``0..batch-1`` zeroed,

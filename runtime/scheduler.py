@@ -205,10 +205,6 @@ class Scheduler:
             self.rows.append(seq)
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _row_state(self, row: int) -> list[Tensor]:
-        e = self.engine
-        return [t[row:row + 1] if per_row else t for t, per_row in zip(e._buffers, e._per_row)]
-
     def _prefill_new_rows(self, budget: int) -> int:
         """The first chunk of the newly admitted rows (a contiguous run at the end, nothing prefilled yet) in one
         call: left-padded to the longest chunk, the pads at negative positions (no KV written, the zero lightning
@@ -231,9 +227,8 @@ class Scheduler:
                            device=e.device)
         pos = torch.tensor([k - T for k in takes], dtype=torch.long, device=e.device)
         a, b = rows[0], rows[-1] + 1
-        state = [t[a:b] if per_row else t for t, per_row in zip(e._buffers, e._per_row)]
         with torch.no_grad():
-            logits, _ = e.programs["decode" if T == 1 else "prefill"](ids, pos, e._table[a:b], state)
+            logits, _ = e.programs["decode" if T == 1 else "prefill"](ids, pos, e._table[a:b], e._rows_of(b - a, a))
         for i, (r, k) in enumerate(zip(rows, takes)):
             seq = self.rows[r]
             seq.prefilled = k
@@ -261,7 +256,7 @@ class Scheduler:
                 pos = torch.tensor([start], dtype=torch.long, device=e.device)
                 name = "decode" if take == 1 else "prefill"
                 with torch.no_grad():
-                    logits, _ = e.programs[name](ids, pos, e._table[row:row + 1], self._row_state(row))
+                    logits, _ = e.programs[name](ids, pos, e._table[row:row + 1], e._rows_of(1, row))
                 e.pages.held[row] = start + take
                 seq.prefilled += take
                 budget -= take
@@ -305,13 +300,9 @@ class Scheduler:
                 pos = torch.tensor(positions_cpu, dtype=torch.long, device=e.device)
                 e.pages.check_step(positions_cpu, 1)  # the invariant that no row skips or rewinds, checked
                 with torch.no_grad():
-                    logits, _ = e.programs["decode"](ids, pos, e._table[:R], self._rows_prefix(R))
+                    logits, _ = e.programs["decode"](ids, pos, e._table[:R], e._rows_of(R))
                 for r in range(R):
                     self.rows[r].logits = logits[r, -1]
                     e.pages.held[r] = positions_cpu[r] + 1
         self.steps += 1
         return not self.idle
-
-    def _rows_prefix(self, n: int) -> list[Tensor]:
-        e = self.engine
-        return [t[:n] if per_row else t for t, per_row in zip(e._buffers, e._per_row)]
