@@ -11,7 +11,12 @@ block table; the peers read the same keys and values as contiguous ``[B, KVH, L,
 * FlexAttention compiled (``torch.compile(flex_attention)``) with a causal block mask where the case is causal
   (``--no-flex`` skips it: its compile takes tens of seconds per shape).
 
-Cases (the issue's): prefill "8K queries over 1M keys" (ours: the chunk at positions 1M-8K .. 1M-1, causal inside
+Ours is timed twice for prefill: the op as an eager call runs it (``torch.ops.minimax.paged_attention_prefill``:
+cuDNN over gathered pages for long chunks, ``kernels/attention/route.py``, else the Triton kernel; the path taken
+is recorded) and the Triton kernel alone; for decode, the kernels as a compiled program runs them (no eager range
+check) and the eager op with its range check (one device sync).
+
+Cases (the issue's, plus two smaller prefill shapes near the library threshold): prefill "8K queries over 1M keys" (ours: the chunk at positions 1M-8K .. 1M-1, causal inside
 the chunk; the peers: the same queries over all 1M keys, no mask; FLOPs counted as each computes them, 4*H*D per
 visible query-key pair), causal 128K (T = L = 128K, positions 0..), and decode at B = 1 with 1M and 4M held tokens,
 B = 16 at 64K and B = 64 at 16K (one query per row over its held tokens). Decode figures: the K/V bytes read over
@@ -85,7 +90,12 @@ def prefill_case(name: str, T: int, L: int, page_size: int, flex: bool, peers_ca
     k_cache, v_cache, table = _paged(keys, values, page_size)
     positions = torch.tensor([L - T], device=dev, dtype=torch.long)
     scale = 1.0 / math.sqrt(D)
+    from kernels.attention import route
+    from kernels.attention.prefill import paged_attention_prefill_triton
+
     ours = lambda: torch.ops.minimax.paged_attention_prefill(q, k_cache, v_cache, table, positions, scale)  # noqa: E731
+    triton_only = lambda: paged_attention_prefill_triton(q, k_cache, v_cache, table, positions, scale,  # noqa: E731
+                                                         check=False)
     # useful FLOPs: query i (position L-T+i) sees L-T+i+1 keys; 2 matmuls of 2*D flops per pair per head
     pairs_ours = T * (L - T) + T * (T + 1) // 2
     flops_ours = 4 * H * D * pairs_ours
@@ -96,8 +106,16 @@ def prefill_case(name: str, T: int, L: int, page_size: int, flex: bool, peers_ca
     ref = _sdpa("cudnn")(qt, keys, values, peers_causal).transpose(1, 2) if peers_causal else None
     if ref is not None:
         row["rel_vs_cudnn"] = _rel(out, ref)
+    row["ours_path"] = "library (cuDNN over gathered pages)" if route.use_library(q, k_cache, [L - T]) else "triton"
     ms = time_ms(ours, warmup=2, iters=5)
     row["ours_ms"], row["ours_tflops"] = ms, flops_ours / (ms * 1e-3) / 1e12
+    tri_out = triton_only()
+    row["ours_rel_vs_triton"] = _rel(out, tri_out)
+    if ref is not None:
+        row["triton_rel_vs_cudnn"] = _rel(tri_out, ref)
+    del tri_out
+    ms = time_ms(triton_only, warmup=2, iters=5)
+    row["triton_ms"], row["triton_tflops"] = ms, flops_ours / (ms * 1e-3) / 1e12
     peers = {b: _sdpa(b) for b in ("cudnn", "flash", "efficient")}
     if flex:
         peers["flex"] = _flex()
@@ -125,13 +143,18 @@ def decode_case(name: str, B: int, L: int, page_size: int, copy_tbps: float, fle
     k_cache, v_cache, table = _paged(keys, values, page_size)
     positions = torch.full((B,), L - 1, device=dev, dtype=torch.long)
     scale = 1.0 / math.sqrt(D)
-    ours = lambda: torch.ops.minimax.paged_attention_decode(q, k_cache, v_cache, table, positions, scale)  # noqa: E731
+    from kernels.attention.decode import paged_attention_decode_triton
+
+    # what a compiled program runs: the kernels without the eager range check (the runtime checks rows on the host)
+    ours = lambda: paged_attention_decode_triton(q, k_cache, v_cache, table, positions, scale, check=False)  # noqa: E731
+    checked = lambda: torch.ops.minimax.paged_attention_decode(q, k_cache, v_cache, table, positions, scale)  # noqa: E731
     kv_bytes = 2 * B * KVH * L * D * keys.element_size()
     qt = q.transpose(1, 2).contiguous()
     row: dict[str, Any] = {"case": name, "B": B, "L": L, "page_size": page_size, "kv_bytes": kv_bytes}
     row["rel_vs_cudnn"] = _rel(ours(), _sdpa("cudnn")(qt, keys, values, False).transpose(1, 2))
     ms = time_ms(ours, warmup=3, iters=10)
     row["ours_ms"], row["ours_copy_frac"] = ms, kv_bytes / (ms * 1e-3) / 1e12 / copy_tbps
+    row["ours_eager_op_checked_ms"] = time_ms(checked, warmup=3, iters=10)
     peers = {b: _sdpa(b) for b in ("cudnn", "flash", "efficient")}
     if flex:
         peers["flex"] = _flex()
@@ -168,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         prefill = [("8K over 64K", 8 * K, 64 * K, False), ("causal 16K", 16 * K, 16 * K, True)]
         decode = [("B=1, 64K", 1, 64 * K), ("B=16, 8K", 16, 8 * K)]
     else:
-        prefill = [("8K over 1M", 8 * K, K * K, False), ("causal 128K", 128 * K, 128 * K, True)]
+        prefill = [("8K over 1M", 8 * K, K * K, False), ("causal 128K", 128 * K, 128 * K, True),
+                   ("2K over 32K", 2 * K, 32 * K, False), ("causal 8K", 8 * K, 8 * K, True)]
         decode = [("B=1, 1M", 1, K * K), ("B=1, 4M", 1, 4 * K * K), ("B=16, 64K", 16, 64 * K),
                   ("B=64, 16K", 64, 16 * K)]
         if args.no_4m:

@@ -549,9 +549,12 @@ def _validate(path: Path, manifest: Any) -> None:
             raise EngineFolderError(f"{path}: files[{rel!r}] is not a sha256 hex digest")
 
 
-def read_manifest(folder: str | Path, verify_files: bool = True) -> dict[str, Any]:
+def read_manifest(folder: str | Path, verify_files: bool = True, hash_weights: bool = True) -> dict[str, Any]:
     """Read and validate ``manifest.json``: version, the types of every field, ``files`` covering the whole folder,
-    the manifest equal to ``contract.json``, and (optionally) every file's hash. ``EngineFolderError`` otherwise."""
+    the manifest equal to ``contract.json``, and (optionally) every file's hash. ``EngineFolderError`` otherwise.
+
+    ``hash_weights=False`` leaves the weight shards' hashes to the caller: the runtime's weight loader
+    (``export.weights.load_weights``) hashes each shard as it reads it, so a load reads the weights once."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     try:
@@ -584,11 +587,12 @@ def read_manifest(folder: str | Path, verify_files: bool = True) -> dict[str, An
     if unlisted:
         raise EngineFolderError(f"{path}: files in the folder that the manifest does not list: "
                                 f"{', '.join(unlisted[:5])}{' ...' if len(unlisted) > 5 else ''}")
+    deferred = set(manifest["weights"]["shards"]) if "weights" in manifest and not hash_weights else set()
     for rel, digest in files.items():
         file = folder / rel
         if not file.is_file() or file.is_symlink():
             raise EngineFolderError(f"{folder}: file {rel} listed in the manifest is missing")
-        if verify_files and sha256_file(file) != digest:
+        if verify_files and rel not in deferred and sha256_file(file) != digest:
             raise EngineFolderError(f"{folder}: file {rel} does not match its hash in the manifest (modified or corrupt)")
     _check_contract(folder, manifest)
     return manifest

@@ -149,6 +149,26 @@ def check_lowering(settings: BuildSettings) -> None:
     lowering_module(settings.backend).check_available(settings)
 
 
+def without_weights(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """The same program with every parameter, buffer, tensor constant and example input replaced by a meta tensor of
+    its shape and dtype: what an engine folder whose weights live apart saves as ``exported/*.pt2`` (the graph, not
+    the model's 912 GB nor a full-capacity KV pool)."""
+
+    def meta(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        t = torch.empty_like(v, device="meta")
+        return torch.nn.Parameter(t, requires_grad=v.requires_grad) if isinstance(v, torch.nn.Parameter) else t
+
+    return torch.export.ExportedProgram(
+        root=ep.graph_module, graph=ep.graph, graph_signature=ep.graph_signature,
+        state_dict={k: meta(v) for k, v in ep.state_dict.items()}, range_constraints=ep.range_constraints,
+        module_call_graph=ep.module_call_graph,
+        example_inputs=torch.utils._pytree.tree_map(meta, ep.example_inputs),  # (the state: pools of full capacity)
+        constants={k: meta(v) for k, v in ep.constants.items()}, verifiers=ep.verifiers,
+    )  # fmt: skip
+
+
 def build_engine(
     model: MiniMaxForCausalLM, settings: BuildSettings, out_dir: str | Path, overwrite: bool = False,
     weights_writer: Callable[[Path], tuple[dict[str, Any], str]] | None = None,
@@ -173,7 +193,10 @@ def build_engine(
         timings["export_s"] = time.perf_counter() - start
         (folder / "exported").mkdir()
         for name, ep in programs.items():
-            torch.export.save(ep, folder / "exported" / f"{name}.pt2")
+            # weights apart (AOTInductor): the saved program holds its graph and the weights' names, shapes and
+            # dtypes as meta tensors, not their values (the folder's weights hold those, once)
+            torch.export.save(without_weights(ep) if settings.backend == "aoti" else ep,
+                              folder / "exported" / f"{name}.pt2")
         manifest_programs = {}
         for name, ep in programs.items():
             start = time.perf_counter()

@@ -18,20 +18,27 @@ device tensor; so that a conversion never holds more than one expert.
 and the manifest's ``files`` holds each shard's sha256, checked on load like every file of the folder.
 
 Writing streams: ``ShardWriter.add`` takes one tensor at a time and writes a shard when it reaches ``shard_bytes``,
-so a writer holds at most one shard in memory whatever the model size. Reading (``load_weights``) opens each shard
-memory-mapped (``safetensors.safe_open``), checks every tensor the manifest lists against it (a missing shard, a
-missing tensor, another shape or dtype is refused, naming the shard and the tensor), and moves it to the device:
-on CUDA through pinned host memory with asynchronous copies (one stream, synchronised at the end).
+so a writer holds at most one shard in memory whatever the model size. Reading (``load_weights``) checks every
+tensor the manifest lists against its shard's safetensors header (a missing shard, a missing tensor, another shape,
+dtype or byte range is refused, naming the shard and the tensor) before copying anything, then reads each shard
+once, sequentially, in large chunks: each chunk is hashed (against the manifest's ``files``) and copied into the
+tensors it holds; on CUDA through two pinned staging buffers per worker with asynchronous copies on the worker's
+stream, so the read of one chunk overlaps the host-to-device copy of the previous one; several shards at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
+import math
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -167,11 +174,117 @@ def check_entry(path: Path, entry: Any) -> None:
                                     f"shape; got {t!r}"[:400])
 
 
-def load_weights(folder: str | Path, entry: Mapping[str, Any], device: torch.device,
-                 names: Iterable[str] | None = None) -> dict[str, Tensor]:
-    """The tensors of the ``weights`` entry (``names``: a subset), checked against the shards, on ``device``."""
-    from safetensors import safe_open
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+CHUNK_BYTES = 64 << 20  # bytes per staged read (two staging buffers per worker)
+LOAD_WORKERS = 4  # shards read, hashed and copied at once
 
+
+def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(offset of the data, header) of a safetensors file; ``EngineFolderError`` for a damaged one."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            size = path.stat().st_size
+            if n <= 1 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
+            header = json.loads(f.read(n).decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError("header is not an object")
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise EngineFolderError(f"{path}: not a readable safetensors shard ({type(e).__name__}: {e})"[:400]) from e
+    return 8 + n, header
+
+
+def _shard_jobs(path: Path, names: list[str], entry: Mapping[str, Any], header: dict[str, Any], data_start: int,
+                dest: Callable[[str], Tensor]) -> list[tuple[int, int, Tensor]]:
+    """(file offset begin, end, destination bytes) for each named tensor, checked against the header first."""
+    jobs = []
+    size = path.stat().st_size
+    for name in names:
+        spec = entry["tensors"][name]
+        info = header.get(name)
+        if not isinstance(info, dict):
+            raise EngineFolderError(f"{path}: weight {name!r} is missing from the shard")
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        want = DTYPES.get(spec["dtype"]) or getattr(torch, spec["dtype"])
+        if info.get("shape") != spec["shape"] or dtype != want:
+            raise EngineFolderError(f"{path}: weight {name!r} is {dtype or info.get('dtype')} {info.get('shape')}, the "
+                                    f"manifest says {spec['dtype']} {spec['shape']}")
+        begin, end = (data_start + int(o) for o in info["data_offsets"])
+        nbytes = want.itemsize * math.prod(spec["shape"])
+        if end - begin != nbytes or end > size:
+            raise EngineFolderError(f"{path}: weight {name!r} has {end - begin} bytes at {begin}, expected {nbytes} "
+                                    f"within the file's {size}")
+        target = dest(name)
+        if nbytes:
+            jobs.append((begin, end, target.view(-1).view(torch.uint8)))
+    return sorted(jobs, key=lambda j: j[0])
+
+
+class _Stager:
+    """Two staging buffers (pinned on CUDA) and a copy stream: chunk i+1 is read while chunk i is copied."""
+
+    def __init__(self, device: torch.device, chunk: int):
+        cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if cuda else None
+        self.buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self.views = [memoryview(b.numpy()) for b in self.buffers]
+
+    def stream_file(self, path: Path, jobs: list[tuple[int, int, Tensor]], hasher: Any, stop: threading.Event) -> int:
+        """Read the whole file once in chunks: hash every byte, copy the jobs' byte ranges to their destinations."""
+        size, pos, j, i, copied = path.stat().st_size, 0, 0, 0, 0
+        with open(path, "rb", buffering=0) as f:
+            while pos < size:
+                if stop.is_set():
+                    raise _Stopped()
+                k = i % 2
+                if self.events[k] is not None:
+                    self.events[k].synchronize()  # its previous copies are done: the buffer may be refilled
+                n = f.readinto(self.views[k][: min(len(self.views[k]), size - pos)])
+                if not n:
+                    raise EngineFolderError(f"{path}: file ended at byte {pos} of {size} while loading")
+                if hasher is not None:
+                    hasher.update(self.views[k][:n])
+                buf = self.buffers[k]
+                while j < len(jobs) and jobs[j][0] < pos + n:
+                    begin, end, dst = jobs[j]
+                    a, b = max(begin, pos), min(end, pos + n)
+                    if a < b:
+                        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                            dst[a - begin : b - begin].copy_(buf[a - pos : b - pos], non_blocking=self.stream is not None)
+                        copied += b - a
+                    if end <= pos + n:
+                        j += 1
+                    else:
+                        break
+                if self.events[k] is not None:
+                    self.events[k].record(self.stream)
+                pos += n
+                i += 1
+        if self.stream is not None:
+            self.stream.synchronize()
+        return copied
+
+
+class _Stopped(Exception):
+    pass
+
+
+def load_weights(folder: str | Path, entry: Mapping[str, Any], device: torch.device,
+                 names: Iterable[str] | None = None, digests: Mapping[str, str] | None = None,
+                 workers: int = LOAD_WORKERS, chunk_bytes: int = CHUNK_BYTES) -> dict[str, Tensor]:
+    """The tensors of the ``weights`` entry (``names``: a subset), checked against the shards, on ``device``.
+
+    Each shard is read once, sequentially, in ``chunk_bytes`` chunks into two staging buffers (pinned on CUDA,
+    copied to the device asynchronously on the worker's stream while the next chunk is read); ``workers`` shards
+    at a time. Before any byte is copied, every tensor's name, dtype, shape and byte range are checked against the
+    shard's header; with ``digests`` (``{shard: sha256}``, the manifest's ``files``) each shard is hashed as it is
+    read and refused if it does not match. Errors name the shard and the tensor (``EngineFolderError``).
+    """
     folder = Path(folder)
     device = torch.device(device)
     stacked = entry.get("stacked", {})
@@ -180,61 +293,107 @@ def load_weights(folder: str | Path, entry: Mapping[str, Any], device: torch.dev
         names = [n for n in entry["tensors"] if n not in part_of] + list(stacked)
     names = list(names)
     unknown = [n for n in names if n not in entry["tensors"] and n not in stacked]
-    out: dict[str, Tensor] = {}
-    for name in names:  # stacked tensors: allocated whole on the device, filled part by part below
-        if name in stacked:
-            spec = stacked[name]
-            out[name] = torch.empty(spec["shape"], dtype=DTYPES.get(spec["dtype"]) or getattr(torch, spec["dtype"]),
-                                    device=device)
-    wanted = [n for n in names if n not in stacked] + [p for n in names if n in stacked for p in stacked[n]["parts"]]
     if unknown:
         raise EngineFolderError(f"{folder}: the programs need weights the manifest does not list: {unknown[:5]}"
                                 f"{' ...' if len(unknown) > 5 else ''}")
+    out: dict[str, Tensor] = {}
+    for name in names:  # every destination allocated up front, filled by the shard streams
+        spec = stacked[name] if name in stacked else entry["tensors"][name]
+        out[name] = torch.empty(spec["shape"], dtype=DTYPES.get(spec["dtype"]) or getattr(torch, spec["dtype"]),
+                                device=device)
+    wanted = [n for n in names if n not in stacked] + [p for n in names if n in stacked for p in stacked[n]["parts"]]
+
+    def dest(name: str) -> Tensor:
+        if name in part_of:
+            whole, index = part_of[name]
+            return out[whole][index]
+        return out[name]
+
     by_shard: dict[str, list[str]] = {}
     for name in wanted:
         by_shard.setdefault(entry["tensors"][name]["shard"], []).append(name)
-    start, nbytes = time.perf_counter(), 0
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    for i, (shard, shard_names) in enumerate(sorted(by_shard.items())):
+    if digests is not None:  # shards that hold none of the wanted tensors are still checked
+        for shard in entry["shards"]:
+            by_shard.setdefault(shard, [])
+    total = sum((folder / s).stat().st_size for s in by_shard if (folder / s).is_file())
+    start = time.perf_counter()
+    stop = threading.Event()
+    done_bytes = [0, 0]  # file bytes read, tensor bytes copied
+    lock = threading.Lock()
+    bar = _progress_bar(total)
+
+    def load_shard(shard: str, stager: _Stager) -> None:
         path = folder / shard
+        shard_names = by_shard[shard]
         if not path.is_file():
-            raise EngineFolderError(f"{path}: weight shard is missing (it holds {shard_names[0]!r} and "
-                                    f"{len(shard_names) - 1} more tensors)")
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except Exception as e:  # safetensors raises its own error types for a damaged header
-            raise EngineFolderError(f"{path}: not a readable safetensors shard ({type(e).__name__}: {e})"[:400]) from e
-        with handle as f:
-            present = set(f.keys())
-            for name in shard_names:
-                spec = entry["tensors"][name]
-                if name not in present:
-                    raise EngineFolderError(f"{path}: weight {name!r} is missing from the shard")
-                t = f.get_tensor(name)
-                want_dtype = DTYPES.get(spec["dtype"]) or getattr(torch, spec["dtype"])
-                if list(t.shape) != spec["shape"] or t.dtype != want_dtype:
-                    raise EngineFolderError(f"{path}: weight {name!r} is {t.dtype} {list(t.shape)}, the manifest says "
-                                            f"{spec['dtype']} {spec['shape']}")
-                if name in part_of:  # a slice of a stacked tensor: copied into its place
-                    whole, index = part_of[name]
-                    src = t.pin_memory() if stream is not None else t
-                    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                        out[whole][index].copy_(src, non_blocking=stream is not None)
-                else:
-                    if stream is not None:
-                        host = t.pin_memory()
-                        with torch.cuda.stream(stream):
-                            t = host.to(device, non_blocking=True)
-                    out[name] = t
-                nbytes += t.numel() * t.element_size()
-        logger.info("weights: shard %d/%d %s loaded (%.1f MB so far, %.1fs)", i + 1, len(by_shard), shard,
-                    nbytes / 1e6, time.perf_counter() - start)
-    if stream is not None:
-        stream.synchronize()
+            held = f" (it holds {shard_names[0]!r} and {len(shard_names) - 1} more tensors)" if shard_names else ""
+            raise EngineFolderError(f"{path}: weight shard is missing{held}")
+        data_start, header = _read_header(path)
+        jobs = _shard_jobs(path, shard_names, entry, header, data_start, dest)
+        hasher = hashlib.sha256() if digests is not None else None
+        copied = stager.stream_file(path, jobs, hasher, stop)
+        if hasher is not None and hasher.hexdigest() != digests.get(shard):
+            raise EngineFolderError(f"{path}: weight shard does not match its hash in the manifest (modified or "
+                                    f"corrupt)")
+        with lock:
+            done_bytes[0] += path.stat().st_size
+            done_bytes[1] += copied
+            elapsed = time.perf_counter() - start
+            if bar is not None:
+                bar.update(path.stat().st_size)
+            logger.info("weights: %s loaded (%d tensors; %.2f of %.2f GB, %.1fs, %.2f GB/s)", shard, len(shard_names),
+                        done_bytes[0] / 1e9, total / 1e9, elapsed, done_bytes[0] / max(elapsed, 1e-9) / 1e9)
+
+    shards = sorted(by_shard)
+    n_workers = max(1, min(workers, len(shards)))
+    largest = max(((folder / s).stat().st_size for s in shards if (folder / s).is_file()), default=1)
+    stagers = [_Stager(device, max(1, min(chunk_bytes, largest))) for _ in range(n_workers)]
+    queue = list(reversed(shards))
+
+    def worker(stager: _Stager) -> None:
+        while True:
+            with lock:
+                if not queue or stop.is_set():
+                    return
+                shard = queue.pop()
+            try:
+                load_shard(shard, stager)
+            except BaseException:
+                stop.set()
+                raise
+
+    try:
+        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="weights") as pool:
+            futures = [pool.submit(worker, s) for s in stagers]
+            errors = []
+            for fut in futures:
+                try:
+                    fut.result()
+                except _Stopped:
+                    pass
+                except BaseException as e:  # the first real error wins; the others were stopped by it
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+    finally:
+        if bar is not None:
+            bar.close()
     elapsed = time.perf_counter() - start
-    logger.info("weights: %d tensors, %.1f MB to %s in %.1fs (%.2f GB/s)", len(out), nbytes / 1e6, device, elapsed,
-                nbytes / max(elapsed, 1e-9) / 1e9)
+    logger.info("weights: %d tensors, %.1f MB to %s in %.1fs (%.2f GB/s from %d shards, %d at a time%s)", len(out),
+                done_bytes[1] / 1e6, device, elapsed, done_bytes[0] / max(elapsed, 1e-9) / 1e9, len(shards),
+                n_workers, ", hashed" if digests is not None else "")
     return out
+
+
+def _progress_bar(total: int):
+    """A byte progress bar on an interactive terminal (tqdm, which transformers brings); None otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc="loading weights")
 
 
 def program_constants(fqns: Iterable[str], weights: Mapping[str, Tensor], where: str) -> dict[str, Tensor]:

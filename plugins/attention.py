@@ -254,7 +254,7 @@ def plan_paged_decode_split(
         raise ValueError(f"{name}: q must be [B, 1, H, D] (one query per row)")
     split = _check_split(name, dims, int(attrs["split"]))
     ns = decode_splits(dims["M"], dims["PG"], split)
-    block_n = decode_kernels.decode_block_n(dims["D"], _CUDA, dtypes[0])
+    block_n, num_warps, num_stages = decode_kernels.decode_tiles(split, dims["D"], _CUDA, dtypes[0])
     inputs, outputs = _io(name, dtypes)
     return KernelPlan(
         plugin=name, fn=paged_decode_split_entry, inputs=inputs, extra_args=(), outputs=outputs,
@@ -263,10 +263,9 @@ def plan_paged_decode_split(
             G_PAD=decode_kernels.decode_group_pad(dims["H"] // dims["KVH"]), SPLIT=split, BLOCK_N=block_n,
             PAGE_ALIGNED=dims["PG"] % block_n == 0, QK_SCALE=float(attrs["scale"]) * LOG2E,
             DOT_PRECISION=prefill_kernels.dot_precision(dtypes[0], _CUDA),
-            NUM_STAGES=decode_kernels.decode_num_stages(dims["D"], dtypes[0], _CUDA),
+            NUM_STAGES=num_stages,
         ),
-        grid=(ns, shapes[0][0] * dims["KVH"], 1),
-        num_warps=decode_kernels.decode_num_warps(dims["D"], _CUDA, dtypes[0]), num_stages=1, tactic=tactic,
+        grid=(ns, shapes[0][0] * dims["KVH"], 1), num_warps=num_warps, num_stages=1, tactic=tactic,
     )  # fmt: skip
 
 

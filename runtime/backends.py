@@ -53,7 +53,9 @@ def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.dev
 
     programs = {}
     device_index = device.index if device.type == "cuda" and device.index is not None else -1
-    weights = load_weights(folder, manifest["weights"], device)  # one copy, shared by both programs
+    # one copy, shared by both programs; each shard hashed as it is read (read_manifest left them to the loader)
+    digests = {s: manifest["files"].get(s, "") for s in manifest["weights"]["shards"]}
+    weights = load_weights(folder, manifest["weights"], device, digests=digests)
     for name in ("prefill", "decode"):
         path = Path(folder) / manifest["programs"][name]["file"]
         try:

@@ -248,7 +248,7 @@ class Engine:
         (``EngineFolderError``), as is a CUDA engine where no GPU is available.
         """
         folder = Path(engine_dir)
-        manifest = read_manifest(folder, verify_files=verify_files)
+        manifest = read_manifest(folder, verify_files=verify_files, hash_weights=False)  # weights: hashed as loaded
         built_for = manifest["device"]
         if built_for == "cuda" and not torch.cuda.is_available():
             raise EngineFolderError(f"{folder}: engine was built for 'cuda' but no CUDA device is available here")

@@ -435,3 +435,83 @@ def test_gpu_torch_compile_ops():
         assert rel_err(o, ref) < 1e-2
         ref_d = naive.paged_attention(q[:, -1:].float(), ref_k.float(), ref_v.float(), table, pos + T - 1, 0.125)
         assert rel_err(od, ref_d) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ library route
+@pytest.mark.parametrize("page_size, n_pages", [(4, 7), (16, 3), (16, 1)])
+def test_gather_pages_matches_indexing(page_size, n_pages):
+    from kernels.attention.route import gather_pages
+
+    k_cache, _, table, _ = _pool(2, 3, page_size * 9, 16, page_size, seed=page_size + n_pages)
+    for b in range(2):
+        out = _nan((1, 3, n_pages * page_size, 16), k_cache.dtype)
+        gather_pages(k_cache, table[b], n_pages, out=out)
+        ref = k_cache[table[b, :n_pages].long()].permute(1, 0, 2, 3).reshape(1, 3, n_pages * page_size, 16)
+        assert torch.equal(out, ref)
+
+
+def test_library_rule_on_shapes():
+    from kernels.attention.route import MIN_KEYS, MIN_QUERIES, chunk_qualifies
+
+    T = MIN_QUERIES
+    assert chunk_qualifies(T, [MIN_KEYS - T, 50_000], 256, 8, 128)
+    assert not chunk_qualifies(T - 1, [MIN_KEYS, 50_000], 256, 8, 128)  # short chunk
+    assert not chunk_qualifies(T, [MIN_KEYS - T - 1, 50_000], 256, 8, 128)  # a row with too few keys
+    assert not chunk_qualifies(T, [-3, 50_000], 256, 8, 128)  # left pads
+    assert not chunk_qualifies(T, [2**21 - T, 20_000], 256, 8, 128)  # 2^31 elements gathered
+    assert chunk_qualifies(T, [2**21 - T - 256, 20_000], 256, 8, 128)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("page_size", [16, 256])
+def test_gpu_prefill_library_path(page_size, monkeypatch):
+    """Long chunks through cuDNN over gathered pages (rows with different histories, shuffled pages) against the
+    fp32 spec, the op choosing that path (and the Triton kernel when switched off), both within bf16 rounding."""
+    from kernels.attention import route
+
+    starts, T = [9000, 6200], route.MIN_QUERIES + 53
+    B = len(starts)
+    k_cache, v_cache, table, g = _pool(B, KVH_MM, max(starts) + T, D_MM, page_size, seed=page_size, dtype=torch.bfloat16)
+    pos = _positions(starts)
+    q = torch.randn(B, T, KVH_MM * G_MM, D_MM, generator=g).to(DEVICE, torch.bfloat16)
+    assert route.use_library(q, k_cache, starts)
+    out = _nan(q.shape, q.dtype)
+    route.paged_attention_prefill_library(q, k_cache, v_cache, table, starts, D_MM**-0.5, out=out)
+    ref = naive.paged_attention(q.float(), k_cache.float(), v_cache.float(), table, pos, D_MM**-0.5)
+    assert rel_err(out, ref) < 1e-2
+    assert torch.equal(torch.ops.minimax.paged_attention_prefill(q, k_cache, v_cache, table, pos, D_MM**-0.5), out)
+    monkeypatch.setenv("MINIMAX_PREFILL_LIBRARY", "0")
+    assert not route.use_library(q, k_cache, starts)
+    tri = torch.ops.minimax.paged_attention_prefill(q, k_cache, v_cache, table, pos, D_MM**-0.5)
+    assert rel_err(tri, ref) < 1e-2 and not torch.equal(tri, out)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_prefill_dispatch_op_in_aoti_package(tmp_path):
+    """A program whose chunks may be long calls the opaque dispatch op; compiled by AOTInductor it takes the library
+    path on a long chunk and the Triton kernel on a short one, both equal to the spec."""
+    from torch.export import Dim
+
+    from kernels.attention import route
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k_cache, v_cache, table, pos):
+            return torch.ops.minimax.paged_attention_prefill(q, k_cache, v_cache, table, pos, D_MM**-0.5)
+
+    starts, T = [9000], route.MIN_QUERIES + 7
+    k_cache, v_cache, table, g = _pool(1, KVH_MM, starts[0] + T, D_MM, 256, seed=5, dtype=torch.bfloat16)
+    q = torch.randn(1, T, KVH_MM * G_MM, D_MM, generator=g).to(DEVICE, torch.bfloat16)
+    pos = _positions(starts)
+    t = Dim("t", min=2, max=4096)
+    ep = torch.export.export(Attend(), (q, k_cache, v_cache, table, pos), dynamic_shapes=({1: t}, None, None, None, None))
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "attend.pt2"))
+    compiled = torch._inductor.aoti_load_package(path)
+    for q_run, p_run in ((q, starts), (q[:, :64].contiguous(), [123])):
+        positions = _positions(p_run)
+        o = compiled(q_run, k_cache, v_cache, table, positions)
+        ref = naive.paged_attention(q_run.float(), k_cache.float(), v_cache.float(), table, positions, D_MM**-0.5)
+        assert rel_err(o, ref) < 1e-2
+    long_out = compiled(q, k_cache, v_cache, table, pos)
+    assert torch.equal(long_out, route.paged_attention_prefill_library(q, k_cache, v_cache, table, starts, D_MM**-0.5))

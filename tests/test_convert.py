@@ -11,6 +11,7 @@ import torch
 
 import build
 from export import read_manifest
+from export.engine_folder import EngineFolderError
 from export.weights import ShardWriter, load_weights
 from model import MiniMaxForCausalLM
 from model.loading import CheckpointError, convert_checkpoint
@@ -74,3 +75,38 @@ def test_a_broken_checkpoint_is_refused_before_the_build(hf_checkpoint, tmp_path
     assert f"missing shard file(s): {shard}" in caplog.text and not (tmp_path / "e").exists()
     with pytest.raises(CheckpointError, match="missing shard"):
         convert_checkpoint(ckpt, ShardWriter(tmp_path / "w"), torch.float32)
+
+
+def test_staged_loader_reads_each_shard_once_in_chunks_and_checks_its_hash(hf_checkpoint, tmp_path):
+    """The loader's chunked streams (chunks far smaller than a tensor, and chunks holding many small tensors;
+    several shards at once) give exactly the tensors of a one-chunk load; a flipped byte inside a tensor is refused
+    by the shard's hash (and only by it: without digests the damaged value loads)."""
+    from export.engine_folder import sha256_file
+
+    _, ckpt = hf_checkpoint
+    writer = ShardWriter(tmp_path, shard_bytes=300_000)
+    convert_checkpoint(ckpt, writer, torch.float32)
+    entry = writer.close()
+    digests = {s: sha256_file(tmp_path / s) for s in entry["shards"]}
+    whole = load_weights(tmp_path, entry, torch.device("cpu"), workers=1, chunk_bytes=1 << 30)
+    for workers, chunk in ((3, 997), (2, 64 << 10)):
+        staged = load_weights(tmp_path, entry, torch.device("cpu"), digests=digests, workers=workers, chunk_bytes=chunk)
+        assert set(staged) == set(whole)
+        for name, t in whole.items():
+            assert torch.equal(staged[name], t), (workers, chunk, name)
+
+    shard = entry["shards"][1]
+    name = next(n for n, t in entry["tensors"].items() if t["shard"] == shard and t["dtype"] == "float32"
+                and len(t["shape"]) == 2)
+    from export.weights import _read_header
+
+    data_start, header = _read_header(tmp_path / shard)
+    offset = data_start + header[name]["data_offsets"][0] + 4 * 7  # element 7 of the tensor (or of its part)
+    with open(tmp_path / shard, "r+b") as f:
+        f.seek(offset)
+        f.write(torch.tensor([123.0]).numpy().tobytes())
+    with pytest.raises(EngineFolderError, match=rf"{shard}: weight shard does not match its hash"):
+        load_weights(tmp_path, entry, torch.device("cpu"), digests=digests, workers=2, chunk_bytes=4096)
+    unchecked = load_weights(tmp_path, entry, torch.device("cpu"), workers=2, chunk_bytes=4096)
+    flat = [t for n, t in unchecked.items() if n == name or name.startswith(n + ".")]
+    assert flat and any((t.reshape(-1) == 123.0).any() for t in flat)

@@ -146,6 +146,18 @@ def test_exported_programs_are_saved_and_reload(tiny, engine):
     ep = torch.export.load(folder / "exported" / "decode.pt2")
     counts = [str(n.target) for n in ep.graph.nodes if str(n.target).startswith("minimax.")]
     assert counts.count("minimax.lightning_decode.default") == len(tiny.config.lightning_layers)
+    # weights apart: the saved program names every weight with its shape and dtype, and holds none of the values
+    expected = {**dict(tiny.named_parameters()), **dict(tiny.named_buffers())}
+    saved = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
+    assert saved and all(v.device.type == "meta" for v in saved.values())
+    for name, t in ep.state_dict.items():
+        ref = expected[name.removeprefix("model.")]
+        assert (t.shape, t.dtype) == (ref.shape, ref.dtype), name
+    import zipfile
+
+    entries = zipfile.ZipFile(folder / "exported" / "decode.pt2").infolist()
+    data = [(i.filename, i.file_size) for i in entries if "/data/" in i.filename and not i.filename.endswith(".json")]
+    assert data and all(size < 16384 for _, size in data), data  # no weight bytes, no example-input pools
 
 
 def test_damaged_engine_folders_are_refused(engine, tmp_path):

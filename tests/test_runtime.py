@@ -450,7 +450,7 @@ def test_damaged_or_mismatched_weights_are_refused_by_name(engine_dir, tmp_path)
     with open(_shard(damaged), "r+b") as f:
         f.seek(-8, 2)
         f.write(b"\xff" * 8)
-    with pytest.raises(EngineFolderError, match=r"weights/weights-00001.safetensors does not match its hash"):
+    with pytest.raises(EngineFolderError, match=r"weights/weights-00001.safetensors: weight shard does not match its hash"):
         Engine.load(damaged)
 
     missing = _copy_with_manifest(engine_dir, tmp_path / "missing")

@@ -31,7 +31,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from . import naive
 from .prefill import LOG2E, dot_precision, supports_head_dim
 
-__all__ = ["paged_attention_decode_triton", "decode_split", "decode_block_n", "decode_group_pad"]
+__all__ = ["paged_attention_decode_triton", "decode_split", "decode_tiles", "decode_group_pad"]
 
 
 @triton.jit
@@ -156,15 +156,6 @@ def _paged_decode_merge_kernel(
     tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
-def decode_block_n(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Keys per tile. H200 sweep (README): 128 keys, 8 warps reach 98-105 % of copy at D = 128 in bf16."""
-    if device.type != "cuda":
-        return 16
-    if dtype == torch.float32:
-        return 64 if head_dim <= 64 else 32
-    return 128 if head_dim <= 128 else 32
-
-
 def decode_group_pad(group: int) -> int:
     return max(16, triton.next_power_of_2(group))
 
@@ -173,29 +164,34 @@ def decode_split(capacity, head_dim: int, device: torch.device) -> int:
     """Positions per split from static facts only: the table's capacity ``M * page_size`` (int or SymInt; only
     ``statically_known_true`` facts are used, never a guard) and the head dim.
 
-    The largest of 4096, 2048, ..., 256 such that the capacity holds 16 splits (4096 from 64K positions up:
-    B = 1 at 1M gives 256 splits x KVH programs of 2 MB of K/V each at D = 128); a multiple of the key tile.
-    Under the CPU interpreter: 32 (tiny tests cross splits)."""
-    block_n = decode_block_n(head_dim, device)
+    The largest of 16384, 8192, ..., 256 such that the capacity holds 8 splits (16384 from 128K positions up; the
+    H200 sweep in the README: longer splits are faster at every measured case, 16384 fastest at B = 1 with 1M and
+    4M held and at B = 16 with 64K). A multiple of every key tile. Under the CPU interpreter: 32 (tiny tests cross
+    splits)."""
     if device.type != "cuda":
-        return 2 * block_n
-    top = 4096 if head_dim <= 128 else 2048
+        return 32
+    top = 16384 if head_dim <= 128 else 4096
     split = top
-    while split > 256 and not statically_known_true(capacity >= 16 * split):
+    while split > 256 and not statically_known_true(capacity >= 8 * split):
         split //= 2
-    return max(split, block_n)
+    return split
 
 
-def decode_num_warps(head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> int:
+def decode_tiles(split: int, head_dim: int, device: torch.device, dtype: torch.dtype = torch.bfloat16
+                 ) -> tuple[int, int, int]:
+    """``(BLOCK_N, num_warps, num_stages)`` of the split kernel for a split (H200 sweep, README: 64-key tiles, 4
+    warps, 2 stages at split 16384; 128 keys, 8 warps, 3 stages at 8192; 128 keys, 4 warps, 2 stages below)."""
     if device.type != "cuda":
-        return 1
-    return 8 if decode_block_n(head_dim, device, dtype) >= 128 else 4
-
-
-def decode_num_stages(head_dim: int, dtype: torch.dtype, device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return 3 if dtype != torch.float32 else 2
+        return 16, 1, 1
+    if dtype == torch.float32:
+        return (64 if head_dim <= 64 else 32), 4, 2
+    if head_dim > 128:
+        return 32, 4, 3
+    if split >= 16384:
+        return 64, 4, 2
+    if split >= 8192:
+        return 128, 8, 3
+    return 128, 4, 2
 
 
 MERGE_BLOCK_S = 32
@@ -245,8 +241,9 @@ def paged_attention_decode_triton(
         q = q.contiguous()
     block_table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     M = block_table.shape[1]
-    block_n = block_n or decode_block_n(D, q.device, q.dtype)
     split = split or decode_split(M * page_size, D, q.device)
+    tile_n, tile_warps, tile_stages = decode_tiles(split, D, q.device, q.dtype)
+    block_n = block_n or tile_n
     if split % block_n:
         raise ValueError(f"paged attention decode: split {split} is not a multiple of the key tile {block_n}")
     num_splits = triton.cdiv(M * page_size, split)
@@ -260,8 +257,7 @@ def paged_attention_decode_triton(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         D=D, G_PAD=decode_group_pad(G), SPLIT=split, BLOCK_N=block_n, PAGE_ALIGNED=page_size % block_n == 0,
         QK_SCALE=float(scale) * LOG2E, DOT_PRECISION=dot_precision(q.dtype, q.device),
-        NUM_STAGES=num_stages or decode_num_stages(D, q.dtype, q.device),
-        num_warps=num_warps or decode_num_warps(D, q.device, q.dtype),
+        NUM_STAGES=num_stages or tile_stages, num_warps=num_warps or tile_warps,
     )  # fmt: skip
     _paged_decode_merge_kernel[(B * H,)](
         m_part, l_part, acc_part, positions, out, H, num_splits, out.stride(0), out.stride(2),

@@ -88,18 +88,56 @@ def paged_attention_prefill(
     Returns ``o [B, T, H, D]`` (q.dtype, contiguous): each query attends to positions 0..its own of its row."""
     if not _use_triton(q):
         return torch.ops.minimax.paged_attention_reference(q, k_cache, v_cache, block_table, positions, scale)
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    from . import route
+
+    if route.library_enabled(q.device, q.dtype, q.shape[-1]) and not statically_known_true(
+        q.shape[1] < route.MIN_QUERIES
+    ):  # chunks this long may go to cuDNN (route.py): decided per call, from the row positions, by the opaque op
+        return torch.ops.minimax.paged_attention_prefill_dispatch(q, k_cache, v_cache, block_table, positions, scale)
     from .traced import paged_attention_prefill_traceable
 
     return paged_attention_prefill_traceable(q, k_cache, v_cache, block_table, positions, scale)
+
+
+def _prefill_cuda(q, k_cache, v_cache, block_table, positions, scale) -> Tensor:
+    """Eager CUDA prefill: the library path for long chunks (``route.use_library``), else the Triton kernel."""
+    from . import route
+    from .prefill import paged_attention_prefill_triton
+    from .write import check_rows_fast
+
+    if q.shape[1] >= route.MIN_QUERIES and route.library_enabled(q.device, q.dtype, q.shape[-1]):
+        naive.check_paged_inputs(q, k_cache, v_cache, block_table, positions, query=True)
+        positions_cpu = positions.tolist()
+        if route.use_library(q, k_cache, positions_cpu):
+            check_rows_fast(block_table, positions, q.shape[1], k_cache.shape[2], k_cache.shape[0])
+            return route.paged_attention_prefill_library(q, k_cache, v_cache, block_table, positions_cpu, scale)
+    return paged_attention_prefill_triton(q, k_cache, v_cache, block_table, positions, scale)
 
 
 @paged_attention_prefill.register_kernel("cuda")
 def _paged_attention_prefill_cuda(q, k_cache, v_cache, block_table, positions, scale) -> Tensor:
     if not _use_triton(q):
         return naive.paged_attention(q, k_cache, v_cache, block_table, positions, scale)
-    from .prefill import paged_attention_prefill_triton
+    return _prefill_cuda(q, k_cache, v_cache, block_table, positions, scale)
 
-    return paged_attention_prefill_triton(q, k_cache, v_cache, block_table, positions, scale)
+
+@torch.library.custom_op("minimax::paged_attention_prefill_dispatch", mutates_args=())
+def paged_attention_prefill_dispatch(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, positions: Tensor, scale: float
+) -> Tensor:
+    """``paged_attention_prefill`` as an opaque op, for traced programs whose chunks may reach the library path:
+    compiled programs call it through the dispatcher (AOTInductor: a fallback kernel), and it chooses per call
+    (``route.use_library``) between cuDNN over gathered pages and the Triton kernel."""
+    if q.device.type != "cuda" or not _use_triton(q):
+        return naive.paged_attention(q, k_cache, v_cache, block_table, positions, scale)
+    return _prefill_cuda(q, k_cache, v_cache, block_table, positions, scale)
+
+
+@paged_attention_prefill_dispatch.register_fake
+def _paged_attention_prefill_dispatch_fake(q, k_cache, v_cache, block_table, positions, scale) -> Tensor:
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 @torch.library.triton_op("minimax::paged_attention_decode", mutates_args=())

@@ -118,8 +118,8 @@ def paged_attention_decode_traceable(
     q, block_table = _last_dim_contiguous(q), _last_dim_contiguous(block_table)
     positions = positions.contiguous()
     capacity = block_table.shape[1] * page_size
-    block_n = decode.decode_block_n(D, q.device, q.dtype)
     split = decode.decode_split(capacity, D, q.device)
+    block_n, num_warps, num_stages = decode.decode_tiles(split, D, q.device, q.dtype)
     num_splits = (capacity + split - 1) // split
     G = H // KVH
     o = torch.empty((B, 1, H, D), dtype=q.dtype, device=q.device)
@@ -133,8 +133,7 @@ def paged_attention_decode_traceable(
         D=D, G_PAD=decode.decode_group_pad(G), SPLIT=split, BLOCK_N=block_n,
         PAGE_ALIGNED=_page_aligned(page_size, block_n), QK_SCALE=float(scale) * prefill.LOG2E,
         DOT_PRECISION=prefill.dot_precision(q.dtype, q.device),
-        NUM_STAGES=decode.decode_num_stages(D, q.dtype, q.device),
-        num_warps=decode.decode_num_warps(D, q.device, q.dtype),
+        NUM_STAGES=num_stages, num_warps=num_warps,
     )  # fmt: skip
     wrap_triton(decode._paged_decode_merge_kernel)[(B * H,)](
         m_part, l_part, acc_part, positions, o, H, num_splits, o.stride(0), o.stride(2),
