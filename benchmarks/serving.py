@@ -17,6 +17,11 @@ engine with a word-level tokenizer made here (runs on the CPU).
 
     PYTHONPATH=. python -m benchmarks.serving --reliability 1000 --out r.json
     PYTHONPATH=. python -m benchmarks.serving --reliability 0 --load 200 --rate 20 --out r.json
+    PYTHONPATH=. python -m benchmarks.serving --reliability 0 --prefix-ttft 8192 --out r.json
+
+``--prefix-ttft L``: time to first token of an L-token prompt that shares all but its last 64 tokens with a prompt
+served just before (prefix cache on, ``--prefix-cache-mb``), against an L-token prompt that shares nothing; medians
+of 3 pairs. The tiny engine is then built with chunks of 256 and a context of L + 64.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from typing import Any
 from benchmarks.common import environment, write_json
 
 
-def _tiny(max_batch: int):
+def _tiny(max_batch: int, max_input_len: int = 16, max_seq_len: int = 128):
     import torch  # noqa: F401
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -45,20 +50,24 @@ def _tiny(max_batch: int):
     from runtime import Engine
 
     config = MiniMaxConfig.preset("tiny")
+    if max_seq_len > config.max_position_embeddings:
+        import dataclasses
+
+        config = dataclasses.replace(config, max_position_embeddings=max_seq_len)
     model = MiniMaxForCausalLM(config).init_random_weights(seed=5, std=0.1).eval()
     vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, config.vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    return Engine.from_model(model, max_batch, 16, 128, page_size=16), tokenizer, "tiny"
+    return Engine.from_model(model, max_batch, max_input_len, max_seq_len, page_size=16), tokenizer, "tiny"
 
 
-def start_server(engine, tokenizer, name: str, token_budget: int | None):
+def start_server(engine, tokenizer, name: str, token_budget: int | None, prefix_cache_mb: int = 1024):
     import uvicorn
 
     from runtime.server import AsyncEngine, create_app
 
-    async_engine = AsyncEngine(engine, token_budget)
+    async_engine = AsyncEngine(engine, token_budget, prefix_cache_mb << 20)
     app = create_app(async_engine, tokenizer, name)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -151,6 +160,45 @@ def reliability(url: str, name: str, vocab: int, n: int, seed: int, workers: int
     passed = health == {"status": "ok"} and pages == 0 and all(bad == 0 for _, bad in counts.values())
     return {"requests": n, "wall_s": wall, "by_kind": {k: {"ok": v[0], "failed": v[1]} for k, v in counts.items()},
             "health": health, "pages_in_use_after": pages, "passed": passed, "metrics_after": metrics}
+
+
+def _first_token_s(url: str, name: str, prompt: list[int]) -> float:
+    """Seconds from sending a streamed one-token completion to its first event."""
+    body = {"model": name, "prompt": prompt, "max_tokens": 1, "temperature": 0, "stream": True}
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                first = time.perf_counter() - t0
+                break
+        for _ in r:  # read to the end of the stream
+            pass
+    return first
+
+
+def _metric(url: str, name: str) -> int:
+    with urllib.request.urlopen(url + "/metrics") as m:
+        return int(next(line.split()[-1] for line in m.read().decode().splitlines() if line.startswith(name + " ")))
+
+
+def prefix_ttft(url: str, name: str, vocab: int, length: int, seed: int, repeats: int = 3) -> dict[str, Any]:
+    """Time to first token of a ``length``-token prompt sharing all but its last 64 tokens with a cached one,
+    against a prompt of the same length that shares nothing (medians of ``repeats`` fresh pairs)."""
+    rng = random.Random(seed)
+    rand = lambda n: [rng.randrange(2, vocab) for _ in range(n)]  # noqa: E731
+    cached, uncached, reused = [], [], []
+    for _ in range(repeats):
+        base = rand(length)
+        _first_token_s(url, name, base)  # puts the prefix into the cache
+        uncached.append(_first_token_s(url, name, rand(length)))
+        before = _metric(url, "minimax_prefix_cache_tokens_reused_total")
+        cached.append(_first_token_s(url, name, base[:-64] + rand(64)))
+        reused.append(_metric(url, "minimax_prefix_cache_tokens_reused_total") - before)
+    c, u = sorted(cached)[len(cached) // 2], sorted(uncached)[len(uncached) // 2]
+    return {"prompt_tokens": length, "shared_tokens": length - 64, "ttft_uncached_s": u, "ttft_cached_s": c,
+            "ratio": c / u, "tokens_reused": reused, "all_cached_s": cached, "all_uncached_s": uncached}
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -256,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=20.0, help="arrivals per second of the load run")
     p.add_argument("--prompt-range", type=lambda s: tuple(int(x) for x in s.split(",")), default=(8, 96))
     p.add_argument("--output-range", type=lambda s: tuple(int(x) for x in s.split(",")), default=(4, 24))
+    p.add_argument("--prefix-ttft", type=int, default=0, metavar="TOKENS",
+                   help="time to first token of a TOKENS-long prompt sharing all but 64 tokens with a cached one, "
+                        "against an uncached one (0: not run)")
+    p.add_argument("--prefix-cache-mb", type=int, default=1024, help="the server's prefix-cache budget (0: off)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.engine:
@@ -267,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
 
         engine, tokenizer, name = Engine.load(args.engine), AutoTokenizer.from_pretrained(args.tokenizer), \
             Path(args.engine).name
+    elif args.prefix_ttft:
+        engine, tokenizer, name = _tiny(args.max_batch, 256, args.prefix_ttft + 64)
     else:
         engine, tokenizer, name = _tiny(args.max_batch)
     vocab = engine.vocab_size
@@ -277,12 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         static_engine = Engine_like(engine, args)
         payload["static"] = load_static(static_engine, jobs)
         print("static batching:", json.dumps(payload["static"]), flush=True)
-    url, server, thread, async_engine = start_server(engine, tokenizer, name, None)
+    url, server, thread, async_engine = start_server(engine, tokenizer, name, None, args.prefix_cache_mb)
     try:
         if args.reliability:
             payload["reliability"] = reliability(url, name, vocab, args.reliability, args.seed, args.workers)
             print(json.dumps({k: v for k, v in payload["reliability"].items() if k != "metrics_after"}, indent=1),
                   flush=True)
+        if args.prefix_ttft:
+            payload["prefix_ttft"] = prefix_ttft(url, name, vocab, args.prefix_ttft, args.seed)
+            print("prefix cache, time to first token:", json.dumps(payload["prefix_ttft"]), flush=True)
         if jobs:
             payload["in_flight"] = load_server(url, name, jobs, async_engine)
             print("in-flight batching (server):", json.dumps(payload["in_flight"]), flush=True)

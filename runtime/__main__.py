@@ -65,6 +65,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-budget", type=int, default=None,
                    help="prompt tokens prefilled per scheduler step (default: max_batch * max_input_len)")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the folder's name)")
+    p.add_argument("--prefix-cache-mb", type=int, default=1024,
+                   help="memory for the prefix cache's lightning-state snapshots in MB (default 1024; 0 turns prefix "
+                        "caching off); its shared KV pages come from the engine's pool")
     return p
 
 
@@ -80,7 +83,11 @@ def serve_main(argv: list[str]) -> int:
     from .server import serve
 
     try:
-        serve(args.engine_dir, args.tokenizer, args.host, args.port, args.token_budget, args.model_name)
+        if args.prefix_cache_mb < 0:
+            print("error: --prefix-cache-mb must be >= 0", file=sys.stderr)
+            return 2
+        serve(args.engine_dir, args.tokenizer, args.host, args.port, args.token_budget, args.model_name,
+              args.prefix_cache_mb)
     except (EngineFolderError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

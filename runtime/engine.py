@@ -115,6 +115,11 @@ class PagePool:
 
     ``table`` is the CPU block table ``[max_batch, M]`` int32 (unused entries 0: never read, since the kernels only
     read positions a row holds); ``held[b]`` is the number of positions row b holds (its next position).
+
+    Pages are reference-counted: a row holds one reference to each of its pages, and a prefix cache
+    (``runtime/prefix_cache.py``) one to each page it keeps; a page is free when nobody holds it. Rows that share a
+    prompt prefix share its full pages (``adopt``); a shared page is never written (a row writes only positions past
+    what it adopted).
     """
 
     def __init__(self, num_pages: int, page_size: int, max_pages_per_seq: int, max_batch: int):
@@ -123,10 +128,39 @@ class PagePool:
         self.rows: list[list[int]] = [[] for _ in range(max_batch)]
         self.held = [0] * max_batch
         self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
+        self.refs = [0] * num_pages
 
     @property
     def free_pages(self) -> int:
         return len(self._free)
+
+    @property
+    def row_pages(self) -> int:
+        """Pages held by at least one row (the rest of the used pages are held only by a prefix cache)."""
+        return len({p for row in self.rows for p in row})
+
+    def ref(self, page: int) -> None:
+        if self.refs[page] <= 0:
+            raise RuntimeError(f"page {page} is free: it cannot gain a reference")
+        self.refs[page] += 1
+
+    def unref(self, page: int) -> None:
+        self.refs[page] -= 1
+        if self.refs[page] < 0:
+            raise RuntimeError(f"page {page} released more often than held")
+        if self.refs[page] == 0:
+            self._free.append(page)
+
+    def adopt(self, b: int, pages: Sequence[int]) -> None:
+        """Row b (holding nothing) starts with ``pages`` (a cached prefix's pages, one more reference each)."""
+        if self.rows[b]:
+            raise RuntimeError(f"row {b} already holds pages")
+        if len(pages) > self.max_pages_per_seq:
+            raise RequestError(f"row {b}: {len(pages)} pages exceed the table's {self.max_pages_per_seq}")
+        for i, page in enumerate(pages):
+            self.ref(page)
+            self.table[b, i] = page
+            self.rows[b].append(page)
 
     @property
     def capacity(self) -> int:
@@ -137,16 +171,14 @@ class PagePool:
         return -(-max(length, 0) // self.page_size)
 
     def release_all(self) -> None:
-        for row in self.rows:
-            self._free.extend(reversed(row))
-            row.clear()
-        self._free.sort(reverse=True)
-        self.table.zero_()
-        self.held = [0] * len(self.held)
+        for b in range(len(self.rows)):
+            self.release(b)
 
     def release(self, b: int) -> None:
-        """Give row b's pages back (its table row zeroed, nothing held)."""
-        self._free.extend(self.rows[b])
+        """Give row b's pages back (its table row zeroed, nothing held); a page also held by a prefix cache or
+        another row stays in use."""
+        for page in self.rows[b]:
+            self.unref(page)
         self._free.sort(reverse=True)
         self.rows[b] = []
         self.table[b].zero_()
@@ -169,6 +201,7 @@ class PagePool:
         for b, n in enumerate(need):
             for _ in range(n):
                 page = self._free.pop()
+                self.refs[page] = 1
                 self.table[b, len(self.rows[b])] = page
                 self.rows[b].append(page)
         return any(need)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .engine import SEED_MAX, Engine, RequestError
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, sample
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,9 @@ class Scheduler:
     """Continuous batching on one ``Engine`` (module docstring). Single-threaded: ``submit`` / ``cancel`` /
     ``step`` are called from one thread."""
 
-    def __init__(self, engine: Engine, token_budget: int | None = None):
+    def __init__(self, engine: Engine, token_budget: int | None = None, prefix_cache_bytes: int = 0):
+        """``prefix_cache_bytes`` > 0 turns prefix caching on (``runtime/prefix_cache.py``) with that budget for
+        the lightning snapshots (the shared KV pages come out of the engine's pool, evicted when it runs short)."""
         self.engine = engine
         # default: one full chunk per row per step (a prefilling row is never starved by the others)
         self.token_budget = token_budget or engine.max_batch * engine.max_input_len
@@ -92,6 +95,7 @@ class Scheduler:
         engine.reset(engine.max_batch)  # every row zero, every page free; the scheduler owns the engine now
         self._per_row = [t for t, per_row in zip(engine._buffers, engine._per_row) if per_row]
         self.steps = 0
+        self.cache: PrefixCache | None = PrefixCache(engine.pages, prefix_cache_bytes) if prefix_cache_bytes else None
 
     # ------------------------------------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -192,7 +196,14 @@ class Scheduler:
                 continue
             row = len(self.rows)
             need = len(seq.prompt) + seq.max_new_tokens
-            if e.pages.pages_for(need) > e.pages.free_pages:
+            hit = self.cache.lookup(seq.prompt) if self.cache is not None else None
+            if hit is not None:
+                e.pages.adopt(row, hit.pages)  # held now, so that the eviction below cannot take them
+            short = e.pages.pages_for(need) - len(e.pages.rows[row]) - e.pages.free_pages
+            if short > 0 and self.cache is not None:
+                self.cache.evict_pages(short)
+            if e.pages.pages_for(need) - len(e.pages.rows[row]) > e.pages.free_pages:
+                e.pages.release(row)
                 return  # wait for pages (first come, first served)
             self.waiting.popleft()
             lengths = [0] * e.max_batch
@@ -202,6 +213,15 @@ class Scheduler:
             with torch.no_grad():
                 for t in self._per_row:
                     t[row].zero_()
+                if hit is not None:  # resume after the cached prefix: its lightning states, its pages
+                    for t, snap in zip(self._per_row, hit.snapshot):
+                        t[row].copy_(snap)
+            if hit is not None:
+                seq.prefilled = hit.length
+                e.pages.held[row] = hit.length
+                self.cache.record_hit(hit)
+                logger.debug("request %d resumes from a cached prefix of %d tokens", seq.result.request_id,
+                             hit.length)
             self.rows.append(seq)
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -235,7 +255,20 @@ class Scheduler:
             e.pages.held[r] = k
             if k == len(seq.prompt):
                 seq.logits = logits[i, -1]
+            self._snapshot(r)
         return len(rows) * T
+
+    def _snapshot(self, row: int) -> None:
+        """After a prefill chunk: a row whose prompt prefix now ends on a page boundary is recorded in the prefix
+        cache (its full pages and a copy of its lightning states), unless that prefix has a snapshot already."""
+        seq = self.rows[row]
+        n = seq.prefilled
+        if self.cache is None or n == 0 or n % self.engine.pages.page_size or not self.cache.needs_snapshot(
+                seq.prompt, n):
+            return
+        with torch.no_grad():
+            snapshot = [t[row].clone() for t in self._per_row]
+        self.cache.insert(seq.prompt, self.engine.pages.rows[row], n, snapshot)
 
     def _compact(self) -> None:
         """Rows whose prompt is done move in front of the ones still prefilling (running rows stay a prefix)."""
@@ -252,6 +285,10 @@ class Scheduler:
                 remaining = len(seq.prompt) - seq.prefilled
                 take = min(remaining, e.max_input_len, budget)  # a one-token chunk goes through decode
                 start = seq.prefilled
+                if self.cache is not None and take < remaining:  # end on a page boundary: a snapshot point
+                    aligned = (start + take) // e.pages.page_size * e.pages.page_size
+                    if aligned > start:
+                        take = aligned - start
                 ids = torch.tensor([seq.prompt[start:start + take]], dtype=torch.long, device=e.device)
                 pos = torch.tensor([start], dtype=torch.long, device=e.device)
                 name = "decode" if take == 1 else "prefill"
@@ -262,6 +299,7 @@ class Scheduler:
                 budget -= take
                 if seq.prefilled == len(seq.prompt):
                     seq.logits = logits[0, -1]
+                self._snapshot(row)
             if budget <= 0:
                 break
         self._compact()

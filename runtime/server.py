@@ -32,7 +32,7 @@ __all__ = ["AsyncEngine", "create_app", "serve"]
 class AsyncEngine:
     """The scheduler in a background thread; ``generate`` is an async iterator of ``(token, finish_reason)``."""
 
-    def __init__(self, engine: Engine, token_budget: int | None = None):
+    def __init__(self, engine: Engine, token_budget: int | None = None, prefix_cache_bytes: int = 0):
         self._threads_before: int | None = None
         if engine.device.type == "cpu":
             # The scheduler thread shares the cores with the HTTP event loop: torch's OpenMP workers spinning on
@@ -47,7 +47,7 @@ class AsyncEngine:
                             threads)
                 self._threads_before = torch.get_num_threads()
                 torch.set_num_threads(threads)
-        self.scheduler = Scheduler(engine, token_budget)
+        self.scheduler = Scheduler(engine, token_budget, prefix_cache_bytes)
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._stop = False
@@ -122,8 +122,12 @@ class AsyncEngine:
     def metrics(self) -> dict[str, float]:
         with self._lock:
             s, pages = self.scheduler, self.scheduler.engine.pages
+            c = s.cache
             return {"running": s.running, "prefilling": len(s.rows) - s.running, "waiting": len(s.waiting),
-                    "pages_in_use": pages.num_pages - pages.free_pages, "pages_total": pages.num_pages}
+                    "pages_in_use": pages.row_pages, "pages_total": pages.num_pages,
+                    "pages_cached": c.cached_pages if c else 0, "prefix_hits": c.hits if c else 0,
+                    "prefix_tokens_reused": c.tokens_reused if c else 0,
+                    "prefix_snapshot_bytes": c.snapshot_bytes if c else 0}
 
     def close(self) -> None:
         self._stop = True
@@ -201,6 +205,10 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str):
         m = engine.metrics()
         lines = [f"minimax_sequences{{state=\"{k}\"}} {m[k]}" for k in ("running", "prefilling", "waiting")]
         lines += [f"minimax_kv_pages_in_use {m['pages_in_use']}", f"minimax_kv_pages_total {m['pages_total']}",
+                  f"minimax_kv_pages_cached {m['pages_cached']}",
+                  f"minimax_prefix_cache_hits_total {m['prefix_hits']}",
+                  f"minimax_prefix_cache_tokens_reused_total {m['prefix_tokens_reused']}",
+                  f"minimax_prefix_cache_snapshot_bytes {m['prefix_snapshot_bytes']}",
                   f"minimax_generated_tokens_total {engine.tokens_generated}"]
         lines += [f"minimax_requests_total{{finish_reason=\"{k}\"}} {v}" for k, v in sorted(engine.finished.items())]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
@@ -298,14 +306,14 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str):
 
 
 def serve(engine_dir: str, tokenizer_dir: str, host: str = "127.0.0.1", port: int = 8000,
-          token_budget: int | None = None, model_name: str | None = None) -> None:
+          token_budget: int | None = None, model_name: str | None = None, prefix_cache_mb: int = 0) -> None:
     """Load the engine and the tokenizer, and serve until interrupted."""
     from pathlib import Path
 
     import uvicorn
     from transformers import AutoTokenizer
 
-    engine = AsyncEngine(Engine.load(engine_dir), token_budget)
+    engine = AsyncEngine(Engine.load(engine_dir), token_budget, prefix_cache_mb << 20)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     app = create_app(engine, tokenizer, model_name or Path(engine_dir).name)
     try:

@@ -481,6 +481,24 @@ def test_damaged_or_mismatched_weights_are_refused_by_name(engine_dir, tmp_path)
         Engine.load(unlisted)
 
 
+def test_scheduler_prefix_cache_on_the_aoti_engine(engine_dir, aoti):
+    """Shared prefixes through the compiled programs: later requests resume from the cache (snapshots restored into
+    the package's state rows, pages shared) with the tokens each gets alone; the pool is whole after a clear."""
+    from runtime.scheduler import Scheduler
+
+    sched = Scheduler(Engine.load(engine_dir), token_budget=6, prefix_cache_bytes=1 << 20)
+    ps = sched.engine.pages.page_size
+    base = prompts([3 * ps + 2], seed=31)[0]
+    batch = [base + [7, 8], base[:2 * ps] + [9], base + [7, 8]]
+    for p in batch:
+        rid = sched.submit(p, 5)
+        sched.run_until_idle()
+        assert sched.result(rid).tokens == aoti.generate([p], max_new_tokens=5)[0, len(p):].tolist(), rid
+    assert sched.cache.hits == 2
+    sched.cache.clear()
+    assert sched.engine.pages.free_pages == sched.engine.pages.num_pages
+
+
 def test_scheduler_on_the_aoti_engine_equals_static_batches(engine_dir, aoti):
     """In-flight batching through the compiled programs (rows as batch-1 views, decode on a row prefix): each
     greedy request equals the static engine's result for it alone."""

@@ -48,7 +48,8 @@ def tokenizer():
 def server(model, tokenizer):
     import uvicorn
 
-    engine = AsyncEngine(Engine.from_model(model, 3, 8, 64, page_size=8), token_budget=8)
+    # prefix caching on: every test below also checks that cached prefixes change no result
+    engine = AsyncEngine(Engine.from_model(model, 3, 8, 64, page_size=8), token_budget=8, prefix_cache_bytes=1 << 20)
     app = create_app(engine, tokenizer, "tiny")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,3 +165,21 @@ def test_metrics_and_stop_strings(client, server, model, tokenizer):
         text = m.read().decode()
     assert "minimax_kv_pages_total 24" in text and 'minimax_sequences{state="running"}' in text
     assert "minimax_generated_tokens_total" in text
+
+
+def _metric(url, name):
+    with urllib.request.urlopen(url + "/metrics") as m:
+        return int(next(line.split()[-1] for line in m.read().decode().splitlines() if line.startswith(name + " ")))
+
+
+def test_shared_prefix_is_served_from_the_prefix_cache(client, server, model, tokenizer):
+    url, _ = server
+    base = list(range(60, 80))  # 20 tokens: two whole pages of 8 shared
+    hits = _metric(url, "minimax_prefix_cache_hits_total")
+    for tail in ([90, 91], [92, 93, 94]):
+        prompt = base + tail
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0)
+        assert r.choices[0].text == _text(tokenizer, _alone(model, prompt, 6))
+    assert _metric(url, "minimax_prefix_cache_hits_total") == hits + 1
+    assert _metric(url, "minimax_prefix_cache_tokens_reused_total") >= 16
+    assert _metric(url, "minimax_kv_pages_cached") >= 2
