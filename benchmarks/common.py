@@ -28,6 +28,25 @@ def time_ms(fn: Callable[[], Any], warmup: int = 5, iters: int = 20) -> float:
     return statistics.median(times)
 
 
+def time_ms_back_to_back(fn: Callable[[], Any], calls: int = 10, rounds: int = 5, warmup: int = 3) -> float:
+    """Milliseconds per call of ``calls`` back-to-back calls between two CUDA events (the median of ``rounds``):
+    launch costs overlap the previous call's kernels, as in a program or a CUDA-graph replay that issues steps
+    without waiting. For kernels of about a millisecond, where one call timed alone also counts its launches."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) / calls)
+    return statistics.median(per_call)
+
+
 def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in TB/s, counting bytes read plus bytes written."""
     src = torch.randn(nbytes // 4, device="cuda")

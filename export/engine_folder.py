@@ -175,6 +175,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_files(paths: list[Path], workers: int = 4) -> list[str]:
+    """``sha256_file`` of each path, ``workers`` files at a time (hashlib releases the GIL: a folder of many
+    multi-GB weight shards hashes about ``workers`` times faster)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(paths) < 2:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(workers, len(paths))) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
 def weights_sha256(module: torch.nn.Module) -> str:
     """Hash of every parameter and buffer: name, shape, dtype and bytes (in state_dict order)."""
     h = hashlib.sha256()
@@ -438,7 +449,7 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     (folder / CONTRACT_NAME).write_text(
         json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(), "manifest": text}, indent=1) + "\n")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST_NAME)
-    manifest = dict(manifest, files={p.relative_to(folder).as_posix(): sha256_file(p) for p in files})
+    manifest = dict(manifest, files=dict(zip((p.relative_to(folder).as_posix() for p in files), sha256_files(files))))
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
