@@ -33,7 +33,8 @@ and ``aot=1`` (the ONNX parser's plugin importer then picks the AOT implementati
 State: the exported programs update their state inputs in place (mutated inputs), which ONNX cannot say. The
 lowering first derives a functional program from the exported one (``functional_program``: re-exported with the
 state cloned and returned, then ``paged_kv_write``'s functionalized calls rewritten into the functional
-``minimax::paged_kv_update``), so every state input has an output ``<state>.out``. The ``paged_kv_write`` plugin
+``minimax::paged_kv_update`` and ``lightning_decode_``'s into ``lightning_decode``), so every state input has an
+output ``<state>.out``. The ``paged_kv_write`` plugin
 declares each output an alias of its cache input (TensorRT ``TensorDesc.aliased()``), so that a TensorRT engine
 writes the new tokens into the pool in place and copies nothing; the lightning states are returned as new tensors.
 
@@ -55,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import operator
 import re
 import time
 from pathlib import Path
@@ -346,7 +348,6 @@ def functional_program(program: ExportedProgram, name: str, settings: BuildSetti
     """The exported program with its in-place state updates made functional (see the module docstring):
     ``(input_ids, positions, block_table, state) -> (logits, new state)``, the KV writes as
     ``minimax::paged_kv_update`` nodes."""
-    import operator
 
     from .exporting import dynamic_shapes
 
@@ -374,6 +375,9 @@ def functional_program(program: ExportedProgram, name: str, settings: BuildSetti
     graph = ep.graph
     for node in list(graph.nodes):
         if not (node.op == "call_function" and node.target is torch.ops.higher_order.auto_functionalized_v2):
+            continue
+        if node.args[0] is torch.ops.minimax.lightning_decode_.default:
+            _functional_lightning_decode(graph, node, name)
             continue
         if node.args[0] is not torch.ops.minimax.paged_kv_write.default:
             raise EngineFolderError(f"{name}: unexpected in-place op {node.args[0]} in the program")
@@ -519,6 +523,26 @@ def _quiet(*names: str, level: int = logging.WARNING):
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _functional_lightning_decode(graph, node, name: str) -> None:
+    """``auto_functionalized_v2(lightning_decode_, ...)`` -> the functional ``lightning_decode`` (the plugin node):
+    its output 0 is the attention output, its base (output 1) the new state."""
+    kw = node.kwargs
+    state = kw["_all_bases"][kw["_state_base_index"]]
+    with graph.inserting_before(node):
+        call = graph.call_function(torch.ops.minimax.lightning_decode.default,
+                                   (kw["q"], kw["k"], kw["v"], kw["s"], state))
+        call.meta["val"] = (node.meta["val"][0], state.meta["val"])  # (o, the state's new value)
+    for user in list(node.users):
+        if user.target is not operator.getitem or user.args[1] not in (0, 1):
+            raise EngineFolderError(f"{name}: unexpected use {user} of the in-place lightning decode")
+        with graph.inserting_before(user):
+            replacement = graph.call_function(operator.getitem, (call, user.args[1]))
+            replacement.meta = dict(user.meta)
+        user.replace_all_uses_with(replacement)
+        graph.erase_node(user)
+    graph.erase_node(node)
 
 
 def _moe_sizes(program: ExportedProgram) -> tuple[int, int]:

@@ -127,17 +127,17 @@ class LightningAttention(nn.Module):
         qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * D)  # [B, T, H, 3D]
         q, k, v = qkv.split(D, dim=-1)  # [B, T, H, D] each
         (lightning_state,) = state  # [B, H, D, D] fp32
-        if ctx.decode:
-            o, new_state = torch.ops.minimax.lightning_decode(q, k, v, self.decay_rate, lightning_state)
+        if ctx.decode:  # in place: the kernel stores the new state over the old one (no copy, no new state)
+            o = torch.ops.minimax.lightning_decode_(q, k, v, self.decay_rate, lightning_state)
         else:
             # Left pads (negative positions) contribute nothing: the zero state stays zero through them.
             real = (ctx.token_positions >= 0)[:, :, None, None]  # [B, T, 1, 1]
             k = torch.where(real, k, torch.zeros((), dtype=k.dtype, device=k.device))
             v = torch.where(real, v, torch.zeros((), dtype=v.dtype, device=v.device))
             o, new_state = torch.ops.minimax.lightning_prefill(q, k, v, self.decay_rate, lightning_state)
-        # In place: exported, the state is a mutated input (one [B, H, D, D] copy per layer and step; the KV
-        # pools, which are the large part, are written in place by their kernel and not copied at all).
-        lightning_state.copy_(new_state)
+            # In place: exported, the state is a mutated input (prefill: one [B, H, D, D] copy per layer and chunk,
+            # small next to the chunk's compute; the KV pools are written in place by their kernel).
+            lightning_state.copy_(new_state)
         o = self.norm(o.reshape(B, T, H * D))  # [B, T, H*D]
         o = torch.sigmoid(self.output_gate(x)) * o
         return self.out_proj(o), (lightning_state,)

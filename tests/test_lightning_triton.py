@@ -170,6 +170,23 @@ def test_decode_in_place_and_dk_ne_dv():
     assert rel_err(state, ref_S) < FP32_TOL
 
 
+def test_traced_in_place_decode_matches_reference():
+    """The traced body of ``minimax::lightning_decode_`` (what compiled programs launch), run eagerly on strided
+    q / k / v views: the state is overwritten with the reference's new state, the output equals the reference's."""
+    from kernels.lightning_attention.traced import lightning_decode_inplace_traceable
+
+    B, H, D = 3, 2, 16
+    g = torch.Generator().manual_seed(41)
+    qkv = torch.randn(B, 1, H, 3 * D, generator=g).to(DEVICE)
+    q, k, v = qkv.split(D, dim=-1)
+    s = (torch.rand(H, generator=g) * 0.9).to(DEVICE)
+    S0 = torch.randn(B, H, D, D, generator=g).to(DEVICE)
+    ref_o, ref_S = naive.lightning_attention_decode_step(q, k, v, s, S0)
+    state = S0.clone()
+    o = lightning_decode_inplace_traceable(q, k, v, s, state)
+    assert rel_err(o, ref_o) < FP32_TOL and rel_err(state, ref_S) < FP32_TOL
+
+
 def test_decode_strided_qkv_and_public_api():
     B, H, D = 2, 3, 16
     g = torch.Generator().manual_seed(40)

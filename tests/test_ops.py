@@ -22,6 +22,18 @@ def test_opcheck_lightning(dtype):
     torch.library.opcheck(torch.ops.minimax.lightning_decode.default, (q[:, :1], k[:, :1], v[:, :1], s, state))
 
 
+def test_lightning_decode_in_place_op_equals_the_functional_one():
+    """``minimax::lightning_decode_`` overwrites its state with ``lightning_decode``'s new state and returns its
+    output (the reference path here; the Triton kernels in tests/test_lightning_triton.py); opcheck on the mutation."""
+    q, k, v, s, state = _lightning_args()
+    q, k, v = q[:, :1], k[:, :1], v[:, :1]
+    o_ref, new_ref = torch.ops.minimax.lightning_decode(q, k, v, s, state)
+    inplace = state.clone()
+    o = torch.ops.minimax.lightning_decode_(q, k, v, s, inplace)
+    assert torch.equal(o, o_ref) and torch.equal(inplace, new_ref) and not torch.equal(inplace, state)
+    torch.library.opcheck(torch.ops.minimax.lightning_decode_.default, (q, k, v, s, state.clone()))
+
+
 def test_opcheck_lightning_strided_inputs():
     """The model passes q, k, v as views of one [B, T, H, 3D] tensor: outputs must still be contiguous."""
     B, T, H, D = 2, 9, 3, 8
@@ -74,9 +86,9 @@ def test_export_keeps_one_node_per_op_call():
         def forward(self, input_ids, positions, state):
             return self.m.decode(input_ids, positions, state)
 
-    def writes(gm):  # the in-place KV write, functionalised
+    def writes(gm, op=torch.ops.minimax.paged_kv_write.default):  # an in-place op, functionalised
         return sum(1 for n in gm.graph.nodes if n.op == "call_function" and "auto_functionalized" in str(n.target)
-                   and n.args[0] is torch.ops.minimax.paged_kv_write.default)
+                   and n.args[0] is op)
 
     ids = torch.randint(0, config.vocab_size, (B, T))
     batch, seq = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("seq", min=2, max=S)
@@ -99,9 +111,11 @@ def test_export_keeps_one_node_per_op_call():
         Decode(model), (ids[:, :1], positions, eager_state.clone()),
         dynamic_shapes=({0: batch}, {0: batch}, state_dims)
     ).run_decompositions()
-    assert _op_counts(ep_dec.graph_module) == {"minimax.lightning_decode.default": n_lin, "minimax.moe.default": n_layers,
+    assert _op_counts(ep_dec.graph_module) == {"minimax.moe.default": n_layers,
                                                "minimax.paged_attention_decode.default": n_soft}
     assert writes(ep_dec.graph_module) == n_soft
+    assert writes(ep_dec.graph_module, torch.ops.minimax.lightning_decode_.default) == n_lin  # in place, no copy_
+    assert not any(n.target is torch.ops.aten.copy_.default for n in ep_dec.graph_module.graph.nodes)
     logits_b, _ = ep_dec.module()(ids[:, :1], positions, eager_state.clone())
     logits_a, _ = model.decode(ids[:, :1], positions, eager_state)
     torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)

@@ -1,6 +1,8 @@
-"""``torch.library`` registration of lightning attention: ``minimax::lightning_prefill`` and ``minimax::lightning_decode``.
+"""``torch.library`` registration of lightning attention: ``minimax::lightning_prefill``, ``minimax::lightning_decode``
+and its in-place form ``minimax::lightning_decode_`` (the state overwritten; what the model's decode step calls).
 
-Both ops are functional (no input is mutated) and return new contiguous tensors. They are
+``lightning_prefill`` and ``lightning_decode`` are functional (no input is mutated) and return new contiguous
+tensors. They are
 ``torch.library.triton_op``s: the body holds only PyTorch ops and ``wrap_triton`` launches, so when Inductor lowers
 them (AOTInductor, ``torch.compile``) the Triton kernels of ``chunk.py`` (prefill) and ``recurrent.py`` (decode) are
 compiled into the output (a CUDA AOTInductor package holds them as ``.cubin`` files and needs neither Python nor this
@@ -113,3 +115,30 @@ def _lightning_decode_cuda(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Te
     from .recurrent import lightning_decode_triton
 
     return lightning_decode_triton(q, k, v, s, state)  # new contiguous o [B, 1, H, Dv], state [B, H, Dk, Dv]
+
+
+@torch.library.triton_op("minimax::lightning_decode_", mutates_args=("state",))
+def lightning_decode_(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> Tensor:
+    """``lightning_decode`` in place: ``state`` (fp32 [B, H, Dk, Dv], last dim contiguous) becomes the new state.
+
+    Returns ``o [B, 1, H, Dv]`` in q.dtype. What the model's decode step calls: exported, it is one
+    ``auto_functionalized`` node on the state input, which AOTInductor re-inplaces (the kernel stores the new state
+    over the old one), so a decode step neither allocates nor copies a lightning state."""
+    if not _use_triton(q, v):
+        o, new_state = torch.ops.minimax.lightning_decode_reference(q, k, v, s, state)
+        state.copy_(new_state)
+        return o
+    from .traced import lightning_decode_inplace_traceable
+
+    return lightning_decode_inplace_traceable(q, k, v, s, state)
+
+
+@lightning_decode_.register_kernel("cuda")
+def _lightning_decode_inplace_cuda(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> Tensor:
+    if not _use_triton(q, v):
+        o, new_state = naive.lightning_attention_decode_step(q, k, v, s, state)
+        state.copy_(new_state)
+        return o
+    from .recurrent import lightning_decode_triton_
+
+    return lightning_decode_triton_(q, k, v, s, state)

@@ -95,3 +95,26 @@ def lightning_decode_traceable(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state
         DK=DK, DV=DV, BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
     return o, new_state
+
+
+def lightning_decode_inplace_traceable(q: Tensor, k: Tensor, v: Tensor, s: Tensor, state: Tensor) -> Tensor:
+    """Same contract as ``recurrent.lightning_decode_triton_`` (``state`` overwritten with the new state; it must be
+    fp32 with a statically contiguous last dim, since a copy would not be the caller's tensor); B may be symbolic."""
+    from torch.library import wrap_triton
+
+    B, T, H, DK = q.shape
+    DV = v.shape[-1]
+    if not chunk.supports_head_dims(DK, DV):
+        raise ValueError(f"lightning decode (triton): head dims must be powers of two in [16, 256]; got {DK}, {DV}")
+    if state.dtype != torch.float32 or not statically_known_true(state.stride(-1) == 1):
+        raise ValueError("lightning decode (in place): the state must be fp32 with a contiguous last dim")
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    s = s.float().contiguous()
+    o = torch.empty((B, 1, H, DV), dtype=q.dtype, device=q.device)
+    block_v, num_warps = _decode_block_v(B, H, DV, q.device)
+    block_v = min(block_v, DV)
+    wrap_triton(recurrent._lightning_decode_inplace_kernel)[(DV // block_v, B * H)](
+        q, k, v, s, state, o, H, q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+        state.stride(0), state.stride(1), state.stride(2), DK=DK, DV=DV, BLOCK_V=block_v, num_warps=num_warps,
+    )  # fmt: skip
+    return o
