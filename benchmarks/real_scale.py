@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         child = json.loads(line[-1][7:])
         result.update(child)
+        # where the load's time went: the weight stream's summary and each package's load / constants times
+        result["load_log"] = [x for x in r.stderr.splitlines() if "runtime.backends loaded" in x
+                              or ("export.weights" in x and " tensors, " in x)]
         result["load_gbps"] = result["folder_weight_bytes"] / child["load_s"] / 1e9
         floor = min(result["disk_read_gbps"], result["h2d_gbps"])
         result["load_vs_slower_bandwidth"] = result["load_gbps"] / floor

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,11 +59,13 @@ def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.dev
     weights = load_weights(folder, manifest["weights"], device, digests=digests)
     for name in ("prefill", "decode"):
         path = Path(folder) / manifest["programs"][name]["file"]
+        start = time.perf_counter()
         try:
             package = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
                                                         device_index=device_index)
         except RuntimeError as e:
             raise EngineFolderError(f"{path}: cannot load the AOTInductor package ({e})"[:600]) from e
+        loaded = time.perf_counter()
         check_aoti_settings(path, package, manifest)
         try:
             package.load_constants(program_constants(package.get_constant_fqns(), weights, str(path)),
@@ -70,7 +73,8 @@ def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.dev
         except RuntimeError as e:
             raise EngineFolderError(f"{path}: the folder's weights do not fit the program ({e})"[:600]) from e
         programs[name] = InPlaceProgram(package, name)
-        logger.info("loaded %s (AOTInductor, %s)", path, device)
+        logger.info("loaded %s (AOTInductor, %s): package %.1fs, constants %.1fs", path, device, loaded - start,
+                    time.perf_counter() - loaded)
     return programs
 
 
