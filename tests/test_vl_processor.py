@@ -491,3 +491,27 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="rounds down to 0x336 pixels in its 336x336 grid"):
         num_image_tokens(49, 98784)  # the float-scale edge (test_select_grid_matches_llava_next)
     assert num_image_tokens(1, 2016) == 576  # 1 pixel row in the grid, 0 feature rows after unpadding
+
+
+def test_processor_and_model_agree_on_every_layout():
+    """The processor (pixels, token counts) and the model (``MiniMaxVLConfig.image_layout``: tiles, feature crop)
+    are written separately; they must agree on the grids, the tile counts and the token counts of every size."""
+    from model.image_processing import IMAGE_GRID_PINPOINTS, num_image_tokens, tile_grid
+    from model.vl import MiniMaxVLConfig
+
+    config = MiniMaxVLConfig.preset("minimax-vl-01")
+    assert tuple(map(tuple, config.image_grid_pinpoints)) == IMAGE_GRID_PINPOINTS
+    rng = np.random.default_rng(3)
+    sizes = [(336, 336), (2000, 1000), (110, 176), (1, 2000), (2000, 1), (7, 13)] + [
+        (int(h), int(w)) for h, w in rng.integers(1, 2200, size=(400, 2))]
+    checked = 0
+    for h, w in sizes:
+        try:
+            rows, cols = tile_grid(h, w)
+        except ValueError:
+            continue  # refused by the processor (a side resized to 0 pixels)
+        layout = config.image_layout(h, w)
+        assert (layout.rows, layout.cols) == (rows, cols), (h, w)
+        assert layout.num_tokens == num_image_tokens(h, w), (h, w)
+        checked += 1
+    assert checked > 350
