@@ -473,9 +473,10 @@ def _rename_dims(model, name: str) -> None:
             rename(value)
 
 
-def to_onnx(program: ExportedProgram, name: str, settings: BuildSettings):
+def to_onnx(program: ExportedProgram, name: str, settings: BuildSettings, optimize: bool = True):
     """Export ``program`` to an ``onnxscript.ir.Model`` with plugin nodes and contract names; returns
-    ``(ir model, moe plan)``."""
+    ``(ir model, moe plan)``. ``optimize=False`` skips onnxscript's optimizer (whose constant folding reads the
+    weights: off for a program whose weights are meta tensors)."""
     import warnings
 
     inputs, outputs = contract_names(program, name)
@@ -495,7 +496,7 @@ def to_onnx(program: ExportedProgram, name: str, settings: BuildSettings):
             input_names=inputs,
             output_names=outputs,
             opset_version=OPSET,
-            optimize=True,
+            optimize=optimize,
             verbose=False,
         )
     logger.info("onnx %s: exported in %.1fs", name, time.perf_counter() - start)

@@ -353,3 +353,32 @@ def test_check_available_names_what_is_missing(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     with pytest.raises(EngineFolderError, match=r"backend 'onnx' needs onnxscript, which is not installed"):
         onnx_lowering.check_available(SETTINGS)
+
+
+def test_weightless_skeleton_lowers_to_the_same_graph(graphs, tiny):
+    """A model on the meta device (no weight in memory: how the full 80-layer configuration is lowered) exports to
+    ONNX with the optimizer off; its decode graph has the same inputs, outputs, plugin nodes (op types and
+    attributes, in order) as the real model's folder graph, and its initializers are exactly the model's tensors
+    (names, shapes, dtypes): the graph a real-scale ONNX folder needs, without reading a weight."""
+    from export.exporting import export_programs
+    from export.onnx_lowering import to_onnx
+
+    with torch.device("meta"):
+        skeleton = MiniMaxForCausalLM(tiny.config, dtype=torch.float32)
+    skeleton.eval()
+    with torch.no_grad():
+        program = export_programs(skeleton, SETTINGS)["decode"]
+    model, _ = to_onnx(program, "decode", SETTINGS, optimize=False)
+    ref = graphs["decode"]
+    assert [v.name for v in model.graph.inputs] == [v.name for v in ref.graph.inputs]
+    assert [v.name for v in model.graph.outputs] == [v.name for v in ref.graph.outputs]
+    plugin = lambda g: [(n.op_type, sorted(_attrs(n).items())) for n in g.graph if n.domain == "minimax"]  # noqa: E731
+    assert plugin(model) == plugin(ref) and plugin(ref)
+    spec = lambda g: {n: (tuple(v.shape), v.dtype) for n, v in g.graph.initializers.items()  # noqa: E731
+                      if n.startswith("inner.")}  # the model's tensors (the optimizer adds folded "val_*" constants)
+    # every initializer is one of the model's tensors, by its name, shape and dtype (the real folder's optimized
+    # graph holds some of them pre-transposed as folded constants instead)
+    from export.weights import model_tensors
+
+    want = {f"inner.model.{n}": (tuple(t.shape), ir.DataType.FLOAT) for n, t in model_tensors(tiny)}
+    assert {n: (tuple(int(d) for d in shape), dt) for n, (shape, dt) in spec(model).items()} == want
