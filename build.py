@@ -146,19 +146,28 @@ def _build(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         weights_writer = None
         try:
-            if args.checkpoint and backend == "aoti":
-                # Never hold the weights: the programs are exported from an uninitialised skeleton (allocated, not
-                # written), and the checkpoint is converted into the folder's weights shard by shard.
+            if args.checkpoint and backend in ("aoti", "onnx"):
+                # Never hold the weights: the programs are exported from a skeleton (AOTInductor: allocated, not
+                # written; ONNX: on the meta device), and the checkpoint is converted tensor by tensor into the
+                # folder's weights (AOTInductor: safetensors shards; ONNX: the graphs' shared external data).
                 from model.loading import convert_checkpoint, validate_checkpoint
 
                 validate_checkpoint(args.checkpoint, settings.torch_dtype)  # names and shapes, before any work
                 with torch.device("meta"):
                     model = MiniMaxForCausalLM(config, dtype=settings.torch_dtype)
-                model = model.to_empty(device=device)
-                model.model.reset_buffers()
+                if backend == "aoti":
+                    model = model.to_empty(device=device)
+                    model.model.reset_buffers()
                 model.eval()
 
-                def weights_writer(folder):
+                def weights_writer(folder, layout=None):
+                    if layout is not None:  # ONNX
+                        from export.onnx_lowering import WEIGHTS_DATA, ExternalDataWriter
+
+                        writer = ExternalDataWriter(folder / WEIGHTS_DATA, layout)
+                        convert_checkpoint(args.checkpoint, writer, settings.torch_dtype)
+                        writer.close()
+                        return None, writer.sha256
                     from export.weights import ShardWriter
 
                     writer = ShardWriter(folder, shard_bytes=args.shard_mb << 20)

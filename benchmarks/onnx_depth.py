@@ -5,8 +5,10 @@ process's peak RSS. Runs on the CPU.
 
     PYTHONPATH=. python -m benchmarks.onnx_depth --preset minimax-text-01 --layers 8,80 --out r.json
 
-Each depth runs in a child process, so that every peak RSS is its own. Writes no engine folder: the graphs' weights
-would be external data that a checkpoint converter fills (not built yet, see docs/benchmarks.md).
+Each depth runs in a child process, so that every peak RSS is its own. The graphs are also written as an engine
+folder holds them (``onnx_lowering.save_onnx_external``: initializers referencing the shared ``weights.onnx.data``
+at their layout offsets), in a temporary folder; the data itself is what ``build.py --checkpoint --backend onnx``
+converts a checkpoint into, which no machine here can hold at this size.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import sys
 from benchmarks.common import environment, write_json
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, resource, sys, tempfile, time, torch
+from pathlib import Path
 from benchmarks.build_depth import depth_config
 from export import BuildSettings, export_programs
-from export.onnx_lowering import to_onnx
+from export.onnx_lowering import save_onnx_external, to_onnx, weights_layout
+out = Path(tempfile.mkdtemp(prefix="onnx-depth-"))
 from model import MiniMaxForCausalLM
 layers, preset = int(sys.argv[1]), sys.argv[2]
 with torch.device("meta"):
@@ -42,6 +46,13 @@ for name, ep in programs.items():
     row[f"onnx_{name}_nodes"] = len(list(graph.graph))
     row[f"onnx_{name}_initializers"] = len(graph.graph.initializers)
     row[f"onnx_{name}_initializer_bytes"] = sum(v.const_value.nbytes for v in graph.graph.initializers.values())
+    # the graph as an engine folder holds it: initializers referencing the shared external data (layout only)
+    t0 = time.perf_counter()
+    layout = weights_layout(graph)
+    save_onnx_external(graph, out / f"{name}.onnx", layout)
+    row[f"onnx_{name}_save_s"] = time.perf_counter() - t0
+    row[f"onnx_{name}_graph_file_bytes"] = (out / f"{name}.onnx").stat().st_size
+    row["external_data_bytes"] = max(e["offset"] + e["nbytes"] for e in layout.values())
     del graph
 row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print("RESULT " + json.dumps(row))

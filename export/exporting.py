@@ -175,9 +175,11 @@ def build_engine(
 ) -> dict[str, Any]:
     """Export, lower and write a complete engine folder to ``out_dir``; return its manifest.
 
-    ``weights_writer(folder) -> (weights entry, sha256)``: writes the folder's weights itself (AOTInductor only;
-    e.g. streamed from a checkpoint by ``model.loading.convert_checkpoint``), in which case ``model`` is only the
-    skeleton the programs are exported from and its tensor values are never read."""
+    ``weights_writer(folder) -> (weights entry, sha256)``: writes the folder's weights itself (AOTInductor; e.g.
+    streamed from a checkpoint by ``model.loading.convert_checkpoint``), in which case ``model`` is only the
+    skeleton the programs are exported from and its tensor values are never read. For ONNX the skeleton is on the
+    meta device, its graphs reference one shared ``weights.onnx.data``, and ``weights_writer(folder, layout) ->
+    (None, sha256)`` fills it in the graphs' layout (``onnx_lowering.ExternalDataWriter``)."""
     config = model.config
     settings.validate(config.max_position_embeddings)
     paged = settings.paged_layout()  # fixed here, so that the programs' metadata and the manifest say the same
@@ -198,11 +200,14 @@ def build_engine(
             torch.export.save(without_weights(ep) if settings.backend == "aoti" else ep,
                               folder / "exported" / f"{name}.pt2")
         manifest_programs = {}
+        layouts = []  # ONNX graphs of a weightless skeleton: where their shared external data goes
         for name, ep in programs.items():
             start = time.perf_counter()
             logger.info("lowering %s with %s ...", name, settings.backend)
             with progress(f"lowering {name} with {settings.backend}"):
                 entries = lowering_module(settings.backend).lower(ep, folder, name, settings)
+            if "weights_layout" in entries:
+                layouts.append(entries.pop("weights_layout"))
             timings[f"lower_{name}_s"] = time.perf_counter() - start
             logger.info("lowered %s in %.1fs", name, timings[f"lower_{name}_s"])
             manifest_programs[name] = {**entries, "exported": f"exported/{name}.pt2",
@@ -210,7 +215,17 @@ def build_engine(
                                                    settings.paged_layout(), in_place=entries.get("state_update", "in_place") == "in_place")}
         start = time.perf_counter()
         weights, digest = None, None
-        if weights_writer is not None and settings.backend != "aoti":
+        if layouts:  # the graphs reference weights.onnx.data: the checkpoint converter fills it now
+            if any(layout != layouts[0] for layout in layouts):
+                raise EngineFolderError("the ONNX graphs of one folder disagree on their weights' layout")
+            if weights_writer is None:
+                raise EngineFolderError("the ONNX graphs of a weightless skeleton need a checkpoint converted into "
+                                        "their external data (build.py --checkpoint)")
+            with progress("converting weights into the ONNX external data"):
+                _, digest = weights_writer(folder, layouts[0])
+            timings["weights_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+        elif weights_writer is not None and settings.backend != "aoti":
             raise EngineFolderError(f"backend {settings.backend!r} embeds the weights in its programs: it cannot take "
                                     "them from a weights writer")
         if settings.backend == "aoti":  # programs without constants: the weights, once, beside them

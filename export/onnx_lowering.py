@@ -57,6 +57,7 @@ import contextlib
 import importlib.util
 import logging
 import operator
+import os
 import re
 import time
 from pathlib import Path
@@ -576,12 +577,134 @@ def save_onnx(model, path: Path) -> str | None:
     return data
 
 
+WEIGHTS_DATA = "weights.onnx.data"  # the external data both graphs of a skeleton build share
+DATA_ALIGN = 64  # bytes; each tensor of WEIGHTS_DATA starts at a multiple
+_IR_TORCH_DTYPES = {"FLOAT": "float32", "BFLOAT16": "bfloat16", "FLOAT16": "float16", "INT64": "int64",
+                    "INT32": "int32"}
+
+
+def weight_name(initializer: str) -> str:
+    """The folder weight an initializer holds (``functional_program`` wraps the program as ``inner``, whose
+    constants are ``model.<weight>``)."""
+    return initializer.removeprefix("inner.model.")
+
+
+def weights_layout(model) -> dict[str, dict[str, Any]]:
+    """Where each of the graph's initializers lives in ``WEIGHTS_DATA``: ``{weight: {offset, nbytes, shape, dtype}}``,
+    in name order, each aligned to ``DATA_ALIGN`` bytes (a pure function of the tensors' names, shapes and dtypes,
+    so both programs of a folder, which hold the same tensors, get the same layout)."""
+    specs = {}
+    for v in model.graph.initializers.values():
+        t = v.const_value
+        dtype = _IR_TORCH_DTYPES.get(t.dtype.name)
+        if dtype is None:
+            raise EngineFolderError(f"initializer {v.name}: dtype {t.dtype} has no external-data layout")
+        specs[weight_name(v.name)] = {"shape": [int(d) for d in t.shape], "dtype": dtype, "nbytes": int(t.nbytes)}
+    layout, offset = {}, 0
+    for name in sorted(specs):
+        offset = -(-offset // DATA_ALIGN) * DATA_ALIGN
+        layout[name] = {"offset": offset, **specs[name]}
+        offset += specs[name]["nbytes"]
+    return layout
+
+
+def save_onnx_external(model, path: Path, layout: dict[str, dict[str, Any]]) -> None:
+    """Write the graph with every initializer an external reference into ``WEIGHTS_DATA`` (no weight is read:
+    the initializers may be meta tensors); its structure checked with ``onnx.checker`` (without the data)."""
+    import onnx
+    from onnxscript import ir
+
+    for v in model.graph.initializers.values():
+        e = layout[weight_name(v.name)]
+        v.const_value = ir.ExternalTensor(WEIGHTS_DATA, e["offset"], e["nbytes"], v.const_value.dtype,
+                                          shape=v.const_value.shape, name=v.name, base_dir=str(path.parent))
+    ir.save(model, path)
+    register_schemas()
+    data = path.parent / WEIGHTS_DATA
+    if not data.exists():
+        data.touch()  # the checker wants the file to exist; the converter fills it (ExternalDataWriter)
+    onnx.checker.check_model(str(path))  # by path: external references resolved beside the graph, not read
+
+
+class ExternalDataWriter:
+    """Writes converted weights (``model.loading.convert_checkpoint``'s writer interface: ``add`` / ``add_part``)
+    into ``WEIGHTS_DATA`` at the layout's offsets, one tensor at a time (a stacked tensor part by part); checks each
+    tensor against the layout and, on ``close``, that every byte of every tensor was written. ``sha256``: the running
+    hash of names, shapes, dtypes and bytes in write order (the manifest's ``weights_sha256``)."""
+
+    def __init__(self, path: Path, layout: dict[str, dict[str, Any]]):
+        import hashlib
+
+        self.path, self.layout = Path(path), layout
+        self._file = open(self.path, "wb")
+        total = max((e["offset"] + e["nbytes"] for e in layout.values()), default=0)
+        self._file.truncate(total)
+        self._full: set[str] = set()
+        self._parts: dict[str, set[int]] = {}
+        self._hash = hashlib.sha256()
+        self.bytes_written = 0
+
+    def _write(self, name: str, offset: int, tensor: torch.Tensor) -> None:
+        t = tensor.detach().cpu().contiguous()
+        data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+        self._hash.update(f"{name}|{list(t.shape)}|{t.dtype}|".encode())
+        self._hash.update(data)
+        os.pwrite(self._file.fileno(), data, offset)
+        self.bytes_written += len(data)
+
+    def _spec(self, name: str) -> dict[str, Any]:
+        if name not in self.layout:
+            raise EngineFolderError(f"{self.path}: weight {name!r} is not an initializer of the graphs")
+        return self.layout[name]
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        e = self._spec(name)
+        if list(tensor.shape) != e["shape"] or str(tensor.dtype).removeprefix("torch.") != e["dtype"]:
+            raise EngineFolderError(f"{self.path}: weight {name!r} is {tensor.dtype} {list(tensor.shape)}, the "
+                                    f"graphs hold {e['dtype']} {e['shape']}")
+        self._write(name, e["offset"], tensor)
+        self._full.add(name)
+
+    def add_part(self, name: str, index: int, count: int, tensor: torch.Tensor) -> None:
+        e = self._spec(name)
+        if [count, *tensor.shape] != e["shape"] or str(tensor.dtype).removeprefix("torch.") != e["dtype"]:
+            raise EngineFolderError(f"{self.path}: part {index} of {name!r} is {tensor.dtype} "
+                                    f"{list(tensor.shape)}, the graphs hold {e['dtype']} {e['shape']} in {count}")
+        self._write(f"{name}.{index}", e["offset"] + index * (e["nbytes"] // count), tensor)
+        self._parts.setdefault(name, set()).add(index)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        missing = [n for n, e in self.layout.items()
+                   if n not in self._full and len(self._parts.get(n, ())) != (e["shape"] or [1])[0]]
+        if missing:
+            raise EngineFolderError(f"{self.path}: weights not written: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
 def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSettings) -> dict[str, Any]:
     """Write ``<name>.onnx`` (+ ``<name>.onnx.data`` when the weights are large) into ``folder``, checked with
-    ``onnx.checker``. Returns the manifest entries of the program."""
-    model, plan = to_onnx(program, name, settings)
-    data = save_onnx(model, folder / f"{name}.onnx")
-    return {
+    ``onnx.checker``. Returns the manifest entries of the program.
+
+    A program whose weights are meta tensors (a skeleton build: ``build.py --checkpoint``) is lowered without the
+    optimizer and written with its initializers as references into the shared ``WEIGHTS_DATA`` (entry
+    ``weights_layout``), which the checkpoint converter then fills (``ExternalDataWriter``)."""
+    if any(t.device.type == "meta" for t in program.state_dict.values()):
+        model, plan = to_onnx(program, name, settings, optimize=False)
+        layout = weights_layout(model)
+        save_onnx_external(model, folder / f"{name}.onnx", layout)
+        entries = {"weights_layout": layout}
+        data = WEIGHTS_DATA
+    else:
+        model, plan = to_onnx(program, name, settings)
+        data = save_onnx(model, folder / f"{name}.onnx")
+        entries = {}
+    return {**entries,
         "file": f"{name}.onnx",
         "external_data": data,
         "opset": OPSET,

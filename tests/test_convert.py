@@ -110,3 +110,59 @@ def test_staged_loader_reads_each_shard_once_in_chunks_and_checks_its_hash(hf_ch
     unchecked = load_weights(tmp_path, entry, torch.device("cpu"), workers=2, chunk_bytes=4096)
     flat = [t for n, t in unchecked.items() if n == name or name.startswith(n + ".")]
     assert flat and any((t.reshape(-1) == 123.0).any() for t in flat)
+
+
+def test_onnx_folder_built_from_a_checkpoint_without_the_model(hf_checkpoint, tmp_path):
+    """``build.py --checkpoint --backend onnx``: graphs lowered from a meta skeleton, the checkpoint converted
+    straight into their one shared external data file; evaluated with ``onnx.reference``, the graphs equal the
+    eager model loaded from the same checkpoint over prefill + decode."""
+    import onnx
+
+    from export.onnx_lowering import WEIGHTS_DATA
+    from export.onnx_reference import OnnxReferenceProgram
+    from runtime.backends import InPlaceProgram
+    from export.exporting import DecodeProgram, PrefillProgram
+    from tests.test_onnx import SETTINGS as ONNX_SETTINGS, _run_steps
+    from tests.utils import logit_report
+
+    _, ckpt = hf_checkpoint
+    out = tmp_path / "onnx"
+    s = ONNX_SETTINGS
+    assert build.main(["--checkpoint", str(ckpt), "--out", str(out), "--backend", "onnx", "--device", "cpu",
+                       "--dtype", "fp32", "--max-batch", str(s.max_batch), "--max-input-len", str(s.max_input_len),
+                       "--max-seq-len", str(s.max_seq_len), "--page-size", str(s.page_size)]) == 0
+    manifest = read_manifest(out)
+    assert {p["external_data"] for p in manifest["programs"].values()} == {WEIGHTS_DATA}
+    assert sorted(p.name for p in out.glob("*.data")) == [WEIGHTS_DATA]  # one shared file, not one per graph
+    for name in ("prefill", "decode"):
+        proto = onnx.load(str(out / f"{name}.onnx"), load_external_data=False)
+        locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {WEIGHTS_DATA} and len(proto.graph.initializer) > 50
+    model = MiniMaxForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    prefill, decode = OnnxReferenceProgram(out / "prefill.onnx"), OnnxReferenceProgram(out / "decode.onnx")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    ours = _run_steps(prefill, decode, ids, 6, model.config)
+    ref = _run_steps(InPlaceProgram(PrefillProgram(model)), InPlaceProgram(DecodeProgram(model)), ids, 6,
+                     model.config)
+    report = logit_report(ours[0], ref[0])
+    assert report["max_abs"] < 2e-5 and report["top1"] == 1.0, report
+
+
+def test_external_data_writer_refuses_wrong_tensors_and_missing_ones(tmp_path):
+    from export.onnx_lowering import ExternalDataWriter
+
+    layout = {"a": {"offset": 0, "nbytes": 24, "shape": [2, 3], "dtype": "float32"},
+              "e": {"offset": 64, "nbytes": 32, "shape": [2, 2, 2], "dtype": "float32"}}
+    w = ExternalDataWriter(tmp_path / "w.data", layout)
+    with pytest.raises(EngineFolderError, match=r"weight 'a' is torch.float32 \[3, 2\], the graphs hold float32"):
+        w.add("a", torch.zeros(3, 2))
+    with pytest.raises(EngineFolderError, match="'b' is not an initializer"):
+        w.add("b", torch.zeros(1))
+    w.add("a", torch.arange(6.0).view(2, 3))
+    w.add_part("e", 1, 2, torch.full((2, 2), 7.0))
+    with pytest.raises(EngineFolderError, match=r"weights not written: \['e'\]"):
+        w.close()
+    data = (tmp_path / "w.data").read_bytes()
+    assert len(data) == 96 and torch.equal(torch.frombuffer(bytearray(data[:24]), dtype=torch.float32),
+                                            torch.arange(6.0))
+    assert torch.equal(torch.frombuffer(bytearray(data[80:96]), dtype=torch.float32), torch.full((4,), 7.0))
