@@ -109,20 +109,29 @@ class PrefixCache:
         self.hits += 1
         self.tokens_reused += hit.length
 
-    def needs_snapshot(self, prompt: Sequence[int], length: int) -> bool:
-        """Whether ``prompt[:length]`` (whole pages) lacks a cached snapshot."""
+    def needs_snapshot(self, prompt: Sequence[int], length: int, last: "_Block | None" = None) -> bool:
+        """Whether ``prompt[:length]`` (whole pages) lacks a cached snapshot. ``last``: the block ``insert``
+        returned for this prompt before (spares walking the chain again while it is still cached)."""
+        if last is not None and self.blocks.get(last.key) is last and last.depth == length // self.page_size:
+            return last.snapshot is None
         chain = self._chain(prompt, length)
         return len(chain) < length // self.page_size or chain[-1].snapshot is None
 
     # ------------------------------------------------------------------------------------------------ updates
-    def insert(self, prompt: Sequence[int], row_pages: Sequence[int], length: int, snapshot: list[Tensor]) -> None:
+    def insert(self, prompt: Sequence[int], row_pages: Sequence[int], length: int, snapshot: list[Tensor],
+               last: "_Block | None" = None) -> _Block:
         """Record that a row holding ``prompt[:length]`` (``length`` a multiple of the page size) in ``row_pages``
-        has the lightning ``snapshot`` (cloned by the caller) at ``length``."""
+        has the lightning ``snapshot`` (cloned by the caller) at ``length``; returns the prefix's last block.
+        ``last``: the block a previous ``insert`` of this prompt returned; the chain continues from it while it is
+        cached (its ancestors are then cached too: a block is only dropped with everything below it), so a long
+        prompt's chunks do not walk its whole chain each time."""
         ps = self.page_size
         if length % ps or length <= 0 or length > len(prompt):
             raise ValueError(f"prefix cache: length {length} is not a whole number of pages of the prompt")
-        parent = None
-        for i in range(length // ps):
+        parent, first = None, 0
+        if last is not None and self.blocks.get(last.key) is last and last.depth <= length // ps:
+            parent, first = last, last.depth
+        for i in range(first, length // ps):
             key = self._key(parent, prompt[i * ps:(i + 1) * ps])
             block = self.blocks.get(key)
             if block is None:
@@ -138,6 +147,7 @@ class PrefixCache:
             parent.snapshot = snapshot
             self.snapshot_bytes += sum(t.numel() * t.element_size() for t in snapshot)
         self._trim_snapshots()
+        return parent
 
     @staticmethod
     def _ancestry(block: _Block) -> list[_Block]:

@@ -62,6 +62,7 @@ class _Sequence:
     prefilled: int = 0  # prompt tokens already in the cache
     logits: Tensor | None = None  # [V] after the prompt's last chunk, or the last decode step
     cancelled: bool = False
+    cache_block: object = None  # the prefix cache's last block of this prompt so far (spares re-walking its chain)
 
     @property
     def prompt(self) -> list[int]:
@@ -264,11 +265,11 @@ class Scheduler:
         seq = self.rows[row]
         n = seq.prefilled
         if self.cache is None or n == 0 or n % self.engine.pages.page_size or not self.cache.needs_snapshot(
-                seq.prompt, n):
+                seq.prompt, n, seq.cache_block):
             return
         with torch.no_grad():
             snapshot = [t[row].clone() for t in self._per_row]
-        self.cache.insert(seq.prompt, self.engine.pages.rows[row], n, snapshot)
+        seq.cache_block = self.cache.insert(seq.prompt, self.engine.pages.rows[row], n, snapshot, seq.cache_block)
 
     def _compact(self) -> None:
         """Rows whose prompt is done move in front of the ones still prefilling (running rows stay a prefix)."""
