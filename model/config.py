@@ -255,7 +255,10 @@ class MiniMaxConfig:
             raise ConfigError("tie_word_embeddings = true is not supported: MiniMax-01 has an untied LM head")
         if d.get("sliding_window") is not None:
             raise ConfigError(f"sliding_window = {d['sliding_window']} is not supported (MiniMax-01 has none)")
-        if d.get("shared_intermediate_size", 0):
+        shared = d.get("shared_intermediate_size", 0)
+        if isinstance(shared, list) and len(shared) == 1:  # the released VL-01 text_config writes [0]
+            shared = shared[0]
+        if shared:
             raise ConfigError(f"shared_intermediate_size = {d['shared_intermediate_size']}: a shared expert is not "
                               "supported (MiniMax-Text-01 has none)")
         if d.get("rope_scaling"):

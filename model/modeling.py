@@ -250,8 +250,15 @@ class MiniMaxModel(nn.Module):
     def forward(
         self, input_ids: Tensor, state: MiniMaxState, positions: Tensor, decode: bool
     ) -> tuple[Tensor, MiniMaxState]:
-        B, T = input_ids.shape
-        token_positions = positions[:, None] + torch.arange(T, device=input_ids.device)[None, :]  # [B, T]
+        return self.forward_embeddings(self.embed_tokens(input_ids), state, positions, decode)
+
+    def forward_embeddings(
+        self, h: Tensor, state: MiniMaxState, positions: Tensor, decode: bool
+    ) -> tuple[Tensor, MiniMaxState]:
+        """``forward`` from input embeddings ``h [B, T, hidden]`` (the ids' embeddings, or VL-01's with image
+        features written in): the decoder layers and the final norm."""
+        B, T, _ = h.shape
+        token_positions = positions[:, None] + torch.arange(T, device=h.device)[None, :]  # [B, T]
         # Negative positions are left pads (see the module docstring); RoPE sees them at position 0.
         freqs = token_positions.clamp(min=0)[..., None].float() * self.inv_freq  # [B, T, r/2] fp32
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -259,7 +266,6 @@ class MiniMaxModel(nn.Module):
                            block_table=state.block_table, cos=emb.cos(), sin=emb.sin())
 
         lightning, key_cache, value_cache = state.lightning, state.key_cache, state.value_cache
-        h = self.embed_tokens(input_ids)  # [B, T, hidden]
         i_lin = i_soft = 0
         for layer in self.layers:
             if layer.is_lightning:

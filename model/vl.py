@@ -45,7 +45,7 @@ from .config import PRESETS as TEXT_PRESETS
 from .config import ConfigError, MiniMaxConfig, _short
 from .loading import (IGNORED_KEY_PATTERN, CheckpointError, _check_shapes, _read_index, _stream, _Target,
                       _validate, checkpoint_key_plan)
-from .modeling import MiniMaxForCausalLM, MiniMaxModel, _StepContext
+from .modeling import MiniMaxForCausalLM, MiniMaxModel
 from .state import MiniMaxState
 
 logger = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ class MiniMaxVLConfig:
             text_dict = d["text_config"]
             _require(isinstance(text_dict, dict), f"text_config must be an object, got {_short(text_dict)}")
             try:
-                text = MiniMaxConfig.from_dict(_normalise_text_config(text_dict))
+                text = MiniMaxConfig.from_dict(text_dict)  # (reads the released [0] shared_intermediate_size)
             except ConfigError as e:
                 raise ConfigError(f"text_config: {e}") from None
             return cls(
@@ -347,15 +347,6 @@ class MiniMaxVLConfig:
             return VL_PRESETS[name]
         except KeyError:
             raise ConfigError(f"unknown preset {name!r}; available: {', '.join(VL_PRESETS)}") from None
-
-
-def _normalise_text_config(d: dict[str, Any]) -> dict[str, Any]:
-    """The released VL ``text_config`` writes ``shared_intermediate_size`` as a one-element list (``[0]``), which
-    ``MiniMaxConfig.from_dict`` reads as a shared expert; unwrap it (any non-zero value is still refused there)."""
-    shared = d.get("shared_intermediate_size")
-    if isinstance(shared, list) and len(shared) == 1:
-        return {**d, "shared_intermediate_size": shared[0]}
-    return d
 
 
 VL_PRESETS: dict[str, MiniMaxVLConfig] = {
@@ -522,23 +513,9 @@ def pack_image_features(tile_features: Tensor, layout: ImageLayout, image_newlin
 
 
 def _run_decoder(text: MiniMaxModel, h: Tensor, state: MiniMaxState, positions: Tensor, decode: bool) -> Tensor:
-    """``MiniMaxModel.forward`` from input embeddings ``h [B, T, hidden]`` instead of ids (same steps, same state
-    handling; ``tests/test_vl_model.py`` checks that a text-only prompt gives the text model's logits exactly)."""
-    T = h.shape[1]
-    token_positions = positions[:, None] + torch.arange(T, device=h.device)[None, :]  # [B, T]
-    freqs = token_positions.clamp(min=0)[..., None].float() * text.inv_freq  # [B, T, r/2] fp32
-    emb = torch.cat((freqs, freqs), dim=-1)
-    ctx = _StepContext(decode=decode, positions=positions, token_positions=token_positions,
-                       block_table=state.block_table, cos=emb.cos(), sin=emb.sin())
-    i_lin = i_soft = 0
-    for layer in text.layers:
-        if layer.is_lightning:
-            h, _ = layer(h, ctx, (state.lightning[i_lin],))
-            i_lin += 1
-        else:
-            h, _ = layer(h, ctx, (state.key_cache[i_soft], state.value_cache[i_soft]))
-            i_soft += 1
-    return text.norm(h)
+    """The text decoder from input embeddings ``h [B, T, hidden]`` (``MiniMaxModel.forward_embeddings``;
+    ``tests/test_vl_model.py`` checks that a text-only prompt gives the text model's logits exactly)."""
+    return text.forward_embeddings(h, state, positions, decode)[0]
 
 
 # ---------------------------------------------------------------------------------------------------- model

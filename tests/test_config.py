@@ -189,3 +189,13 @@ def test_errors_name_the_file(tmp_path):
         MiniMaxConfig.from_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         MiniMaxConfig.preset("huge")
+
+
+
+def test_shared_intermediate_size_as_a_one_element_list():
+    """The released VL-01 text_config writes ``shared_intermediate_size: [0]`` (no shared expert); ``[9216]`` is a
+    shared expert and still refused."""
+    assert MiniMaxConfig.from_dict({**OFFICIAL_TEXT01, "shared_intermediate_size": [0]}) == MiniMaxConfig.from_dict(
+        OFFICIAL_TEXT01)
+    with pytest.raises(ConfigError, match=r"shared_intermediate_size = \[9216\]: a shared expert"):
+        MiniMaxConfig.from_dict({**OFFICIAL_TEXT01, "shared_intermediate_size": [9216]})
