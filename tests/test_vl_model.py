@@ -381,7 +381,7 @@ def _broken(path: tuple, value) -> dict:
     (("image_grid_pinpoints",), [[336, 500]], r"image_grid_pinpoints\[0\] = \[336, 500\] is not a whole number"),
     (("image_grid_pinpoints",), [[336]], r"image_grid_pinpoints\[0\] must be \[height, width\]"),
     (("image_grid_pinpoints",), [], "image_grid_pinpoints must be a non-empty list"),
-    (("text_config", "shared_intermediate_size"), [8], "text_config: shared_intermediate_size = 8"),
+    (("text_config", "shared_intermediate_size"), [8], "text_config: shared_intermediate_size = \\[8\\]"),
     (("text_config", "attn_type_list"), [0, 2], "text_config: attn_type_list holds 2"),
 ])
 def test_malformed_config_is_refused_by_name(path, value, message):
