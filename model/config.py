@@ -215,18 +215,7 @@ class MiniMaxConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> "MiniMaxConfig":
         """Read ``<path>/config.json`` (or ``path`` itself if it is a file); ``overrides`` replace fields after."""
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise ConfigError(f"{file}: no config.json found")
-        try:
-            raw = json.loads(file.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{file}: not UTF-8 text ({e})") from e
-        except OSError as e:
-            raise ConfigError(f"{file}: cannot read ({e.strerror or e})") from e
-        except (ValueError, RecursionError) as e:
-            raise ConfigError(f"{file}: not valid JSON ({str(e)[:200]})") from e
+        file, raw = read_config_json(path)
         try:
             config = cls.from_dict(raw)
         except ConfigError as e:
@@ -346,6 +335,23 @@ class MiniMaxConfig:
             mlp_beta=float(d.get("mlp_beta_factor", 1.0)),
             block_size=int(d.get("block_size", 256)),
         )
+
+
+def read_config_json(path: str | Path) -> tuple[Path, Any]:
+    """``(file, parsed JSON)`` of ``<path>/config.json`` (or ``path`` itself if it is a file); ``ConfigError`` naming
+    the file when it is missing, unreadable, not UTF-8 or not JSON."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"{file}: no config.json found")
+    try:
+        return file, json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{file}: not UTF-8 text ({e})") from e
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read ({e.strerror or e})") from e
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{file}: not valid JSON ({str(e)[:200]})") from e
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -28,7 +28,6 @@ text model's, state and all. The checkpoint keys are the released ones: ``vision
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -42,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import PRESETS as TEXT_PRESETS
-from .config import ConfigError, MiniMaxConfig, _short
+from .image_processing import IMAGE_GRID_PINPOINTS, select_best_resolution
+from .config import ConfigError, MiniMaxConfig, _short, read_config_json
 from .loading import (IGNORED_KEY_PATTERN, CheckpointError, _check_shapes, _read_index, _stream, _Target,
                       _validate, checkpoint_key_plan)
 from .modeling import MiniMaxForCausalLM, MiniMaxModel
@@ -55,14 +55,7 @@ __all__ = ["VisionConfig", "MiniMaxVLConfig", "ImageLayout", "MiniMaxVLForCondit
            "vl_checkpoint_key_plan"]
 
 # The 28 (height, width) resolutions released with MiniMax-VL-01 (minimax_arch.md §7): at most 18 tiles (6 x 3).
-MINIMAX_VL_01_PINPOINTS: tuple[tuple[int, int], ...] = (
-    (336, 336), (336, 672), (336, 1008), (336, 1344), (336, 1680), (336, 2016),
-    (672, 336), (672, 672), (672, 1008), (672, 1344), (672, 1680), (672, 2016),
-    (1008, 336), (1008, 672), (1008, 1008), (1008, 1344), (1008, 1680), (1008, 2016),
-    (1344, 336), (1344, 672), (1344, 1008), (1344, 1344),
-    (1680, 336), (1680, 672), (1680, 1008),
-    (2016, 336), (2016, 672), (2016, 1008),
-)
+MINIMAX_VL_01_PINPOINTS: tuple[tuple[int, int], ...] = IMAGE_GRID_PINPOINTS
 
 
 def quick_gelu(x: Tensor) -> Tensor:
@@ -177,20 +170,9 @@ class ImageLayout:
 
 
 def select_pinpoint(height: int, width: int, pinpoints: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The pinpoint ``(h, w)`` an ``height x width`` image is resized into (LLaVA-NeXT's ``select_best_resolution``).
-
-    Scaled to fit ``(h, w)`` with its aspect kept, the image keeps ``e = min(floor(W s) floor(H s), H W)`` pixels,
-    ``s = min(w / W, h / H)``; the pinpoint with the largest ``e`` wins, ties going to the least padding
-    ``h w - e``, then to the earlier pinpoint.
-    """
-    best, best_effective, best_wasted = None, 0, math.inf
-    for h, w in pinpoints:
-        scale = min(w / width, h / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = h * w - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (h, w), effective, wasted
-    return best
+    """The pinpoint ``(h, w)`` an ``height x width`` image is resized into: LLaVA-NeXT's ``select_best_resolution``
+    (``image_processing.select_best_resolution``, the processor's own choice, so the two never disagree)."""
+    return select_best_resolution(height, width, pinpoints)
 
 
 def unpad_crop(height: int, width: int, grid_height: int, grid_width: int) -> tuple[int, int, int, int]:
@@ -323,18 +305,7 @@ class MiniMaxVLConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "MiniMaxVLConfig":
         """Read ``<path>/config.json`` (or ``path`` itself if it is a file)."""
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise ConfigError(f"{file}: no config.json found")
-        try:
-            raw = json.loads(file.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{file}: not UTF-8 text ({e})") from e
-        except OSError as e:
-            raise ConfigError(f"{file}: cannot read ({e.strerror or e})") from e
-        except (ValueError, RecursionError) as e:
-            raise ConfigError(f"{file}: not valid JSON ({str(e)[:200]})") from e
+        file, raw = read_config_json(path)
         try:
             return cls.from_dict(raw)
         except ConfigError as e:

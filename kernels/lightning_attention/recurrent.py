@@ -52,18 +52,24 @@ def _lightning_decode_kernel(
     h = pid_bh % H
     offs_k = tl.arange(0, DK)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    state_ptrs = state_ptr + b * stride_sb + h * stride_sh + offs_k[:, None] * stride_sk + offs_v[None, :]
+    state, o = _decode_tile(q_ptr, k_ptr, v_ptr, s_ptr, state_ptrs, b, h, stride_qb, stride_qh, stride_kb, stride_kh,
+                            stride_vb, stride_vh, offs_k, offs_v)
+    tl.store(new_state_ptr + b * stride_nb + h * stride_nh + offs_k[:, None] * stride_nk + offs_v[None, :], state)
+    tl.store(o_ptr + pid_bh * DV + offs_v, o.to(o_ptr.dtype.element_ty))
 
+
+@triton.jit
+def _decode_tile(q_ptr, k_ptr, v_ptr, s_ptr, state_ptrs, b, h, stride_qb, stride_qh, stride_kb, stride_kh, stride_vb,
+                 stride_vh, offs_k, offs_v):
+    """One program's step: ``S' = exp(-s) S + k^T v`` on its ``[DK, BLOCK_V]`` tile of the state (read through
+    ``state_ptrs``), and ``o = q S'`` on its value slice. Returns ``(S' tile, o slice)``, both fp32."""
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_k).to(tl.float32)  # [DK]
     k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_k).to(tl.float32)  # [DK]
     v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_v).to(tl.float32)  # [BLOCK_V]
     decay = tl.exp(-tl.load(s_ptr + h).to(tl.float32))
-
-    tile = offs_k[:, None] * stride_sk + offs_v[None, :]
-    state = tl.load(state_ptr + b * stride_sb + h * stride_sh + tile)  # [DK, BLOCK_V] fp32
-    state = state * decay + k[:, None] * v[None, :]
-    tl.store(new_state_ptr + b * stride_nb + h * stride_nh + offs_k[:, None] * stride_nk + offs_v[None, :], state)
-    o = tl.sum(q[:, None] * state, axis=0)  # [BLOCK_V]
-    tl.store(o_ptr + pid_bh * DV + offs_v, o.to(o_ptr.dtype.element_ty))
+    state = tl.load(state_ptrs) * decay + k[:, None] * v[None, :]  # [DK, BLOCK_V] fp32
+    return state, tl.sum(q[:, None] * state, axis=0)
 
 
 @triton.jit
@@ -81,14 +87,10 @@ def _lightning_decode_inplace_kernel(
     h = pid_bh % H
     offs_k = tl.arange(0, DK)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_k).to(tl.float32)
-    k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_k).to(tl.float32)
-    v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_v).to(tl.float32)
-    decay = tl.exp(-tl.load(s_ptr + h).to(tl.float32))
-    ptrs = state_ptr + b * stride_sb + h * stride_sh + offs_k[:, None] * stride_sk + offs_v[None, :]
-    state = tl.load(ptrs) * decay + k[:, None] * v[None, :]
-    tl.store(ptrs, state)
-    o = tl.sum(q[:, None] * state, axis=0)
+    state_ptrs = state_ptr + b * stride_sb + h * stride_sh + offs_k[:, None] * stride_sk + offs_v[None, :]
+    state, o = _decode_tile(q_ptr, k_ptr, v_ptr, s_ptr, state_ptrs, b, h, stride_qb, stride_qh, stride_kb, stride_kh,
+                            stride_vb, stride_vh, offs_k, offs_v)
+    tl.store(state_ptrs, state)
     tl.store(o_ptr + pid_bh * DV + offs_v, o.to(o_ptr.dtype.element_ty))
 
 
@@ -143,6 +145,12 @@ def _launch(
     block_v = min(block_v or default_block_v, DV)
     num_warps = num_warps or default_warps
     grid = (DV // block_v, B * H)
+    if new_state is state:  # in place: the one-pointer kernel (each program rewrites the tile it read)
+        _lightning_decode_inplace_kernel[grid](
+            q, k, v, s, state, o, H, q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+            state.stride(0), state.stride(1), state.stride(2), DK=DK, DV=DV, BLOCK_V=block_v, num_warps=num_warps,
+        )  # fmt: skip
+        return o
     _lightning_decode_kernel[grid](
         q,
         k,
@@ -198,28 +206,4 @@ def lightning_decode_triton_(
 ) -> Tensor:
     """In-place decode step: ``state`` (fp32 [B, H, Dk, Dv], last dim contiguous) becomes the new state
     (``_lightning_decode_inplace_kernel``). Returns ``o [B, 1, H, Dv]`` in q.dtype."""
-    B, T, H, DK = q.shape
-    DV = v.shape[-1]
-    if state.dtype != torch.float32 or state.stride(-1) != 1:
-        raise ValueError(f"lightning decode (in place): state must be fp32 with a contiguous last dim; got "
-                         f"{state.dtype} strides {state.stride()}")
-    # the functional launcher's checks, with a scratch-free dry run of its argument validation
-    if T != 1 or k.shape != q.shape or v.shape[:3] != q.shape[:3] or state.shape != (B, H, DK, DV):
-        raise ValueError(f"lightning decode: expected q, k, v [B, 1, H, D] and state [B, H, Dk, Dv]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(state.shape)}")
-    if not (_is_pow2(DK) and _is_pow2(DV) and DK <= 256 and DV <= 256) or s.shape != (H,):
-        raise ValueError(f"lightning decode (triton): head dims must be powers of two <= 256 and s [H]; got {DK}, "
-                         f"{DV}, s {tuple(s.shape)}")
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    s = s.float().contiguous()
-    if out is None:
-        out = torch.empty(B, 1, H, DV, dtype=q.dtype, device=q.device)
-    elif out.shape != (B, 1, H, DV) or out.dtype != q.dtype or not out.is_contiguous():
-        raise ValueError(f"lightning decode: out must be contiguous {q.dtype} {(B, 1, H, DV)}")
-    block_v, num_warps = _decode_block_v(B, H, DV, q.device)
-    block_v = min(block_v, DV)
-    _lightning_decode_inplace_kernel[(DV // block_v, B * H)](
-        q, k, v, s, state, out, H, q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-        state.stride(0), state.stride(1), state.stride(2), DK=DK, DV=DV, BLOCK_V=block_v, num_warps=num_warps,
-    )  # fmt: skip
-    return out
+    return _launch(q, k, v, s, state, state, out)
