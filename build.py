@@ -77,21 +77,33 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that the staging folder is removed on the way out."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+_received: list[int] = []  # the signals that arrived while the build ran (see _stop_signals)
+
+
+def _raise_stopped(signum, frame):
+    _received.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
-    """While the build runs, SIGTERM raises ``Terminated`` (main thread only; the previous handler is restored)."""
+def _stop_signals():
+    """While the build runs, SIGTERM raises ``Terminated`` and Ctrl-C ``KeyboardInterrupt``, and both are recorded.
+
+    The record matters because the exception does not always arrive as itself: raised inside a Python callback of
+    a C++ operator during torch.export's tracing, it comes back out of torch as a RuntimeError. A build that was
+    told to stop is reported as stopped whatever the exception looks like by then. Main thread only; the previous
+    handlers are restored.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _received.clear()
+    previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,13 +113,23 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    with _sigterm_raises():
+    with _stop_signals():
         try:
-            return _build(args)
-        except KeyboardInterrupt as e:
-            log.error("%s: stopped; nothing was written to %s", "terminated (SIGTERM)" if isinstance(e, Terminated)
-                      else "interrupted", args.out)
-            return 143 if isinstance(e, Terminated) else 130
+            code = _build(args)
+        except BaseException as e:
+            if not _received and not isinstance(e, KeyboardInterrupt):
+                raise
+            if not isinstance(e, KeyboardInterrupt):
+                log.debug("the stop arrived as %s: %s", type(e).__name__, e)
+            return _stopped(args, terminated=isinstance(e, Terminated) or signal.SIGTERM in _received)
+        # a stop that came back as an error _build reported itself (an OSError, say) is still a stop
+        return _stopped(args, signal.SIGTERM in _received) if code != 0 and _received else code
+
+
+def _stopped(args: argparse.Namespace, terminated: bool) -> int:
+    log.error("%s: stopped; nothing was written to %s", "terminated (SIGTERM)" if terminated else "interrupted",
+              args.out)
+    return 143 if terminated else 130
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -236,6 +236,34 @@ def test_interrupted_build_in_process_removes_its_staging(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_stop_that_torch_turns_into_another_error_is_still_a_stop(tmp_path, monkeypatch, caplog):
+    """CI saw SIGTERM land inside torch.export's tracing and come back out of torch as an ordinary exception:
+    the build then exited 1 with a traceback instead of 143. The handler records the signal, so it is a stop
+    whatever the exception looks like."""
+    def traced(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises Terminated here
+            time.sleep(5)
+        except KeyboardInterrupt as e:
+            raise RuntimeError("an operator's Python callback failed") from e
+        raise AssertionError("SIGTERM did not interrupt the build")
+
+    monkeypatch.setattr("export.exporting.export_programs", traced)
+    caplog.set_level(logging.INFO)
+    assert build.main(["--preset", "tiny", "--out", str(tmp_path / "e"), *BUILD_FLAGS]) == 143
+    assert "terminated (SIGTERM)" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone once main returns
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("a real failure")  # no signal: not a stop, it propagates
+
+    monkeypatch.setattr("export.exporting.export_programs", failing)
+    with pytest.raises(RuntimeError, match="a real failure"):
+        build.main(["--preset", "tiny", "--out", str(tmp_path / "f"), *BUILD_FLAGS])
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------ item 5: manifest integrity
 def _copy(engine: Path, dest: Path) -> Path:
     shutil.copytree(engine, dest)
