@@ -90,7 +90,8 @@ def _stop_signals():
     """While the build runs, SIGTERM raises ``Terminated`` and Ctrl-C ``KeyboardInterrupt``, and both are recorded.
 
     The record matters because the exception does not always arrive as itself: raised inside a Python callback of
-    a C++ operator during torch.export's tracing, it comes back out of torch as a RuntimeError. A build that was
+    a C++ operator during torch.export's tracing, it can come back out of torch as another exception (CI saw
+    exit 1 with a traceback; the exception's type was cut from its log). A build that was
     told to stop is reported as stopped whatever the exception looks like by then. Main thread only; the previous
     handlers are restored.
     """
