@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .engine import SEED_MAX, Engine, RequestError
 from .prefix_cache import PrefixCache
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, greedy, sample
 
 logger = logging.getLogger(__name__)
 
@@ -305,9 +305,22 @@ class Scheduler:
                 break
         self._compact()
 
-    def _sample(self, seq: _Sequence, logits: Tensor) -> int:
-        s = seq.sampling
-        return int(sample(logits[None], s.temperature, s.top_k, s.top_p, seq.generator)[0])
+    def _next_tokens(self, R: int) -> list[int]:
+        """The next token of running rows ``0..R-1``: the greedy rows in one ``argmax`` over their stacked logits
+        and one device-to-host copy (a sync per row cost ~2 ms a step at 64 rows on the GPU), each sampled row with
+        its own settings and generator."""
+        tokens: list[int] = [0] * R
+        greedy_rows = [r for r in range(R) if self.rows[r].sampling.temperature == 0.0]
+        if greedy_rows:
+            picks = greedy(torch.stack([self.rows[r].logits for r in greedy_rows])).tolist()
+            for r, t in zip(greedy_rows, picks):
+                tokens[r] = t
+        for r in range(R):
+            seq = self.rows[r]
+            s = seq.sampling
+            if s.temperature != 0.0:
+                tokens[r] = int(sample(seq.logits[None], s.temperature, s.top_k, s.top_p, seq.generator)[0])
+        return tokens
 
     def step(self) -> bool:
         """Admit, prefill within the budget, then one decode step of the running sequences. Returns whether any
@@ -321,10 +334,8 @@ class Scheduler:
         e = self.engine
         if R:
             # every running sequence has logits for its next token: sample it, retire the finished ones
-            for row in range(R):
-                seq = self.rows[row]
-                token = self._sample(seq, seq.logits)
-                seq.result.tokens.append(token)
+            for row, token in enumerate(self._next_tokens(R)):
+                self.rows[row].result.tokens.append(token)
             for row in reversed(range(R)):
                 seq = self.rows[row]
                 if seq.result.tokens[-1] in seq.stop_ids:
