@@ -12,8 +12,18 @@ token and inter-token latency (p50 / p99) and peak pages in use. The peer in the
 the same requests with the same engine kind: ``Engine.stream`` on batches of up to ``max_batch`` requests that have
 arrived when the previous batch ends (each batch waits for its longest request).
 
-Engine: an engine folder (``--engine DIR``, with ``--tokenizer DIR``), or by default the tiny preset's eager
-engine with a word-level tokenizer made here (runs on the CPU).
+``--concurrency N``: N streamed greedy requests sent at once; output tokens/s while all N decode together, against
+the engine's own N-row decode step timed directly (``decode_ceiling``, at the same held length): the scheduler's and
+the HTTP layer's overhead.
+
+Engine: an engine folder (``--engine DIR``, with ``--tokenizer DIR``); on the GPU ``--slice LAYERS``, MiniMax-Text-01
+cut to LAYERS real-width layers with random bf16 weights and AOTInductor programs compiled here (the static peer
+runs a second engine on the same programs and weights); or by default the tiny preset's eager engine with a
+word-level tokenizer made here (runs on the CPU).
+
+    # GPU, the issue's run (2 real-width layers, 64 rows):
+    PYTHONPATH=. python -m benchmarks.serving --slice 2 --max-batch 64 --reliability 1000 --concurrency 64 \
+        --load 200 --rate 6 --prompt-range 128,8192 --output-range 16,512 --prefix-ttft 8192 --out r.json
 
     PYTHONPATH=. python -m benchmarks.serving --reliability 1000 --out r.json
     PYTHONPATH=. python -m benchmarks.serving --reliability 0 --load 200 --rate 20 --out r.json
@@ -43,8 +53,6 @@ from benchmarks.common import environment, write_json
 
 def _tiny(max_batch: int, max_input_len: int = 16, max_seq_len: int = 128):
     import torch  # noqa: F401
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     from model import MiniMaxConfig, MiniMaxForCausalLM
     from runtime import Engine
@@ -55,11 +63,105 @@ def _tiny(max_batch: int, max_input_len: int = 16, max_seq_len: int = 128):
 
         config = dataclasses.replace(config, max_position_embeddings=max_seq_len)
     model = MiniMaxForCausalLM(config).init_random_weights(seed=5, std=0.1).eval()
-    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, config.vocab_size)}}
+    return Engine.from_model(model, max_batch, max_input_len, max_seq_len, page_size=16), \
+        word_tokenizer(config.vocab_size), "tiny"
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over ``vocab_size`` ids ("<unk>" 0, "<eos>" 1, then "w2", "w3", ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    return Engine.from_model(model, max_batch, max_input_len, max_seq_len, page_size=16), tokenizer, "tiny"
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def slice_engine(layers: int, max_batch: int, max_input_len: int, max_seq_len: int, workdir):
+    """``minimax-text-01`` cut to ``layers`` real-width layers (lightning layers, then one softmax layer), random
+    bf16 weights on the GPU, AOTInductor prefill/decode compiled without weights and pointed at them
+    (``benchmarks.decode.build_aoti_engine``), pages of 256 tokens, every row at full context."""
+    import torch
+
+    from benchmarks.decode import build_aoti_engine, random_model, reduced_config
+
+    t0 = time.perf_counter()
+    model = random_model(reduced_config("minimax-text-01", layers), torch.bfloat16, "cuda")
+    print(f"{layers}-layer real-width model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters "
+          f"in {time.perf_counter() - t0:.1f}s", flush=True)
+    engine, timings = build_aoti_engine(model, max_batch, max_input_len, max_seq_len, workdir, page_size=256)
+    print(f"engine built: {timings}", flush=True)
+    return engine, timings
+
+
+def twin(engine):
+    """A second engine on the same programs (and so the same weights) with state of its own: the static peer's."""
+    from runtime import Engine
+
+    return Engine(engine.programs, engine.config, device=engine.device, state_layout=engine.state_layout,
+                  max_batch=engine.max_batch, max_input_len=engine.max_input_len, max_seq_len=engine.max_seq_len,
+                  paged_kv=engine.paged_kv, backend=engine.backend, dtype=engine.dtype, source=engine.source)
+
+
+def decode_ceiling(engine, batch: int, held: int, steps: int = 20) -> dict[str, Any]:
+    """The engine's own decode step at ``batch`` rows with ``held`` tokens each (prefilled through the engine),
+    timed with CUDA events around ``steps`` back-to-back steps: the ceiling that in-flight batching at ``batch``
+    concurrent sequences is held to."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    V, dev = engine.vocab_size, engine.device
+    engine.reset(batch)
+    pos = 0
+    while pos < held:
+        take = min(engine.max_input_len, held - pos)
+        if take < 2:
+            break
+        ids = torch.randint(2, V, (batch, take), generator=g).to(dev)
+        engine.prefill(ids, torch.full((batch,), pos, dtype=torch.long, device=dev), [pos] * batch)
+        pos += take
+    tok = torch.randint(2, V, (batch, 1), generator=g).to(dev)
+
+    def run(n, start):
+        for i in range(n):
+            p = start + i
+            engine.decode(tok, torch.full((batch,), p, dtype=torch.long, device=dev), [p] * batch)
+
+    run(3, pos)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run(steps, pos + 3)
+        b.record()
+        b.synchronize()
+        ms = a.elapsed_time(b) / steps
+    else:
+        t0 = time.perf_counter()
+        run(steps, pos + 3)
+        ms = (time.perf_counter() - t0) * 1e3 / steps
+    engine.reset(1)
+    return {"batch": batch, "held": pos, "step_ms": ms, "tokens_per_s": batch / (ms * 1e-3)}
+
+
+def concurrency(url: str, name: str, vocab: int, n: int, prompt_len: int, max_tokens: int, seed: int) -> dict:
+    """``n`` streamed greedy requests sent at once (``prompt_len`` tokens, ``max_tokens`` each): output tokens/s
+    in the window where all ``n`` decode together (after the last first token, before the first last token)."""
+    import multiprocessing
+
+    rng = random.Random(seed)
+    jobs = [{"arrival": 0.0, "prompt": [rng.randrange(2, vocab) for _ in range(prompt_len)], "max_tokens": max_tokens}
+            for _ in range(n)]
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        results = pool.apply(_client_load, (url, name, jobs))
+    tokens = [t[:-1] for _, t in results]  # the last event of each stream is its finish chunk, no token
+    start = max(t[0] for t in tokens)
+    end = min(t[-1] for t in tokens)
+    inside = sum(1 for t in tokens for x in t if start <= x <= end)
+    return {"requests": n, "prompt_tokens": prompt_len, "max_tokens": max_tokens, "window_s": end - start,
+            "tokens_in_window": inside, "tokens_per_s": inside / (end - start) if end > start else float("nan"),
+            "complete": all(len(t) == max_tokens for t in tokens)}
 
 
 def start_server(engine, tokenizer, name: str, token_budget: int | None, prefix_cache_mb: int = 1024):
@@ -105,7 +207,7 @@ def _stream_and_drop(url: str, body: dict, keep: int) -> int:
     return seen
 
 
-def reliability(url: str, name: str, vocab: int, n: int, seed: int, workers: int) -> dict[str, Any]:
+def reliability(url: str, name: str, vocab: int, n: int, seed: int, workers: int, max_seq_len: int) -> dict[str, Any]:
     rng = random.Random(seed)
     jobs = []
     for i in range(n):
@@ -115,7 +217,7 @@ def reliability(url: str, name: str, vocab: int, n: int, seed: int, workers: int
                 "temperature": rng.choice([0.0, 0.0, 0.8]), "seed": rng.randrange(1 << 30)}
         if kind == "malformed":
             bad = rng.choice([b"{not json", json.dumps({**body, "frobnicate": 1}).encode(),
-                              json.dumps({**body, "prompt": [5] * 200}).encode(),
+                              json.dumps({**body, "prompt": [5] * (max_seq_len + 1)}).encode(),
                               json.dumps({**body, "temperature": -1}).encode(),
                               json.dumps({**body, "prompt": [vocab + 7]}).encode()])
             jobs.append((kind, bad))
@@ -308,9 +410,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="time to first token of a TOKENS-long prompt sharing all but 64 tokens with a cached one, "
                         "against an uncached one (0: not run)")
     p.add_argument("--prefix-cache-mb", type=int, default=1024, help="the server's prefix-cache budget (0: off)")
+    p.add_argument("--slice", type=int, default=0, metavar="LAYERS",
+                   help="GPU: serve minimax-text-01 cut to LAYERS real-width layers (random bf16 weights, AOTInductor "
+                        "programs), --max-batch rows, --chunk-size prefill chunks, --max-seq-len context")
+    p.add_argument("--chunk-size", type=int, default=2048, help="prefill chunk of the --slice engine (default 2048)")
+    p.add_argument("--max-seq-len", type=int, default=8192 + 512, help="context of the --slice engine (default 8704)")
+    p.add_argument("--concurrency", type=int, default=0, metavar="N",
+                   help="N streamed requests at once: decode tokens/s with N sequences running, against the engine's "
+                        "own N-row decode step (0: not run)")
+    p.add_argument("--concurrency-prompt", type=int, default=1024, help="prompt tokens of the --concurrency requests")
+    p.add_argument("--concurrency-tokens", type=int, default=256, help="output tokens of the --concurrency requests")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    if args.engine:
+    static_engine = None
+    if args.slice:
+        import tempfile
+        from pathlib import Path
+
+        workdir = tempfile.mkdtemp(prefix="serving_slice_")
+        engine, timings = slice_engine(args.slice, args.max_batch, args.chunk_size, args.max_seq_len, Path(workdir))
+        static_engine = twin(engine)
+        tokenizer, name = word_tokenizer(engine.vocab_size), f"minimax-text-01-{args.slice}-layers"
+    elif args.engine:
         from pathlib import Path
 
         from transformers import AutoTokenizer
@@ -326,20 +447,34 @@ def main(argv: list[str] | None = None) -> int:
     vocab = engine.vocab_size
     payload: dict[str, Any] = {"environment": environment(),
                                "command": "PYTHONPATH=. python -m benchmarks.serving " + " ".join(argv or sys.argv[1:])}
+    if args.slice:
+        payload["slice"] = {"layers": args.slice, "max_batch": engine.max_batch, "chunk": engine.max_input_len,
+                            "max_seq_len": engine.max_seq_len, "paged_kv": engine.paged_kv, "build_s": timings}
+    if args.concurrency:  # the ceiling first, on the peer's engine (the server's scheduler owns the other)
+        static_engine = static_engine or Engine_like(engine, args)
+        held = args.concurrency_prompt + args.concurrency_tokens // 2
+        payload["decode_ceiling"] = decode_ceiling(static_engine, args.concurrency, held)
+        print("decode step ceiling:", json.dumps(payload["decode_ceiling"]), flush=True)
     jobs = make_load(args.load, args.rate, vocab, args.prompt_range, args.output_range, args.seed) if args.load else []
     if jobs:  # the static peer first, on its own engine of the same kind (the server's scheduler owns the other)
-        static_engine = Engine_like(engine, args)
+        static_engine = static_engine or Engine_like(engine, args)
         payload["static"] = load_static(static_engine, jobs)
         print("static batching:", json.dumps(payload["static"]), flush=True)
     url, server, thread, async_engine = start_server(engine, tokenizer, name, None, args.prefix_cache_mb)
     try:
         if args.reliability:
-            payload["reliability"] = reliability(url, name, vocab, args.reliability, args.seed, args.workers)
+            payload["reliability"] = reliability(url, name, vocab, args.reliability, args.seed, args.workers,
+                                                 engine.max_seq_len)
             print(json.dumps({k: v for k, v in payload["reliability"].items() if k != "metrics_after"}, indent=1),
                   flush=True)
         if args.prefix_ttft:
             payload["prefix_ttft"] = prefix_ttft(url, name, vocab, args.prefix_ttft, args.seed)
             print("prefix cache, time to first token:", json.dumps(payload["prefix_ttft"]), flush=True)
+        if args.concurrency:
+            c = payload["concurrency"] = concurrency(url, name, vocab, args.concurrency, args.concurrency_prompt,
+                                                     args.concurrency_tokens, args.seed)
+            c["ratio_to_ceiling"] = c["tokens_per_s"] / payload["decode_ceiling"]["tokens_per_s"]
+            print(f"{args.concurrency} concurrent sequences:", json.dumps(c), flush=True)
         if jobs:
             payload["in_flight"] = load_server(url, name, jobs, async_engine)
             print("in-flight batching (server):", json.dumps(payload["in_flight"]), flush=True)
