@@ -13,9 +13,14 @@ covers, so a prefilling row must never be among them). A finished or cancelled s
 at once; the last row of its group moves into the hole (one row of lightning state copied, block-table rows and
 page lists swapped: no KV is moved). A prefilling sequence that finishes its prompt is swapped to row ``R``.
 
-Each step: (1) admit waiting requests while a row is free and the pool has the pages of the whole request (its
-prompt plus ``max_new_tokens``, reserved up front, so that an admitted sequence always finishes: no preemption is
-needed; a request larger than the whole pool is refused at ``submit``); (2) prefill prompt chunks of the prefilling
+Pages are taken as they are needed: a sequence is admitted when a row is free and the pool has the pages of its
+prompt (and of its first new token), and a running sequence takes one more page when its next token crosses into
+it. When the pool runs out (after the prefix cache has given back what it can), the newest sequence is preempted:
+its pages and row go back at once, it returns to the front of the queue with its prompt and the tokens it has
+generated, and when it is admitted again they are prefilled (from the longest cached prefix, with prefix caching)
+and it goes on where it stopped; its generator keeps its state, so a sampled sequence does not restart its draws.
+The oldest sequence always progresses, so the loop ends; a request larger than the whole pool (its prompt plus
+``max_new_tokens``) is refused at ``submit``. (2) prefill prompt chunks of the prefilling
 sequences up to ``token_budget`` tokens per step (pads included), so a long prompt never stalls the decodes for
 more than one budget: the first chunks of the newly admitted rows together in one left-padded call, then each
 unfinished prompt through the prefill program on its own row (batch 1, views of the state); (3) one decode step of every
@@ -50,6 +55,7 @@ class Result:
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "length", "stop", "cancelled"
+    preemptions: int = 0  # times its pages were taken back and its tokens re-prefilled
 
 
 @dataclass
@@ -63,6 +69,8 @@ class _Sequence:
     logits: Tensor | None = None  # [V] after the prompt's last chunk, or the last decode step
     cancelled: bool = False
     cache_block: object = None  # the prefix cache's last block of this prompt so far (spares re-walking its chain)
+    context: list[int] = field(default_factory=list)  # what is prefilled: the prompt, plus after a preemption the
+    replay: int = 0  # ... first ``replay`` generated tokens
 
     @property
     def prompt(self) -> list[int]:
@@ -70,8 +78,8 @@ class _Sequence:
 
     @property
     def position(self) -> int:
-        """Next position to write: prompt tokens prefilled, plus tokens fed back by decode steps."""
-        return self.prefilled + max(0, len(self.result.tokens) - 1)
+        """Next position to write: context tokens prefilled, plus tokens fed back by decode steps."""
+        return self.prefilled + max(0, len(self.result.tokens) - self.replay - 1)
 
 
 class Scheduler:
@@ -97,6 +105,9 @@ class Scheduler:
         self._per_row = [t for t, per_row in zip(engine._buffers, engine._per_row) if per_row]
         self.steps = 0
         self.cache: PrefixCache | None = PrefixCache(engine.pages, prefix_cache_bytes) if prefix_cache_bytes else None
+        self.preemptions = 0
+        # pages kept free at admission for the running sequences' next pages (1 % of the pool, as vLLM's watermark)
+        self._watermark = engine.pages.num_pages // 100
 
     # ------------------------------------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -127,7 +138,8 @@ class Scheduler:
         rid = next(self._ids)
         result = Result(rid, prompt)
         self.results[rid] = result
-        self.waiting.append(_Sequence(result, max_new_tokens, sampling, frozenset(stop_ids), generator))
+        self.waiting.append(_Sequence(result, max_new_tokens, sampling, frozenset(stop_ids), generator,
+                                      context=prompt))
         return rid
 
     def cancel(self, request_id: int) -> None:
@@ -141,7 +153,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return sum(1 for s in self.rows if s.prefilled == len(s.prompt))
+        return sum(1 for s in self.rows if s.prefilled == len(s.context))
 
     @property
     def idle(self) -> bool:
@@ -175,6 +187,25 @@ class Scheduler:
         """Finish the sequence in ``row``: pages back to the pool, the row closed up (running rows stay first)."""
         seq = self.rows[row]
         seq.result.finish_reason = reason
+        self._vacate(row)
+        logger.debug("request %d finished (%s): %d tokens", seq.result.request_id, reason, len(seq.result.tokens))
+
+    def _preempt(self, row: int) -> None:
+        """Take the sequence in ``row`` out: pages and row back now, to the front of the queue with its prompt and
+        generated tokens as the context to prefill when it is admitted again."""
+        seq = self.rows[row]
+        self._vacate(row)
+        seq.context = seq.prompt + seq.result.tokens
+        seq.replay = len(seq.result.tokens)
+        seq.prefilled, seq.logits, seq.cache_block = 0, None, None
+        seq.result.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+        logger.info("request %d preempted (KV pool out of pages) after %d tokens; %d tokens to prefill again",
+                    seq.result.request_id, len(seq.result.tokens), len(seq.context))
+
+    def _vacate(self, row: int) -> None:
+        """Row ``row``'s pages back to the pool, the row closed up (running rows stay first)."""
         running = self.running
         if row < running:  # keep running rows compact: the last running row takes its place ...
             self._swap(row, running - 1)
@@ -185,7 +216,6 @@ class Scheduler:
         e.pages.release(last)
         e._table[last].zero_()
         self.rows.pop()
-        logger.debug("request %d finished (%s): %d tokens", seq.result.request_id, reason, len(seq.result.tokens))
 
     def _admit(self) -> None:
         e = self.engine
@@ -196,14 +226,15 @@ class Scheduler:
                 seq.result.finish_reason = "cancelled"
                 continue
             row = len(self.rows)
-            need = len(seq.prompt) + seq.max_new_tokens
-            hit = self.cache.lookup(seq.prompt) if self.cache is not None else None
+            need = len(seq.context) + 1  # the context and the first new token; decode steps take the rest
+            hit = self.cache.lookup(seq.context) if self.cache is not None else None
             if hit is not None:
                 e.pages.adopt(row, hit.pages)  # held now, so that the eviction below cannot take them
-            short = e.pages.pages_for(need) - len(e.pages.rows[row]) - e.pages.free_pages
+            keep = self._watermark if self.rows else 0
+            short = e.pages.pages_for(need) - len(e.pages.rows[row]) - e.pages.free_pages + keep
             if short > 0 and self.cache is not None:
                 self.cache.evict_pages(short)
-            if e.pages.pages_for(need) - len(e.pages.rows[row]) > e.pages.free_pages:
+            if e.pages.pages_for(need) - len(e.pages.rows[row]) > e.pages.free_pages - keep:
                 e.pages.release(row)
                 return  # wait for pages (first come, first served)
             self.waiting.popleft()
@@ -237,14 +268,14 @@ class Scheduler:
         rows = list(range(first, len(self.rows)))
         if len(rows) < 2:
             return 0  # one new row: the per-row path is as good
-        T = min(e.max_input_len, max(len(self.rows[r].prompt) for r in rows))
+        T = min(e.max_input_len, max(len(self.rows[r].context) for r in rows))
         while rows and len(rows) * T > budget:
             rows.pop()  # the budget counts padded tokens
         if len(rows) < 2:
             return 0
-        takes = [min(len(self.rows[r].prompt), T) for r in rows]
+        takes = [min(len(self.rows[r].context), T) for r in rows]
         pad = self.engine.vocab_size - 1  # any id: a pad's embedding meets nothing
-        ids = torch.tensor([[pad] * (T - k) + self.rows[r].prompt[:k] for r, k in zip(rows, takes)], dtype=torch.long,
+        ids = torch.tensor([[pad] * (T - k) + self.rows[r].context[:k] for r, k in zip(rows, takes)], dtype=torch.long,
                            device=e.device)
         pos = torch.tensor([k - T for k in takes], dtype=torch.long, device=e.device)
         a, b = rows[0], rows[-1] + 1
@@ -254,7 +285,7 @@ class Scheduler:
             seq = self.rows[r]
             seq.prefilled = k
             e.pages.held[r] = k
-            if k == len(seq.prompt):
+            if k == len(seq.context):
                 seq.logits = logits[i, -1]
             self._snapshot(r)
         return len(rows) * T
@@ -265,15 +296,15 @@ class Scheduler:
         seq = self.rows[row]
         n = seq.prefilled
         if self.cache is None or n == 0 or n % self.engine.pages.page_size or not self.cache.needs_snapshot(
-                seq.prompt, n, seq.cache_block):
+                seq.context, n, seq.cache_block):
             return
         with torch.no_grad():
             snapshot = [t[row].clone() for t in self._per_row]
-        seq.cache_block = self.cache.insert(seq.prompt, self.engine.pages.rows[row], n, snapshot, seq.cache_block)
+        seq.cache_block = self.cache.insert(seq.context, self.engine.pages.rows[row], n, snapshot, seq.cache_block)
 
     def _compact(self) -> None:
         """Rows whose prompt is done move in front of the ones still prefilling (running rows stay a prefix)."""
-        done = [r for r, seq in enumerate(self.rows) if seq.prefilled == len(seq.prompt)]
+        done = [r for r, seq in enumerate(self.rows) if seq.prefilled == len(seq.context)]
         for target, r in enumerate(done):
             self._swap(target, r)
 
@@ -282,15 +313,15 @@ class Scheduler:
         budget = self.token_budget - self._prefill_new_rows(self.token_budget)
         for row in range(self.running, len(self.rows)):
             seq = self.rows[row]
-            while budget > 0 and seq.prefilled < len(seq.prompt):
-                remaining = len(seq.prompt) - seq.prefilled
+            while budget > 0 and seq.prefilled < len(seq.context):
+                remaining = len(seq.context) - seq.prefilled
                 take = min(remaining, e.max_input_len, budget)  # a one-token chunk goes through decode
                 start = seq.prefilled
                 if self.cache is not None and take < remaining:  # end on a page boundary: a snapshot point
                     aligned = (start + take) // e.pages.page_size * e.pages.page_size
                     if aligned > start:
                         take = aligned - start
-                ids = torch.tensor([seq.prompt[start:start + take]], dtype=torch.long, device=e.device)
+                ids = torch.tensor([seq.context[start:start + take]], dtype=torch.long, device=e.device)
                 pos = torch.tensor([start], dtype=torch.long, device=e.device)
                 name = "decode" if take == 1 else "prefill"
                 with torch.no_grad():
@@ -298,12 +329,31 @@ class Scheduler:
                 e.pages.held[row] = start + take
                 seq.prefilled += take
                 budget -= take
-                if seq.prefilled == len(seq.prompt):
+                if seq.prefilled == len(seq.context):
                     seq.logits = logits[0, -1]
                 self._snapshot(row)
             if budget <= 0:
                 break
         self._compact()
+
+    def _grow(self) -> int:
+        """Before a decode step: a page for each running row whose next token starts one. Where the pool is short
+        (after the prefix cache gave back what it could), the newest sequence is preempted, until the rest fit.
+        Returns the number of running rows."""
+        e, p = self.engine, self.engine.pages
+        while True:
+            R = self.running
+            lengths = [self.rows[r].position + 1 for r in range(R)]
+            short = sum(max(0, p.pages_for(n) - len(p.rows[r])) for r, n in enumerate(lengths)) - p.free_pages
+            if short > 0 and self.cache is not None:
+                self.cache.evict_pages(short)
+                short = sum(max(0, p.pages_for(n) - len(p.rows[r])) for r, n in enumerate(lengths)) - p.free_pages
+            if short <= 0:
+                break
+            self._preempt(max(range(len(self.rows)), key=lambda r: self.rows[r].result.request_id))
+        if R and p.ensure(lengths + [0] * (e.max_batch - R)):
+            e._table[:R].copy_(p.table[:R])
+        return R
 
     def _next_tokens(self, R: int) -> list[int]:
         """The next token of running rows ``0..R-1``: the greedy rows in one ``argmax`` over their stacked logits
@@ -342,7 +392,7 @@ class Scheduler:
                     self._remove(row, "stop")
                 elif len(seq.result.tokens) >= seq.max_new_tokens:
                     self._remove(row, "length")
-            R = self.running
+            R = self._grow()
             if R:
                 ids = torch.tensor([[self.rows[r].result.tokens[-1]] for r in range(R)], dtype=torch.long,
                                    device=e.device)

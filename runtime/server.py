@@ -127,7 +127,7 @@ class AsyncEngine:
                     "pages_in_use": pages.row_pages, "pages_total": pages.num_pages,
                     "pages_cached": c.cached_pages if c else 0, "prefix_hits": c.hits if c else 0,
                     "prefix_tokens_reused": c.tokens_reused if c else 0,
-                    "prefix_snapshot_bytes": c.snapshot_bytes if c else 0}
+                    "prefix_snapshot_bytes": c.snapshot_bytes if c else 0, "preemptions": s.preemptions}
 
     def close(self) -> None:
         self._stop = True
@@ -209,6 +209,7 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str):
                   f"minimax_prefix_cache_hits_total {m['prefix_hits']}",
                   f"minimax_prefix_cache_tokens_reused_total {m['prefix_tokens_reused']}",
                   f"minimax_prefix_cache_snapshot_bytes {m['prefix_snapshot_bytes']}",
+                  f"minimax_preemptions_total {m['preemptions']}",
                   f"minimax_generated_tokens_total {engine.tokens_generated}"]
         lines += [f"minimax_requests_total{{finish_reason=\"{k}\"}} {v}" for k, v in sorted(engine.finished.items())]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

@@ -72,18 +72,47 @@ def test_stop_ids_cancellation_and_sampling_per_request(model):
     assert engine.pages.free_pages == engine.pages.num_pages
 
 
-def test_requests_wait_for_pages_and_impossible_ones_are_refused(model):
-    """A pool of 6 pages (one full row of 48 positions): requests queue until pages free, in order; one past the
-    context is refused at submit; the pool ends whole."""
+def test_pool_short_preempts_the_newest_and_it_resumes_exactly(model):
+    """A pool of 6 pages of 8 tokens (one full row of 48 positions). Two 20-token prompts are admitted with 3 pages
+    each (pages are taken as needed), the third waits; at position 24 both need a 4th page and the newest is
+    preempted, re-prefilled later with its generated tokens: every greedy result equals the request run alone, the
+    preemption is counted, and the pool ends whole."""
     engine = _engine(model, num_pages=6, max_seq_len=48)
     sched = Scheduler(engine)
     prompts = _prompts([20, 20, 5], seed=4)
-    ids = [sched.submit(p, 12) for p in prompts]  # 4 pages each: only one fits at a time
+    ids = [sched.submit(p, 12) for p in prompts]  # 32 positions, 4 pages each
     sched.step()
-    assert len(sched.rows) == 1 and len(sched.waiting) == 2
+    assert len(sched.rows) == 2 and len(sched.waiting) == 1 and engine.pages.free_pages == 0
     sched.run_until_idle()
     for rid, p in zip(ids, prompts):
-        assert sched.result(rid).tokens == _alone(model, p, 12)
+        assert sched.result(rid).tokens == _alone(model, p, 12), rid
+    assert sched.result(ids[0]).preemptions == 0 and sched.result(ids[1]).preemptions >= 1
+    assert sched.preemptions == sum(sched.result(r).preemptions for r in ids)
+    assert engine.pages.free_pages == 6 and not any(engine.pages.rows)
+
+
+def test_preempted_sampled_request_keeps_its_draws_and_the_prefix_cache_spares_its_prompt(model):
+    """A sampled request preempted mid-way gives the tokens it gives unpreempted (its generator is kept; the
+    re-prefilled context gives the same logits), and with prefix caching it resumes from its cached prompt pages."""
+    prompts = _prompts([20, 17], seed=6)
+    free = Scheduler(_engine(model, num_pages=12, max_seq_len=48))
+    want = free.submit(prompts[1], 14, temperature=0.9, top_k=20, seed=11)
+    free.run_until_idle()
+    engine = _engine(model, num_pages=6, max_seq_len=48)
+    sched = Scheduler(engine, prefix_cache_bytes=1 << 20)
+    a = sched.submit(prompts[0], 12)
+    b = sched.submit(prompts[1], 14, temperature=0.9, top_k=20, seed=11)
+    sched.run_until_idle()
+    assert sched.result(b).preemptions >= 1
+    assert sched.result(b).tokens == free.result(want).tokens
+    assert sched.result(a).tokens == _alone(model, prompts[0], 12)
+    assert sched.cache.hits >= 1  # the preempted request found its own prompt's pages
+    assert engine.pages.row_pages == 0
+
+
+def test_impossible_requests_are_refused(model):
+    engine = _engine(model, num_pages=6, max_seq_len=48)
+    sched = Scheduler(engine)
     with pytest.raises(RequestError, match="reaches 50 tokens, past the engine's max_seq_len 48"):
         sched.submit([3] * 40, 10)
     with pytest.raises(RequestError, match="outside the vocabulary"):
