@@ -166,12 +166,21 @@ class BuildPlan:
     opt_batch: int = 1
     opt_input_len: int | None = None  # None: max_input_len
     timing_cache: str = TIMING_CACHE_NAME
+    # weight-stripped plans: the weights stay in the folder's ONNX external data (written once, shared by both
+    # programs) and are refit into the deserialized engine at load (runtime/tensorrt.py); REFIT_IDENTICAL keeps the
+    # optimisations of a non-refittable build, since the refit weights are the build's own
+    builder_flags: tuple[str, ...] = ("STRIP_PLAN", "REFIT_IDENTICAL")
     notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def weights_stripped(self) -> bool:
+        return "STRIP_PLAN" in self.builder_flags
 
 
 def plan_build(program: str, settings: BuildSettings, plugin_names: Sequence[str], total_device_memory: int,
-               weight_bytes: int) -> BuildPlan:
-    """The ``BuildPlan`` of ``program``; ``EngineFolderError`` for a request TensorRT cannot build."""
+               weight_bytes: int, strip_weights: bool = True) -> BuildPlan:
+    """The ``BuildPlan`` of ``program``; ``EngineFolderError`` for a request TensorRT cannot build.
+    ``strip_weights=False`` bakes the weights into the plan (a self-contained plan, twice the folder size)."""
     settings.validate()
     if settings.backend != "tensorrt":
         raise EngineFolderError(f"tensorrt lowering called for backend {settings.backend!r}")
@@ -182,6 +191,7 @@ def plan_build(program: str, settings: BuildSettings, plugin_names: Sequence[str
         parser_flags=tuple(parser_flags(plugin_names)),
         workspace_bytes=workspace_limit(total_device_memory, weight_bytes),
         tf32=settings.dtype != "float32",
+        builder_flags=("STRIP_PLAN", "REFIT_IDENTICAL") if strip_weights else (),
         notes={
             "precision": f"strongly typed: tensor dtypes from the ONNX graph ({settings.dtype} weights)",
             "plugins": "AOT (ONNX nodes carry aot=1; PREFER_AOT_PYTHON_PLUGINS as well)",
@@ -270,7 +280,10 @@ def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSett
         "onnx": onnx_entries,
         "timing_cache": plan.timing_cache,
         "optimization_profile": {n: {"min": list(a), "opt": list(b), "max": list(c)} for n, (a, b, c) in profile.items()},
+        # a stripped plan is refit at load from this ONNX graph's initializers (its external data in the folder)
+        "refit_from": onnx_entries["file"] if plan.weights_stripped else None,
         "tensorrt": {"version": trt.__version__, "network_flags": list(plan.network_flags),
+                     "builder_flags": list(plan.builder_flags),
                      "parser_flags": list(plan.parser_flags), "workspace_bytes": plan.workspace_bytes,
                      "builder_optimization_level": plan.builder_optimization_level, "tf32": plan.tf32},
     }
@@ -356,6 +369,8 @@ def build_serialized_engine(onnx_path: Path, plan: BuildPlan, settings: BuildSet
     config.builder_optimization_level = plan.builder_optimization_level
     if not plan.tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
+    for flag in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
     config.progress_monitor = _progress_monitor(plan.program)
     cache = config.create_timing_cache(timing_cache or b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):

@@ -35,6 +35,7 @@ ping-pong decisions) are pure and tested in CI (``tests/test_tensorrt.py``).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -414,6 +415,28 @@ class GraphedDecode:
         return self.program(input_ids, positions, block_table, state)
 
 
+def refit_stripped_engine(trt, engine, plan_path: Path, onnx_path: Path) -> None:
+    """Put the weights back into a weight-stripped plan's engine: every refittable weight from the ONNX graph it
+    was built from (initializers read from the folder's external data), then ``refit_cuda_engine``.
+    ``EngineFolderError`` naming the files and the weights when the graph does not supply them all."""
+    start = time.perf_counter()
+    if not onnx_path.is_file():
+        raise EngineFolderError(f"{plan_path}: weight-stripped plan, but {onnx_path.name} (its weights) is missing")
+    log = _trt_logger(trt)
+    refitter = trt.Refitter(engine, log)
+    parser_refitter = trt.OnnxParserRefitter(refitter, log)
+    if not parser_refitter.refit_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser_refitter.get_error(i)) for i in range(parser_refitter.num_errors))
+        raise EngineFolderError(f"{plan_path}: refitting its weights from {onnx_path.name} failed: {errors}")
+    missing = refitter.get_missing_weights()
+    if missing:
+        raise EngineFolderError(f"{plan_path}: {len(missing)} weights not supplied by {onnx_path.name}: "
+                                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if not refitter.refit_cuda_engine():
+        raise EngineFolderError(f"{plan_path}: TensorRT could not refit the engine from {onnx_path.name} (see the log)")
+    logger.info("%s: weights refit from %s in %.1fs", plan_path.name, onnx_path.name, time.perf_counter() - start)
+
+
 def load_programs(folder: str | Path, manifest: Mapping[str, Any], device: torch.device, cuda_graph: bool = True
                   ) -> dict[str, Callable]:
     """``{"prefill": fn, "decode": fn}`` of a TensorRT engine folder (manifest already validated)."""
@@ -440,6 +463,10 @@ def load_programs(folder: str | Path, manifest: Mapping[str, Any], device: torch
         if engine is None:
             raise EngineFolderError(f"{path}: TensorRT {trt.__version__} could not deserialize this plan (built by "
                                     f"TensorRT {built_with} on another GPU or version? see the log)")
+        refit_from = manifest["programs"][name].get("refit_from")
+        if refit_from:
+            with torch.cuda.device(device):
+                refit_stripped_engine(trt, engine, path, folder / refit_from)
         programs[name] = TensorRTProgram(engine, ProgramBinding.from_manifest(manifest, name), device, str(path),
                                          runtime)
         logger.info("loaded %s (TensorRT %s, %s)", path, trt.__version__, device)

@@ -134,10 +134,22 @@ def test_build_plan(monkeypatch):
     plan = trl.plan_build("prefill", SETTINGS, ["moe_route"], 80 << 30, 1 << 20)
     assert plan.network_flags == ("STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS")
     assert not plan.tf32 and plan.parser_flags == () and plan.workspace_bytes == 8 << 30
+    # weight-stripped by default: the plan holds no weights, they are refit at load from the folder's ONNX data
+    assert plan.builder_flags == ("STRIP_PLAN", "REFIT_IDENTICAL") and plan.weights_stripped
+    baked = trl.plan_build("prefill", SETTINGS, ["moe_route"], 80 << 30, 1 << 20, strip_weights=False)
+    assert baked.builder_flags == () and not baked.weights_stripped
     bf16 = BuildSettings(**{**SETTINGS.__dict__, "dtype": "bfloat16"})
     assert trl.plan_build("decode", bf16, ["moe_route"], 80 << 30, 0).tf32
     with pytest.raises(EngineFolderError, match="GPU engines"):
         trl.plan_build("decode", BuildSettings(**{**SETTINGS.__dict__, "device": "cpu"}), [], 1 << 30, 0)
+
+
+def test_stripped_plan_without_its_onnx_weights_is_refused_by_name(tmp_path):
+    from runtime.tensorrt import refit_stripped_engine
+
+    with pytest.raises(EngineFolderError, match=r"prefill.plan: weight-stripped plan, but prefill.onnx \(its weights\) "
+                                                r"is missing"):
+        refit_stripped_engine(None, None, tmp_path / "prefill.plan", tmp_path / "prefill.onnx")
 
 
 def test_timing_cache_is_found_in_the_build_and_in_the_folder_it_replaces(tmp_path):
@@ -502,6 +514,10 @@ def test_tensorrt_engine_folder(trt_engine):
     prefill = manifest["programs"]["prefill"]
     assert prefill["optimization_profile"]["input_ids"] == {"min": [1, 2], "opt": [1, 24], "max": [4, 24]}
     assert prefill["tensorrt"]["network_flags"][0] == "STRONGLY_TYPED" and not prefill["tensorrt"]["tf32"]
+    # weight-stripped plans, refit from the ONNX graphs at load (the parity tests below run the refit engines)
+    for name in ("prefill", "decode"):
+        entry = manifest["programs"][name]
+        assert entry["refit_from"] == f"{name}.onnx" and "STRIP_PLAN" in entry["tensorrt"]["builder_flags"]
 
 
 @pytest.mark.tensorrt
