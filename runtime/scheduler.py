@@ -113,6 +113,14 @@ class Scheduler:
     def submit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop_ids: Sequence[int] = ()) -> int:
         """Queue a request; returns its id. ``RequestError`` for a request the engine can never serve."""
+        seq = self.prepare(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+        self.enqueue(seq)
+        return seq.result.request_id
+
+    def prepare(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, seed: int | None = None, stop_ids: Sequence[int] = ()) -> _Sequence:
+        """A validated request with its id, not queued yet (``enqueue``). Reads only what never changes (the
+        engine's limits), so another thread may call it while this one steps."""
         e = self.engine
         prompt = list(prompt)
         if not prompt:
@@ -136,11 +144,11 @@ class Scheduler:
             raise RequestError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
         generator = torch.Generator(device=e.device).manual_seed(seed) if seed is not None else None
         rid = next(self._ids)
-        result = Result(rid, prompt)
-        self.results[rid] = result
-        self.waiting.append(_Sequence(result, max_new_tokens, sampling, frozenset(stop_ids), generator,
-                                      context=prompt))
-        return rid
+        return _Sequence(Result(rid, prompt), max_new_tokens, sampling, frozenset(stop_ids), generator, context=prompt)
+
+    def enqueue(self, seq: _Sequence) -> None:
+        self.results[seq.result.request_id] = seq.result
+        self.waiting.append(seq)
 
     def cancel(self, request_id: int) -> None:
         """Stop a request at the next step (its row and pages are given back then); unknown ids are ignored."""
