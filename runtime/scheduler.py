@@ -281,7 +281,8 @@ class Scheduler:
             rows.pop()  # the budget counts padded tokens
         if len(rows) < 2:
             return 0
-        takes = [min(len(self.rows[r].context), T) for r in rows]
+        takes = [self._cut(self.rows[r], 0, min(len(self.rows[r].context), T)) for r in rows]
+        T = max(takes)
         pad = self.engine.vocab_size - 1  # any id: a pad's embedding meets nothing
         ids = torch.tensor([[pad] * (T - k) + self.rows[r].context[:k] for r, k in zip(rows, takes)], dtype=torch.long,
                            device=e.device)
@@ -297,6 +298,23 @@ class Scheduler:
                 seq.logits = logits[i, -1]
             self._snapshot(r)
         return len(rows) * T
+
+    def _cut(self, seq: _Sequence, start: int, take: int) -> int:
+        """With prefix caching, where a chunk of ``take`` tokens from ``start`` ends: on a page boundary (a snapshot
+        point) unless it ends the context, and at the context's last page boundary if it crosses it, so that every
+        prompt leaves a snapshot at its longest page-aligned prefix: a follow-up that extends the prompt, or one
+        that changes only its last tokens, resumes within one page of where it departs."""
+        if self.cache is None:
+            return take
+        ps, end = self.engine.pages.page_size, len(seq.context)
+        tail = (end - 1) // ps * ps
+        if start < tail < start + take:
+            return tail - start
+        if start + take < end:
+            aligned = (start + take) // ps * ps
+            if aligned > start:
+                return aligned - start
+        return take
 
     def _snapshot(self, row: int) -> None:
         """After a prefill chunk: a row whose prompt prefix now ends on a page boundary is recorded in the prefix
@@ -323,12 +341,8 @@ class Scheduler:
             seq = self.rows[row]
             while budget > 0 and seq.prefilled < len(seq.context):
                 remaining = len(seq.context) - seq.prefilled
-                take = min(remaining, e.max_input_len, budget)  # a one-token chunk goes through decode
                 start = seq.prefilled
-                if self.cache is not None and take < remaining:  # end on a page boundary: a snapshot point
-                    aligned = (start + take) // e.pages.page_size * e.pages.page_size
-                    if aligned > start:
-                        take = aligned - start
+                take = self._cut(seq, start, min(remaining, e.max_input_len, budget))  # 1 token: through decode
                 ids = torch.tensor([seq.context[start:start + take]], dtype=torch.long, device=e.device)
                 pos = torch.tensor([start], dtype=torch.long, device=e.device)
                 name = "decode" if take == 1 else "prefill"

@@ -124,3 +124,25 @@ def test_cache_off_keeps_chunks_and_pool_as_before(model):
     sched.submit(p, 3)
     sched.run_until_idle()
     assert sched.cache is None and engine.pages.free_pages == engine.pages.num_pages
+
+
+def test_every_prompt_leaves_a_snapshot_at_its_last_page_boundary(model):
+    """Chunks of 32 tokens over pages of 8: a 48-token prompt is prefilled as 32 + 8 + 8 (not 32 + 16), so a prompt
+    that changes only its last 3 tokens resumes at 40, not at the chunk boundary 32; a 20-token prompt admitted
+    with another (the batched first chunks) leaves one at 16. Greedy results are those of the request alone."""
+    engine = Engine.from_model(model, 2, 32, 96, page_size=PS)
+    sched = Scheduler(engine, prefix_cache_bytes=20 * _snapshot_bytes(model))
+    a = _tokens(6 * PS, seed=30)
+    b = a[:-3] + _tokens(3, seed=31)
+    ra = sched.submit(a, 4)
+    sched.run_until_idle()
+    assert sched.cache.lookup(b).length == 5 * PS
+    rb = sched.submit(b, 4)
+    sched.run_until_idle()
+    assert sched.cache.tokens_reused == 5 * PS
+    c, d = _tokens(20, seed=32), _tokens(11, seed=33)
+    rc, rd = sched.submit(c, 4), sched.submit(d, 4)
+    sched.run_until_idle()
+    assert sched.cache.lookup(c[:17] + [5]).length == 2 * PS
+    for rid, p in ((ra, a), (rb, b), (rc, c), (rd, d)):
+        assert sched.result(rid).tokens == _alone(model, p, 4), rid
