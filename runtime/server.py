@@ -167,6 +167,27 @@ class AsyncEngine:
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
+class _Detokenizer:
+    """The text deltas of a growing list of token ids, each from decoding a few tokens (what was emitted last and
+    what is new) instead of the whole list at every token; a delta that ends in an incomplete character (U+FFFD)
+    waits for the next token. The same offsets scheme as transformers' ``TextStreamer`` and vLLM."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self._prefix = self._read = 0  # tokens[prefix:read] were decoded into the text emitted last
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        after = decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.tokens)
+        return after[len(before):]
+
+
 def _models():
     from pydantic import BaseModel, ConfigDict, Field
 
@@ -258,23 +279,24 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str):
 
         async def pieces():
             """(text delta, finish_reason) as tokens arrive; stop strings cut the text and end the request."""
-            tokens, text, item = [], "", first
+            detok, text, item = _Detokenizer(tokenizer), "", first
             while True:
                 token, reason = item
                 if token is not None and token != eos:
-                    tokens.append(token)
-                    full = tokenizer.decode(tokens, skip_special_tokens=True)
-                    cut = min((full.find(s) for s in stops if s and s in full), default=-1)
-                    if cut >= 0:
+                    full = text + detok.add(token)
+                    # a stop string wholly in ``text`` would have ended the request: search where one can end now
+                    cuts = [i for s in stops if s and (i := full.find(s, max(0, len(text) - len(s) + 1))) >= 0]
+                    if cuts:
+                        cut = min(cuts)
                         delta, text = full[len(text):cut], full[:cut]
                         await stream.aclose()  # cancels the sequence
-                        yield delta, "stop", len(tokens)
+                        yield delta, "stop", len(detok.tokens)
                         return
                     delta, text = full[len(text):], full
                     if delta:
-                        yield delta, None, len(tokens)
+                        yield delta, None, len(detok.tokens)
                 if reason is not None:
-                    yield "", "stop" if reason == "stop" else ("length" if reason == "length" else reason), len(tokens)
+                    yield "", "stop" if reason == "stop" else ("length" if reason == "length" else reason), len(detok.tokens)
                     return
                 item = await stream.__anext__()
 

@@ -183,3 +183,26 @@ def test_shared_prefix_is_served_from_the_prefix_cache(client, server, model, to
     assert _metric(url, "minimax_prefix_cache_hits_total") == hits + 1
     assert _metric(url, "minimax_prefix_cache_tokens_reused_total") >= 16
     assert _metric(url, "minimax_kv_pages_cached") >= 2
+
+
+def test_incremental_detokenizer_equals_the_whole_decode_on_split_characters():
+    """The stream's text deltas, each decoded from a few tokens, join to the decode of the whole list, and no delta
+    holds half a character: byte-level BPE splits accented letters, CJK and emoji over several ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from runtime.server import _Detokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["hello world", "the quick brown fox"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    text = "héllo wörld 世界 🙂🙂 naïve the quick fox"
+    ids = fast.encode(text)
+    assert len(ids) > len(text.encode()) // 2  # many ids are single bytes: characters are split
+    detok = _Detokenizer(fast)
+    deltas = [detok.add(i) for i in ids]
+    assert "".join(deltas) == fast.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
