@@ -366,11 +366,10 @@ class Scheduler:
         while True:
             R = self.running
             lengths = [self.rows[r].position + 1 for r in range(R)]
-            short = sum(max(0, p.pages_for(n) - len(p.rows[r])) for r, n in enumerate(lengths)) - p.free_pages
-            if short > 0 and self.cache is not None:
-                self.cache.evict_pages(short)
-                short = sum(max(0, p.pages_for(n) - len(p.rows[r])) for r, n in enumerate(lengths)) - p.free_pages
-            if short <= 0:
+            need = sum(max(0, p.pages_for(n) - len(p.rows[r])) for r, n in enumerate(lengths))
+            if need > p.free_pages and self.cache is not None:
+                self.cache.evict_pages(need - p.free_pages)
+            if need <= p.free_pages:
                 break
             self._preempt(max(range(len(self.rows)), key=lambda r: self.rows[r].result.request_id))
         if R and p.ensure(lengths + [0] * (e.max_batch - R)):

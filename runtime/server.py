@@ -168,24 +168,27 @@ class AsyncEngine:
 
 # ------------------------------------------------------------------------------------------------ HTTP
 class _Detokenizer:
-    """The text deltas of a growing list of token ids, each from decoding a few tokens (what was emitted last and
-    what is new) instead of the whole list at every token; a delta that ends in an incomplete character (U+FFFD)
-    waits for the next token. The same offsets scheme as transformers' ``TextStreamer`` and vLLM."""
+    """The text deltas of a growing list of token ids: ``tokenizers``' ``DecodeStream`` on the tokenizer's Rust
+    backend (each step decodes a few tokens and holds back a character split over ids); a tokenizer without one
+    decodes the whole list at every token."""
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self._prefix = self._read = 0  # tokens[prefix:read] were decoded into the text emitted last
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer, self.count = tokenizer, 0
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._tokens: list[int] = []  # only without a backend
+        self._text = ""
 
     def add(self, token: int) -> str:
-        self.tokens.append(token)
-        decode = self.tokenizer.decode
-        before = decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
-        after = decode(self.tokens[self._prefix:], skip_special_tokens=True)
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        self._prefix, self._read = self._read, len(self.tokens)
-        return after[len(before):]
+        self.count += 1
+        if self._backend is not None:
+            return self._stream.step(self._backend, token) or ""
+        self._tokens.append(token)
+        full = self.tokenizer.decode(self._tokens, skip_special_tokens=True)
+        delta, self._text = full[len(self._text):], full
+        return delta
 
 
 def _models():
@@ -290,13 +293,13 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str):
                         cut = min(cuts)
                         delta, text = full[len(text):cut], full[:cut]
                         await stream.aclose()  # cancels the sequence
-                        yield delta, "stop", len(detok.tokens)
+                        yield delta, "stop", detok.count
                         return
                     delta, text = full[len(text):], full
                     if delta:
-                        yield delta, None, len(detok.tokens)
+                        yield delta, None, detok.count
                 if reason is not None:
-                    yield "", "stop" if reason == "stop" else ("length" if reason == "length" else reason), len(detok.tokens)
+                    yield "", "stop" if reason == "stop" else ("length" if reason == "length" else reason), detok.count
                     return
                 item = await stream.__anext__()
 
