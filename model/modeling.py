@@ -38,6 +38,12 @@ from torch import Tensor, nn
 
 import kernels  # noqa: F401  (registers torch.ops.minimax.*)
 
+if not hasattr(kernels, "lightning_attention"):  # another distribution's top-level `kernels` came first on sys.path
+    raise ImportError(
+        f"`import kernels` loaded {getattr(kernels, '__file__', kernels)!r}, not this project's kernels/ package: "
+        "Hugging Face's `kernels` distribution (a dependency of transformers>=5.25) uses the same name; install "
+        "transformers<5.25 (pyproject pins it) and `pip uninstall kernels`, or run from the repository root")
+
 from .config import LIGHTNING, MiniMaxConfig
 from .state import MiniMaxState
 
