@@ -13,7 +13,9 @@ they were lowered from (``exported/*.pt2``, the single source of every lowering)
     paged_kv         {"page_size", "num_pages", "max_pages_per_seq"}: the KV page pools and block-table width
     state_layout     config.state_layout entries: name, layer, shape (batch as "B"), dtype; lightning states
                      [B, H, D, D] fp32, KV page pools [num_pages, KVH, page_size, D]
-    programs         {"prefill"|"decode": {"file", "inputs": [{name, shape, dtype}], "outputs": [...]}}
+    programs         {"prefill"|"decode"(|"vision"): {"file", "inputs": [{name, shape, dtype}], "outputs": [...]}}
+    vision           (MiniMax-VL-01 engines) {"config": MiniMaxVLConfig.to_dict(), "max_tiles", "max_image_tokens"};
+                     ``profiles`` then holds ``max_tiles`` too
     versions         torch / triton / tensorrt / onnx versions that built the folder
     weights_sha256   hash of the weights (names, shapes, dtypes and bytes) the engines were built from: in the
                      model's state_dict order, or, for weights converted from a checkpoint, in the order written
@@ -31,6 +33,10 @@ Program signatures (tensor names are the same for every backend):
     prefill(input_ids [B, T] int64, positions [B] int64, block_table [B, M] int32, *state) -> logits [B, 1, V] fp32
     decode (input_ids [B, 1] int64, positions [B] int64, block_table [B, M] int32, *state) -> logits [B, 1, V] fp32
 ``positions[b]`` is the position of the first token of row b; prefill returns the logits of the last position only.
+A VL engine's prefill takes ``image_embeds [B, T, hidden]`` (weights' dtype) last: at every position holding the
+image token, that placeholder's vector (elsewhere unread); its third program is
+    vision (pixel_values [N, C, S, S], feature_index [L] int64) -> image_features [L, hidden]
+the tiles of consecutive images and ``model.vl.packing_index`` of their layouts -> their prompt vectors in order.
 The state is updated in place (``state_update: "in_place"``, AOTInductor: mutated program inputs), or, for the
 functional graphs of ONNX / TensorRT (``"outputs"``), returned as outputs ``<state>.out``. The block table is only
 read; the caller (``runtime.Engine``) owns the pages and checks every row against the table and the pool, since
@@ -90,6 +96,7 @@ class BuildSettings:
     max_seq_len: int = 128
     page_size: int = 256  # KV-cache page size in tokens (capped at max_seq_len)
     num_pages: int | None = None  # pages per pool; None: every row at full capacity (max_batch * max_pages_per_seq)
+    max_tiles: int = 0  # VL engines: most 336-pixel tiles one call of the vision program encodes; 0: text only
 
     def paged_layout(self) -> dict[str, int]:
         """``{"page_size", "num_pages", "max_pages_per_seq"}`` of the paged KV cache these settings build."""
@@ -105,10 +112,12 @@ class BuildSettings:
             raise EngineFolderError(f"device {self.device!r} is not 'cpu' or 'cuda'")
         if self.dtype not in DTYPES:
             raise EngineFolderError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        for name in ("max_batch", "max_input_len", "max_seq_len"):
+        for name in ("max_batch", "max_input_len", "max_seq_len", "max_tiles"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not -2**31 < value < 2**31:
                 raise EngineFolderError(f"{name} must be an integer below 2**31, got {value!r}")
+        if self.max_tiles < 0:
+            raise EngineFolderError(f"max_tiles must be >= 0 (0: no vision program), got {self.max_tiles}")
         if self.max_batch < 1:
             raise EngineFolderError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_input_len < 2:
@@ -138,11 +147,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def program_io(config_dict: dict[str, Any], state_layout: list[dict[str, Any]], program: str,
-               paged: dict[str, int], in_place: bool = True) -> dict[str, list]:
+               paged: dict[str, int], in_place: bool = True, image_embeds: str | None = None) -> dict[str, list]:
     """Input and output tensor descriptions of ``program`` ("B", "T" are the dynamic dims).
 
     In place (AOTInductor): the state inputs are updated where they lie and the only output is the logits.
     Otherwise (ONNX, TensorRT: graphs are functional) each state input has an output ``<name>.out``.
+    ``image_embeds``: the weights' dtype of a VL prefill, whose last input is ``image_embeds [B, T, hidden]``.
     """
     seq = "T" if program == "prefill" else 1
     inputs = [
@@ -150,10 +160,23 @@ def program_io(config_dict: dict[str, Any], state_layout: list[dict[str, Any]], 
         {"name": "positions", "shape": ["B"], "dtype": "int64"},
         {"name": "block_table", "shape": ["B", paged["max_pages_per_seq"]], "dtype": "int32"},
     ] + [{"name": e["name"], "shape": e["shape"], "dtype": e["dtype"]} for e in state_layout]
+    if image_embeds is not None:
+        inputs.append({"name": "image_embeds", "shape": ["B", "T", config_dict["hidden_size"]], "dtype": image_embeds})
     outputs = [{"name": "logits", "shape": ["B", 1, config_dict["vocab_size"]], "dtype": "float32"}]
     if not in_place:
         outputs += [{"name": e["name"] + ".out", "shape": e["shape"], "dtype": e["dtype"]} for e in state_layout]
     return {"inputs": inputs, "outputs": outputs, "state_update": "in_place" if in_place else "outputs"}
+
+
+def vision_io(vl_config, settings: BuildSettings) -> dict[str, list]:
+    """The vision program's tensors: ``pixel_values [N, C, S, S]`` (N tiles, dynamic) and ``feature_index [L]``
+    (int64, dynamic) -> ``image_features [L, hidden]``, all in the weights' dtype but the index."""
+    vc = vl_config.vision
+    return {"inputs": [{"name": "pixel_values", "shape": ["N", vc.num_channels, vc.image_size, vc.image_size],
+                        "dtype": settings.dtype},
+                       {"name": "feature_index", "shape": ["L"], "dtype": "int64"}],
+            "outputs": [{"name": "image_features", "shape": ["L", vl_config.text.hidden_size], "dtype": settings.dtype}],
+            "state_update": "none"}
 
 
 def symbolic_state_layout(config, settings: BuildSettings) -> list[dict[str, Any]]:
@@ -535,7 +558,9 @@ def _validate(path: Path, manifest: Any) -> None:
     programs = manifest["programs"]
     if not isinstance(programs, dict):
         raise EngineFolderError(f"{path}: programs must be an object")
-    for program in PROGRAMS:
+    if "vision" in manifest:
+        _validate_vision(path, manifest)
+    for program in program_names(manifest):
         if program not in programs:
             raise EngineFolderError(f"{path}: no {program!r} program")
         entry = programs[program]
@@ -558,6 +583,34 @@ def _validate(path: Path, manifest: Any) -> None:
         _relative_file(path, rel, "files entry")
         if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise EngineFolderError(f"{path}: files[{rel!r}] is not a sha256 hex digest")
+
+
+def program_names(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The programs an engine folder holds: prefill and decode, and a VL engine's vision program."""
+    return PROGRAMS + (("vision",) if "vision" in manifest else ())
+
+
+def _validate_vision(path: Path, manifest: dict[str, Any]) -> None:
+    """A VL engine's ``vision`` entry: ``{"config": MiniMaxVLConfig.to_dict(), "max_tiles", "max_image_tokens"}``,
+    its text config the manifest's ``model_config``, its ``max_tiles`` the profiles'."""
+    vision = manifest["vision"]
+    if not isinstance(vision, dict) or not isinstance(vision.get("config"), dict):
+        raise EngineFolderError(f"{path}: vision must be an object with a 'config' object")
+    from model.config import ConfigError
+    from model.vl import MiniMaxVLConfig
+
+    try:
+        config = MiniMaxVLConfig.from_dict(vision["config"])
+    except ConfigError as e:
+        raise EngineFolderError(f"{path}: vision.config: {e}") from e
+    if canonical_json(config.text.to_dict()) != canonical_json(manifest["model_config"]):
+        raise EngineFolderError(f"{path}: vision.config's text_config is not the manifest's model_config")
+    for key in ("max_tiles", "max_image_tokens"):
+        if not _is_int(vision.get(key)) or vision[key] < 1:
+            raise EngineFolderError(f"{path}: vision.{key} must be an integer >= 1, got {vision.get(key)!r}")
+    if manifest["profiles"].get("max_tiles") != vision["max_tiles"]:
+        raise EngineFolderError(f"{path}: vision.max_tiles {vision['max_tiles']} is not profiles.max_tiles "
+                                f"{manifest['profiles'].get('max_tiles')!r}")
 
 
 def read_manifest(folder: str | Path, verify_files: bool = True, hash_weights: bool = True) -> dict[str, Any]:
@@ -588,7 +641,7 @@ def read_manifest(folder: str | Path, verify_files: bool = True, hash_weights: b
     except OSError as e:
         raise EngineFolderError(f"{folder}: cannot list the folder ({e.strerror or e})") from e
     present.discard(MANIFEST_NAME)
-    for program in PROGRAMS:
+    for program in program_names(manifest):
         rel = manifest["programs"][program]["file"]
         if rel not in files:
             raise EngineFolderError(f"{path}: the {program} program file {rel} is not listed in 'files'")

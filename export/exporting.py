@@ -23,6 +23,7 @@ from model.state import identity_block_table
 
 from .engine_folder import (
     FORMAT_VERSION,
+    vision_io,
     BuildSettings,
     EngineFolderError,
     program_io,
@@ -35,8 +36,19 @@ from .progress import progress
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PrefillProgram", "DecodeProgram", "export_programs", "build_engine", "example_inputs", "check_lowering",
-           "dynamic_shapes"]
+__all__ = ["PrefillProgram", "DecodeProgram", "VLPrefillProgram", "VLDecodeProgram", "VisionProgram",
+           "export_programs", "build_engine", "example_inputs", "check_lowering", "dynamic_shapes", "text_model",
+           "is_vl"]
+
+
+def is_vl(model: nn.Module) -> bool:
+    """A MiniMax-VL-01 model (vision tower, projector and the text model as ``language_model``)."""
+    return hasattr(model, "vision_tower") and hasattr(model, "language_model")
+
+
+def text_model(model: nn.Module) -> MiniMaxForCausalLM:
+    """The text model: ``model`` itself, or a VL model's ``language_model``."""
+    return model.language_model if is_vl(model) else model
 
 
 class PrefillProgram(nn.Module):
@@ -66,12 +78,69 @@ class DecodeProgram(PrefillProgram):
         return logits
 
 
+class VLPrefillProgram(nn.Module):
+    """MiniMax-VL-01 prefill: ``PrefillProgram``'s inputs and ``image_embeds [B, T, hidden]`` last, the image
+    vectors at the positions whose id is the image token (``MiniMaxVLForConditionalGeneration.prefill_features``).
+    Wraps the VL model as ``.model``, so its constants are ``model.<VL weight name>`` like every program's."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: list[Tensor],
+                image_embeds: Tensor) -> Tensor:
+        state_ = MiniMaxState.unflatten(self.model.config.text, state, block_table)
+        logits, _ = self.model.prefill_features(input_ids, image_embeds, state_, positions, last_logits_only=True)
+        return logits
+
+
+class VLDecodeProgram(VLPrefillProgram):
+    """MiniMax-VL-01 decode: ``DecodeProgram``'s signature (a decode step is text)."""
+
+    def forward(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: list[Tensor]) -> Tensor:
+        logits, _ = self.model.decode(input_ids, positions,
+                                      MiniMaxState.unflatten(self.model.config.text, state, block_table))
+        return logits
+
+
+class VisionProgram(nn.Module):
+    """``(pixel_values [N, C, S, S], feature_index [L] int64) -> image_features [L, hidden]``: the tiles of
+    consecutive images through the vision tower and projector, packed by one gather (``model.vl.packing_index``,
+    computed by the runtime from the image sizes). N in [1, max_tiles], L in [2, max_tiles * (g*g + g)]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: Tensor, feature_index: Tensor) -> Tensor:
+        return self.model.encode_tiles(pixel_values, feature_index)
+
+
+def max_image_tokens(vl_config, max_tiles: int) -> int:
+    """The most prompt vectors ``max_tiles`` tiles can pack into: each tile's g*g, plus at most g newlines."""
+    g = vl_config.vision.grid
+    return max_tiles * (g * g + g)
+
+
+def image_tiles_needed(vl_config) -> int:
+    """Tiles of the largest image the config's pinpoints make: the thumbnail and the largest grid."""
+    S = vl_config.vision.image_size
+    return 1 + max((h // S) * (w // S) for h, w in vl_config.image_grid_pinpoints)
+
+
 def example_inputs(model: MiniMaxForCausalLM, settings: BuildSettings, program: str, batch: int = 2, seq: int = 3,
                    pools: list[Tensor] | None = None):
     """Sample inputs for export (batch 2, T 3: sizes that are not specialised as 0/1; the pools at build size).
 
     ``pools``: KV pools to use (``example_pools``), so that the two programs' examples share one set: at real
     scale a pool set is tens of GB."""
+    if program == "vision":
+        vc = model.config.vision
+        device = model.image_newline.device
+        pixels = torch.zeros(2, vc.num_channels, vc.image_size, vc.image_size, dtype=settings.torch_dtype, device=device)
+        return pixels, torch.zeros(3, dtype=torch.long, device=device)
+    vl = model if is_vl(model) else None
+    model = text_model(model)
     device = model.lm_head.weight.device
     seq = min(seq, settings.max_input_len) if program == "prefill" else 1
     ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
@@ -85,42 +154,59 @@ def example_inputs(model: MiniMaxForCausalLM, settings: BuildSettings, program: 
     if pools is None:
         pools = example_pools(model, settings)
     table = identity_block_table(batch, paged["max_pages_per_seq"], device).remainder(paged["num_pages"])
+    if vl is not None and program == "prefill":
+        embeds = torch.zeros(batch, seq, config.hidden_size, dtype=settings.torch_dtype, device=device)
+        return ids, positions, table, [*lightning, *pools], embeds
     return ids, positions, table, [*lightning, *pools]
 
 
 def example_pools(model: MiniMaxForCausalLM, settings: BuildSettings) -> list[Tensor]:
     """Zero KV pools of the build's size (key pools, then value pools)."""
     paged = settings.paged_layout()
+    model = text_model(model)
     config = model.config
     return [torch.zeros(paged["num_pages"], config.num_key_value_heads, paged["page_size"], config.head_dim,
                         dtype=settings.torch_dtype, device=model.lm_head.weight.device)
             for _ in range(2 * len(config.softmax_layers))]
 
 
-def dynamic_shapes(n_lightning: int, n_softmax: int, settings: BuildSettings, program: str) -> tuple:
+def dynamic_shapes(n_lightning: int, n_softmax: int, settings: BuildSettings, program: str, vl: bool = False,
+                   vl_config=None) -> tuple:
     """``dynamic_shapes`` of a program's ``(input_ids, positions, block_table, state)``: B dynamic in [1,
-    max_batch] (ids, positions, table, lightning states), T in [2, max_input_len] for prefill; pools static."""
+    max_batch] (ids, positions, table, lightning states), T in [2, max_input_len] for prefill; pools static.
+    VL prefill: ``image_embeds`` last, [B, T, hidden]; vision: tiles N in [1, max_tiles], vectors L."""
+    if program == "vision":
+        tiles = Dim("tiles", min=1, max=max(2, settings.max_tiles))
+        tokens = Dim("image_tokens", min=2, max=max(3, max_image_tokens(vl_config, settings.max_tiles)))
+        return {0: tiles}, {0: tokens}
     # A range of one value cannot be a Dim (torch.export refuses min == max): the program then takes one more than
     # the engine admits (the runtime enforces max_batch / max_input_len, and B, T stay symbolic in the program).
     batch = Dim("batch", min=1, max=max(2, settings.max_batch))
     seq = Dim("seq", min=2, max=max(3, settings.max_input_len))
     ids = {0: batch, 1: seq} if program == "prefill" else {0: batch}
-    return ids, {0: batch}, {0: batch}, [{0: batch}] * n_lightning + [None] * (2 * n_softmax)
+    shapes = ids, {0: batch}, {0: batch}, [{0: batch}] * n_lightning + [None] * (2 * n_softmax)
+    if vl and program == "prefill":
+        shapes += ({0: batch, 1: seq},)
+    return shapes
 
 
 def export_programs(model: MiniMaxForCausalLM, settings: BuildSettings) -> dict[str, ExportedProgram]:
     """Export prefill (B and T dynamic) and decode (B dynamic) with the ranges of ``settings``; the pools are
     static (``settings.num_pages``), the lightning states and the block table follow B."""
-    config = model.config
+    vl = is_vl(model)
+    config = text_model(model).config
     n_lin, n_soft = len(config.lightning_layers), len(config.softmax_layers)
     programs = {}
     pools = example_pools(model, settings)  # one set for both programs' examples
+    wrappers = ((("prefill", VLPrefillProgram(model)), ("decode", VLDecodeProgram(model)),
+                 ("vision", VisionProgram(model))) if vl
+                else (("prefill", PrefillProgram(model)), ("decode", DecodeProgram(model))))
     with torch.no_grad():
-        for name, wrapper in (("prefill", PrefillProgram(model)), ("decode", DecodeProgram(model))):
+        for name, wrapper in wrappers:
             start = time.perf_counter()
             args = example_inputs(model, settings, name, pools=pools)
-            programs[name] = torch.export.export(wrapper, args,
-                                                 dynamic_shapes=dynamic_shapes(n_lin, n_soft, settings, name))
+            shapes = dynamic_shapes(n_lin, n_soft, settings, name, vl=vl, vl_config=model.config if vl else None)
+            programs[name] = torch.export.export(wrapper, args, dynamic_shapes=shapes)
             logger.info("exported %s in %.1fs", name, time.perf_counter() - start)
     return programs
 
@@ -180,12 +266,17 @@ def build_engine(
     skeleton the programs are exported from and its tensor values are never read. For ONNX the skeleton is on the
     meta device, its graphs reference one shared ``weights.onnx.data``, and ``weights_writer(folder, layout) ->
     (None, sha256)`` fills it in the graphs' layout (``onnx_lowering.ExternalDataWriter``)."""
-    config = model.config
+    vl = is_vl(model)
+    config = text_model(model).config
     settings.validate(config.max_position_embeddings)
     paged = settings.paged_layout()  # fixed here, so that the programs' metadata and the manifest say the same
     settings = dataclasses.replace(settings, page_size=paged["page_size"], num_pages=paged["num_pages"])
+    if vl:
+        check_vl_settings(model.config, settings)
+    elif settings.max_tiles:
+        raise EngineFolderError(f"max_tiles {settings.max_tiles}: a text model has no vision program (max_tiles 0)")
     check_lowering(settings)
-    if model.dtype != settings.torch_dtype:
+    if model.dtype != settings.torch_dtype:  # (a VL model's dtype is its weights', as the text model's)
         raise ValueError(f"model weights are {model.dtype}, the build asks for {settings.dtype}")
     model.eval()
     timings: dict[str, float] = {}
@@ -210,9 +301,11 @@ def build_engine(
                 layouts.append(entries.pop("weights_layout"))
             timings[f"lower_{name}_s"] = time.perf_counter() - start
             logger.info("lowered %s in %.1fs", name, timings[f"lower_{name}_s"])
-            manifest_programs[name] = {**entries, "exported": f"exported/{name}.pt2",
-                                       **program_io(config.to_dict(), symbolic_state_layout(config, settings), name,
-                                                   settings.paged_layout(), in_place=entries.get("state_update", "in_place") == "in_place")}
+            io = (vision_io(model.config, settings) if name == "vision" else
+                  program_io(config.to_dict(), symbolic_state_layout(config, settings), name, settings.paged_layout(),
+                             in_place=entries.get("state_update", "in_place") == "in_place",
+                             image_embeds=settings.dtype if vl and name == "prefill" else None))
+            manifest_programs[name] = {**entries, "exported": f"exported/{name}.pt2", **io}
         start = time.perf_counter()
         weights, digest = None, None
         if layouts:  # the graphs reference weights.onnx.data: the checkpoint converter fills it now
@@ -256,12 +349,32 @@ def build_engine(
             "weights_sha256": digest if digest is not None else weights_sha256(model),
             "build_timings": timings,
         }
+        if vl:
+            manifest["profiles"]["max_tiles"] = settings.max_tiles
+            manifest["vision"] = {"config": model.config.to_dict(), "max_tiles": settings.max_tiles,
+                                  "max_image_tokens": max_image_tokens(model.config, settings.max_tiles)}
         if weights is not None:
             manifest["weights"] = weights
         manifest = write_manifest(folder, manifest)
         timings["manifest_s"] = time.perf_counter() - start
     logger.info("engine written to %s (%s)", out_dir, ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     return manifest
+
+
+def check_vl_settings(vl_config, settings: BuildSettings) -> None:
+    """A VL engine: AOTInductor (the ONNX / TensorRT lowerings do not take the VL programs yet), a vision program
+    that takes the largest image in one call, and prefill chunks of at least 3 tokens (a 1-token chunk goes through
+    decode, which takes no image vectors; ``runtime.engine.chunk_plan`` makes one only for a 1-token prompt)."""
+    if settings.backend != "aoti":
+        raise EngineFolderError(f"backend {settings.backend!r}: MiniMax-VL-01 engines are built with 'aoti' only so "
+                                "far (the ONNX / TensorRT lowerings take the text programs, not the vision program)")
+    need = image_tiles_needed(vl_config)
+    if settings.max_tiles < need:
+        raise EngineFolderError(f"max_tiles {settings.max_tiles}: the largest image of this config takes {need} tiles "
+                                f"(thumbnail + the largest pinpoint grid); build with --max-tiles >= {need}")
+    if settings.max_input_len < 3:
+        raise EngineFolderError(f"max_input_len {settings.max_input_len}: a VL engine needs prefill chunks of >= 3 "
+                                "tokens (image vectors cannot go through the decode program)")
 
 
 def _versions() -> dict[str, str | None]:

@@ -51,8 +51,8 @@ from .state import MiniMaxState
 logger = logging.getLogger(__name__)
 
 __all__ = ["VisionConfig", "MiniMaxVLConfig", "ImageLayout", "MiniMaxVLForConditionalGeneration", "VL_PRESETS",
-           "MINIMAX_VL_01_PINPOINTS", "select_pinpoint", "unpad_crop", "pack_image_features", "load_vl_checkpoint",
-           "vl_checkpoint_key_plan"]
+           "MINIMAX_VL_01_PINPOINTS", "select_pinpoint", "unpad_crop", "pack_image_features", "packing_index",
+           "load_vl_checkpoint", "vl_checkpoint_key_plan"]
 
 # The 28 (height, width) resolutions released with MiniMax-VL-01 (minimax_arch.md §7): at most 18 tiles (6 x 3).
 MINIMAX_VL_01_PINPOINTS: tuple[tuple[int, int], ...] = IMAGE_GRID_PINPOINTS
@@ -483,6 +483,30 @@ def pack_image_features(tile_features: Tensor, layout: ImageLayout, image_newlin
     return torch.cat((tile_features[0], rows.reshape(h * (w + 1), D)), dim=0)  # [g*g + h*(w+1), D]
 
 
+def packing_index(layouts: Sequence[ImageLayout], grid: int) -> Tensor:
+    """``pack_image_features`` of consecutive images as one gather: for each prompt vector of the images (in order),
+    its row in ``cat(tile_features.flatten(0, 1), image_newline[None])``, where ``tile_features [sum n_i, g*g, D]``
+    holds every image's tiles back to back; the newline is the last row. ``[sum num_tokens_i]`` int64 (CPU).
+
+    What the compiled vision program takes (``encode_tiles``): the packing is then a single index_select whose
+    index the host computes from the image sizes (the shapes follow the images; the program's do not)."""
+    g2 = grid * grid
+    newline = sum(lay.num_tiles for lay in layouts) * g2
+    parts, base = [], 0
+    for lay in layouts:
+        if lay.tokens_per_tile != g2:
+            raise ValueError(f"layout of {lay.height}x{lay.width} has {lay.tokens_per_tile} tokens per tile, the "
+                             f"grid {grid} gives {g2}")
+        y = torch.arange(lay.top, lay.top + lay.feature_height)[:, None]  # rows of the (rows g) x (cols g) grid
+        x = torch.arange(lay.left, lay.left + lay.feature_width)[None, :]
+        tile = 1 + (y // grid) * lay.cols + x // grid  # tile 0 is the thumbnail
+        rows = base + tile * g2 + (y % grid) * grid + x % grid  # [h, w]
+        rows = torch.cat((rows, torch.full((lay.feature_height, 1), newline)), dim=1)  # newline ends every row
+        parts += [torch.arange(base, base + g2), rows.reshape(-1)]
+        base += lay.num_tiles * g2
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
 def _run_decoder(text: MiniMaxModel, h: Tensor, state: MiniMaxState, positions: Tensor, decode: bool) -> Tensor:
     """The text decoder from input embeddings ``h [B, T, hidden]`` (``MiniMaxModel.forward_embeddings``;
     ``tests/test_vl_model.py`` checks that a text-only prompt gives the text model's logits exactly)."""
@@ -569,6 +593,28 @@ class MiniMaxVLForConditionalGeneration(nn.Module):
         projected = self.multi_modal_projector(hidden[:, 1:])  # CLS dropped -> [sum n_i, g*g, D]
         per_image = projected.split([lay.num_tiles for lay in layouts])
         return [pack_image_features(f, lay, self.image_newline) for f, lay in zip(per_image, layouts)]
+
+    def encode_tiles(self, pixel_values: Tensor, feature_index: Tensor) -> Tensor:
+        """The compiled vision program's computation: tiles ``[N, C, S, S]`` of consecutive images -> their packed
+        prompt vectors ``[L, hidden]`` in the model dtype, ``feature_index [L]`` being ``packing_index`` of their
+        layouts (equal to ``torch.cat(image_features(...))``; tests/test_vl_engine.py checks it)."""
+        hidden = self.vision_tower(pixel_values.to(self.dtype))  # [N, 1 + g*g, Dv]
+        projected = self.multi_modal_projector(hidden[:, 1:])  # [N, g*g, D]
+        flat = torch.cat((projected.flatten(0, 1), self.image_newline.to(projected.dtype)[None]))
+        return flat.index_select(0, feature_index)
+
+    def prefill_features(self, input_ids: Tensor, image_embeds: Tensor, state: MiniMaxState, positions: Tensor,
+                         last_logits_only: bool = False) -> tuple[Tensor, MiniMaxState]:
+        """``prefill`` with the images already encoded: ``image_embeds [B, T, hidden]`` holds, at every position
+        whose id is ``image_token_index``, that placeholder's image vector (anything elsewhere: it is not read).
+        The compiled VL prefill program's computation; a chunk may cut an image anywhere."""
+        h = self.language_model.model.embed_tokens(input_ids)
+        is_image = (input_ids == self.config.image_token_index)[..., None]
+        h = torch.where(is_image, image_embeds.to(h.dtype), h)
+        h = _run_decoder(self.language_model.model, h, state, positions, decode=False)
+        if last_logits_only:
+            h = h[:, -1:]
+        return self.language_model._logits(h), state
 
     def embed(self, input_ids: Tensor, pixel_values: Tensor | None = None,
               image_sizes: Tensor | Sequence[Sequence[int]] | None = None) -> Tensor:

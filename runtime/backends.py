@@ -1,11 +1,12 @@
 """Loading the compiled programs of an engine folder, one loader per backend.
 
-A loader is ``load_programs(folder, manifest, device) -> {"prefill": fn, "decode": fn}`` with
+A loader is ``load_programs(folder, manifest, device) -> {"prefill": fn, "decode": fn}`` (and a VL engine's
+``"vision": fn(pixel_values, feature_index) -> image_features``) with
 
     fn(input_ids [B, T] int64, positions [B] int64, block_table [B, M] int32, state: list[Tensor])
         -> (logits [B, 1, V] fp32, list[Tensor])
 
-state tensors in the manifest's ``state_layout`` order, every input contiguous and on ``device`` (the engine-folder
+(a VL prefill takes ``image_embeds`` after the state) state tensors in the manifest's ``state_layout`` order, every input contiguous and on ``device`` (the engine-folder
 contract, ``export/engine_folder.py``). The returned list is the state after the step: the input tensors
 themselves for in-place programs (AOTInductor, eager), new tensors for functional ones (TensorRT). ``BACKEND_LOADERS`` maps a manifest's ``backend`` to its loader, given as
 a callable or as ``"module:function"``, imported only when an engine of that backend is loaded (so TensorRT is
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from export.engine_folder import EngineFolderError
+from export.engine_folder import EngineFolderError, program_names
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,8 @@ class InPlaceProgram:
     def __init__(self, fn: Callable, name: str = ""):
         self.fn, self.name = fn, name
 
-    def __call__(self, input_ids, positions, block_table, state: list) -> tuple:
-        return self.fn(input_ids, positions, block_table, state), state
+    def __call__(self, input_ids, positions, block_table, state: list, *extra) -> tuple:
+        return self.fn(input_ids, positions, block_table, state, *extra), state
 
 
 def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.device) -> dict[str, Program]:
@@ -57,7 +58,7 @@ def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.dev
     # one copy, shared by both programs; each shard hashed as it is read (read_manifest left them to the loader)
     digests = {s: manifest["files"].get(s, "") for s in manifest["weights"]["shards"]}
     weights = load_weights(folder, manifest["weights"], device, digests=digests)
-    for name in ("prefill", "decode"):
+    for name in program_names(manifest):
         path = Path(folder) / manifest["programs"][name]["file"]
         start = time.perf_counter()
         try:
@@ -72,7 +73,7 @@ def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.dev
                                    check_full_update=True, user_managed=True)
         except RuntimeError as e:
             raise EngineFolderError(f"{path}: the folder's weights do not fit the program ({e})"[:600]) from e
-        programs[name] = InPlaceProgram(package, name)
+        programs[name] = package if name == "vision" else InPlaceProgram(package, name)
         logger.info("loaded %s (AOTInductor, %s): package %.1fs, constants %.1fs", path, device, loaded - start,
                     time.perf_counter() - loaded)
     return programs
@@ -140,7 +141,7 @@ def load_programs(folder: str | Path, manifest: dict[str, Any], device: torch.de
     """The ``{"prefill": fn, "decode": fn}`` of the engine in ``folder`` (manifest already validated)."""
     folder = Path(folder)
     programs = _resolve(manifest["backend"], folder)(folder, manifest, device)
-    missing = {"prefill", "decode"} - set(programs)
+    missing = set(program_names(manifest)) - set(programs)
     if missing:
         raise EngineFolderError(f"{folder}: the {manifest['backend']!r} loader gave no {sorted(missing)} program")
     return programs

@@ -27,6 +27,7 @@ limit), and nothing is written.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ class GenerationStats:
     decode_steps: int = 0  # decode calls after the prefill
     decode_s: float = 0.0
     new_tokens: int = 0  # tokens produced per row (the same for every row)
+    images: int = 0  # images of the request (VL engines)
+    image_tiles: int = 0
+    vision_s: float = 0.0  # encoding them (part of prefill_s)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -108,6 +112,18 @@ class _Request:
     seed: int | None
     pad_token_id: int
     prompt: Tensor  # [B, L] (CPU) what generate returns in front of the new tokens
+    images: "_Images | None" = None
+
+
+@dataclass
+class _Images:
+    """A request's images, checked against its placeholders: tiles per image (in prompt order, row by row),
+    their layouts, and for every column of the padded prompt the row of the request's image vectors it takes
+    (``-1``: a text token)."""
+
+    tiles: list[Tensor]  # [1 + rows*cols, C, S, S] per image (CPU)
+    layouts: list[Any]  # model.vl.ImageLayout per image
+    source: Tensor  # [B, L] int64 on the engine's device
 
 
 class PagePool:
@@ -247,9 +263,12 @@ class Engine:
         backend: str,
         dtype: str,
         source: str = "",
+        vision: dict[str, Any] | None = None,
     ):
         self.programs = programs
         self.config = config
+        # VL engines: {"config": MiniMaxVLConfig, "max_tiles": int}; the vision program is programs["vision"]
+        self.vision = vision
         self.device = torch.device(device)
         self.state_layout = state_layout
         self.max_batch, self.max_input_len, self.max_seq_len = max_batch, max_input_len, max_seq_len
@@ -304,33 +323,55 @@ class Engine:
         from model.config import MiniMaxConfig  # the config only, not the model
 
         config = MiniMaxConfig.from_dict(manifest["model_config"])
+        vision = None
+        if "vision" in manifest:
+            from model.vl import MiniMaxVLConfig
+
+            vision = {"config": MiniMaxVLConfig.from_dict(manifest["vision"]["config"]),
+                      "max_tiles": manifest["vision"]["max_tiles"]}
         programs = load_programs(folder, manifest, target)
         profiles = manifest["profiles"]
         return cls(programs, config, device=target, state_layout=manifest["state_layout"],
                    max_batch=profiles["max_batch"], max_input_len=profiles["max_input_len"],
                    max_seq_len=profiles["max_seq_len"], paged_kv=manifest["paged_kv"], backend=manifest["backend"],
-                   dtype=manifest["dtype"], source=str(folder))
+                   dtype=manifest["dtype"], source=str(folder), vision=vision)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, max_batch: int, max_input_len: int, max_seq_len: int,
-                   page_size: int = 256, num_pages: int | None = None) -> "Engine":
-        """The eager ``MiniMaxForCausalLM`` behind the engine interface (same limits, chunking and paged cache as a
-        built engine)."""
+                   page_size: int = 256, num_pages: int | None = None, max_tiles: int | None = None) -> "Engine":
+        """The eager ``MiniMaxForCausalLM`` (or ``MiniMaxVLForConditionalGeneration``) behind the engine interface
+        (same limits, chunking and paged cache as a built engine; ``max_tiles``: a VL model's vision calls, default
+        the largest image's tiles)."""
         from export.engine_folder import BuildSettings, symbolic_state_layout
-        from export.exporting import DecodeProgram, PrefillProgram
+        from export.exporting import (DecodeProgram, PrefillProgram, VisionProgram, VLDecodeProgram,
+                                      VLPrefillProgram, image_tiles_needed, is_vl, text_model)
 
+        vl = is_vl(model)
+        text = text_model(model)
         dtype = next(k for k, v in DTYPES.items() if v == model.dtype)
-        device = model.lm_head.weight.device
+        device = text.lm_head.weight.device
+        if vl and max_tiles is None:
+            max_tiles = image_tiles_needed(model.config)
         settings = BuildSettings(device=device.type, dtype=dtype, max_batch=max_batch, max_input_len=max_input_len,
-                                 max_seq_len=max_seq_len, page_size=page_size, num_pages=num_pages)
-        settings.validate(model.config.max_position_embeddings)
+                                 max_seq_len=max_seq_len, page_size=page_size, num_pages=num_pages,
+                                 max_tiles=max_tiles or 0)
+        settings.validate(text.config.max_position_embeddings)
         model.eval()
-        layout = symbolic_state_layout(model.config, settings)  # the layout a built engine's manifest carries
-        programs = {"prefill": InPlaceProgram(PrefillProgram(model), "prefill"),
-                    "decode": InPlaceProgram(DecodeProgram(model), "decode")}
-        return cls(programs, model.config, device=device, state_layout=layout, max_batch=max_batch,
+        layout = symbolic_state_layout(text.config, settings)  # the layout a built engine's manifest carries
+        vision = None
+        if vl:
+            from export.exporting import check_vl_settings
+
+            check_vl_settings(model.config, dataclasses.replace(settings, backend="aoti"))
+            programs = {"prefill": InPlaceProgram(VLPrefillProgram(model), "prefill"),
+                        "decode": InPlaceProgram(VLDecodeProgram(model), "decode"), "vision": VisionProgram(model)}
+            vision = {"config": model.config, "max_tiles": settings.max_tiles}
+        else:
+            programs = {"prefill": InPlaceProgram(PrefillProgram(model), "prefill"),
+                        "decode": InPlaceProgram(DecodeProgram(model), "decode")}
+        return cls(programs, text.config, device=device, state_layout=layout, max_batch=max_batch,
                    max_input_len=max_input_len, max_seq_len=max_seq_len, paged_kv=settings.paged_layout(),
-                   backend="eager", dtype=dtype, source="eager model")
+                   backend="eager", dtype=dtype, source="eager model", vision=vision)
 
     def _allocate_state(self, batch: int) -> list[Tensor]:
         tensors = []
@@ -373,7 +414,8 @@ class Engine:
         return self._table[: self._batch]
 
     # ------------------------------------------------------------------------------------------------ steps
-    def _step(self, name: str, input_ids: Tensor, positions: Tensor, positions_cpu: Sequence[int] | None) -> Tensor:
+    def _step(self, name: str, input_ids: Tensor, positions: Tensor, positions_cpu: Sequence[int] | None,
+              image_embeds: Tensor | None = None) -> Tensor:
         B, T = input_ids.shape
         if B != self._batch:
             raise RequestError(f"{name}: {B} rows, the current batch has {self._batch} (call reset first)")
@@ -383,27 +425,158 @@ class Engine:
             positions_cpu = positions.tolist()
         self.pages.check_step(positions_cpu, T)
         self.reserve([max(self.pages.held[b], p + T) for b, p in enumerate(positions_cpu)])
+        extra = ()
+        if self.vision is not None and name == "prefill":  # a VL prefill takes the chunk's image vectors last
+            if image_embeds is None:
+                image_embeds = torch.zeros(B, T, self.config.hidden_size, dtype=DTYPES[self.dtype], device=self.device)
+            elif image_embeds.shape != (B, T, self.config.hidden_size):
+                raise RequestError(f"prefill: image_embeds must be [B={B}, T={T}, {self.config.hidden_size}], got "
+                                   f"{tuple(image_embeds.shape)}")
+            extra = (image_embeds.contiguous(),)
+        elif image_embeds is not None:
+            raise RequestError(f"{name}: image_embeds given, but this step takes none "
+                               f"({'decode steps are text' if self.vision is not None else 'not a VL engine'})")
         logits, self.state = self.programs[name](input_ids.contiguous(), positions.contiguous(), self.block_table,
-                                                 self.state)
+                                                 self.state, *extra)
         self.pages.advance(positions_cpu, T)
         return logits[:, -1]
 
     @torch.no_grad()
-    def prefill(self, input_ids: Tensor, positions: Tensor, positions_cpu: Sequence[int] | None = None) -> Tensor:
+    def prefill(self, input_ids: Tensor, positions: Tensor, positions_cpu: Sequence[int] | None = None,
+                image_embeds: Tensor | None = None) -> Tensor:
         """One prefill chunk on the current state: ``[B, T]`` ids (2 <= T <= max_input_len) -> logits ``[B, V]``.
 
-        ``positions_cpu``: the same positions as Python ints, when the caller knows them (saves a device sync)."""
-        return self._step("prefill", input_ids, positions, positions_cpu)
+        ``positions_cpu``: the same positions as Python ints, when the caller knows them (saves a device sync).
+        ``image_embeds [B, T, hidden]`` (VL engines): the image vectors at the image-token positions (default:
+        none; then the chunk must hold no image token that matters)."""
+        return self._step("prefill", input_ids, positions, positions_cpu, image_embeds)
 
     @torch.no_grad()
     def decode(self, input_ids: Tensor, positions: Tensor, positions_cpu: Sequence[int] | None = None) -> Tensor:
         """One decode step on the current state: ``[B, 1]`` ids at ``positions [B]`` -> logits ``[B, V]``."""
         return self._step("decode", input_ids, positions, positions_cpu)
 
+    # ------------------------------------------------------------------------------------------------ images
+    @torch.no_grad()
+    def encode_images(self, tiles: Sequence[Tensor], layouts: Sequence[Any]) -> Tensor:
+        """Images' tiles (``[1 + rows*cols, C, S, S]`` each) -> their prompt vectors, concatenated in order
+        (``[sum num_tokens, hidden]``, the engine's dtype, on its device): the vision program over groups of
+        consecutive images of at most ``max_tiles`` tiles, packed by ``model.vl.packing_index``."""
+        if self.vision is None:
+            raise RequestError(f"engine {self.source or '(unnamed)'} is a text engine: it takes no images")
+        from model.vl import packing_index
+
+        grid, max_tiles = self.vision["config"].vision.grid, self.vision["max_tiles"]
+        dtype = DTYPES[self.dtype]
+        groups: list[list[int]] = []
+        count = max_tiles  # tiles in the last group
+        for i, t in enumerate(tiles):
+            if count + t.shape[0] > max_tiles:
+                groups.append([])
+                count = 0
+            groups[-1].append(i)
+            count += t.shape[0]
+        out = []
+        for group in groups:
+            pixels = torch.cat([tiles[i] for i in group]).to(device=self.device, dtype=dtype).contiguous()
+            index = packing_index([layouts[i] for i in group], grid).to(self.device)
+            out.append(self.programs["vision"](pixels, index))
+        return torch.cat(out) if out else torch.zeros(0, self.config.hidden_size, dtype=dtype, device=self.device)
+
+    def _images(self, images: Any, rows: list[list[int]], L: int) -> _Images | None:
+        """Check a request's images (``generate``'s ``images``) against its prompts: one list per prompt, each
+        image a pair ``(pixel_values [1 + rows*cols, C, S, S], (height, width))`` or a PIL image / HxWx3 uint8
+        array (through ``model.MiniMaxVLImageProcessor``, the released 336-pixel tiles); every image's
+        placeholders one run of image tokens in its prompt, in order."""
+        token = self.vision["config"].image_token_index if self.vision is not None else None
+        counts = [sum(t == token for t in row) for row in rows] if token is not None else [0] * len(rows)
+        if images is None:
+            for b, n in enumerate(counts):
+                if n:
+                    raise RequestError(f"prompt {b} holds {n} image tokens (id {token}) but no images were given")
+            return None
+        if self.vision is None:
+            raise RequestError(f"engine {self.source or '(unnamed)'} is a text engine: it takes no images")
+        if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
+            raise RequestError(f"images must be a list with one list of images per prompt, got {type(images).__name__}")
+        if len(images) == 0:
+            images = [[] for _ in rows]
+        if len(rows) == 1 and len(images) and not (isinstance(images[0], Sequence) and not isinstance(images[0], tuple)):
+            images = [images]  # one prompt: a flat list of its images
+        if len(images) != len(rows):
+            raise RequestError(f"images: {len(images)} lists for {len(rows)} prompts (one list per prompt)")
+        vl = self.vision["config"]
+        from model.vl import _check_placeholders
+
+        tiles, layouts = [], []
+        source = torch.full((len(rows), L), -1, dtype=torch.long)
+        offset = 0
+        for b, (row, row_images) in enumerate(zip(rows, images)):
+            if not isinstance(row_images, Sequence) or isinstance(row_images, (str, bytes)):
+                raise RequestError(f"images[{b}] must be a list of images, got {type(row_images).__name__}")
+            row_tiles, row_layouts = [], []
+            for i, image in enumerate(row_images):
+                t, lay = self._image(image, vl, f"prompt {b}, image {i}")
+                row_tiles.append(t)
+                row_layouts.append(lay)
+            if not row_images:
+                if counts[b]:
+                    raise RequestError(f"prompt {b} holds {counts[b]} image tokens (id {token}) but no images")
+                continue
+            is_image = torch.tensor(row, dtype=torch.long)[None] == token
+            try:
+                _check_placeholders(is_image, row_layouts)
+            except ValueError as e:
+                raise RequestError(f"prompt {b}: {e}") from None
+            n = int(is_image.sum())
+            source[b, L - len(row):][is_image[0]] = torch.arange(offset, offset + n)
+            offset += n
+            tiles += row_tiles
+            layouts += row_layouts
+        if not tiles:
+            return None
+        return _Images(tiles, layouts, source.to(self.device))
+
+    def _image(self, image: Any, vl: Any, what: str) -> tuple[Tensor, Any]:
+        """One image -> (tiles [n, C, S, S], layout), checked (``RequestError`` naming it)."""
+        vc = vl.vision
+        shape = (vc.num_channels, vc.image_size, vc.image_size)
+        if isinstance(image, tuple):
+            if len(image) != 2 or not isinstance(image[0], Tensor):
+                raise RequestError(f"{what}: a processed image is a pair (pixel_values tensor, (height, width))")
+            pixels, size = image
+            try:
+                lay = vl.image_layout(*(int(v) for v in size))
+            except (TypeError, ValueError) as e:
+                raise RequestError(f"{what}: image size {size!r}: {e}") from None
+        else:
+            from model.image_processing import IMAGE_GRID_PINPOINTS, IMAGE_SIZE, MiniMaxVLImageProcessor
+
+            if vc.image_size != IMAGE_SIZE or tuple(vl.image_grid_pinpoints) != tuple(IMAGE_GRID_PINPOINTS):
+                raise RequestError(f"{what}: this engine's tiles are {vc.image_size} pixels on its own grids; the "
+                                   f"image processor makes MiniMax-VL-01's ({IMAGE_SIZE}): pass processed tiles, "
+                                   "a pair (pixel_values, (height, width))")
+            try:
+                processed = MiniMaxVLImageProcessor()([image])
+            except ValueError as e:
+                raise RequestError(f"{what}: {e}") from None
+            pixels = processed.pixel_values[0]
+            lay = vl.image_layout(*(int(v) for v in processed.image_sizes[0].tolist()))
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != shape or not pixels.is_floating_point():
+            raise RequestError(f"{what}: pixel_values must be a float tensor [tiles, {', '.join(map(str, shape))}], "
+                               f"got {pixels.dtype} {list(pixels.shape)}")
+        if pixels.shape[0] != lay.num_tiles:
+            raise RequestError(f"{what}: a {lay.height}x{lay.width} image takes {lay.num_tiles} tiles (thumbnail + "
+                               f"{lay.rows}x{lay.cols}), pixel_values holds {pixels.shape[0]}")
+        if not bool(torch.isfinite(pixels).all()):
+            raise RequestError(f"{what}: pixel_values hold NaN or infinite values")
+        return pixels, lay
+
     # ------------------------------------------------------------------------------------------------ requests
     def _prepare(
         self, input_ids: Any, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
         eos_token_id: int | None, seed: int | None, attention_mask: Any, pad_token_id: int | None,
+        images: Any = None,
     ) -> _Request:
         """Validate a request completely (nothing touches the state here) and build the left-padded batch."""
         try:
@@ -452,7 +625,9 @@ class Engine:
             ids[b, L - len(row):] = torch.tensor(row, dtype=torch.long)
         if prompt is None:
             prompt = ids
-        return _Request(ids.to(self.device), lengths, max_new_tokens, sampling, eos_token_id, seed, pad, prompt)
+        request_images = self._images(images, rows, L)
+        return _Request(ids.to(self.device), lengths, max_new_tokens, sampling, eos_token_id, seed, pad, prompt,
+                        request_images)
 
     @staticmethod
     def _rows(input_ids: Any, attention_mask: Any, pad: int) -> tuple[list[list[int]], Tensor | None]:
@@ -513,13 +688,14 @@ class Engine:
         seed: int | None = None,
         attention_mask: Any = None,
         pad_token_id: int | None = None,
+        images: Any = None,
     ) -> Iterator[Tensor]:
         """Like ``generate``, but yields the new token of every row at each step (``[B]`` int64, on the engine's
         device) as soon as it is chosen. Rows that already stopped yield ``eos_token_id``; the iterator ends after
         ``max_new_tokens`` steps or when every row has produced ``eos_token_id``. The request is validated here,
         before the first token (``RequestError``)."""
         request = self._prepare(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-                                attention_mask, pad_token_id)
+                                attention_mask, pad_token_id, images)
         return self._run(request)
 
     def generate(
@@ -533,6 +709,7 @@ class Engine:
         seed: int | None = None,
         attention_mask: Any = None,
         pad_token_id: int | None = None,
+        images: Any = None,
     ) -> Tensor:
         """Prompt plus generated ids, ``[B, L + max_new_tokens]`` int64 on the CPU; greedy by default.
 
@@ -542,9 +719,14 @@ class Engine:
         padded after it with ``eos_token_id`` up to the full width. Sampling: ``temperature`` (0 = greedy),
         ``top_k``, ``top_p`` (see ``runtime.sampling``), ``seed`` for a reproducible draw (None: torch's global
         generator). Raises ``RequestError`` for a request it cannot serve (the engine stays usable).
+
+        ``images`` (VL engines): one list per prompt of the images its image tokens stand for, in order (a flat
+        list for a single prompt); each image's ``num_tokens`` placeholders (id ``image_token_index``) must be one
+        run in its prompt. An image is a PIL image / HxWx3 uint8 array (``model.MiniMaxVLImageProcessor``) or a
+        processed pair ``(pixel_values [1 + rows*cols, C, S, S], (height, width))``.
         """
         request = self._prepare(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
-                                attention_mask, pad_token_id)
+                                attention_mask, pad_token_id, images)
         steps = [t.cpu() for t in self._run(request)]
         B = request.ids.shape[0]
         fill = request.eos_token_id if request.eos_token_id is not None else request.pad_token_id
@@ -570,9 +752,22 @@ class Engine:
         self.reset(B)
         self.reserve([int(n) + request.max_new_tokens for n in lengths])  # fits: checked in _prepare
         t0 = time.perf_counter()
+        features = source = None
+        if request.images is not None:
+            features = self.encode_images(request.images.tiles, request.images.layouts)
+            source = request.images.source
+            self._sync()
+            stats.images, stats.image_tiles = len(request.images.tiles), sum(t.shape[0] for t in request.images.tiles)
+            stats.vision_s = time.perf_counter() - t0
         for c0, c1 in chunk_plan(L, self.max_input_len):
-            step = self.decode if c1 - c0 == 1 else self.prefill
-            logits = step(ids[:, c0:c1], start + c0, (start_cpu + c0).tolist())
+            if c1 - c0 == 1:  # (never an image token: VL engines take chunks of >= 3, see check_vl_settings)
+                logits = self.decode(ids[:, c0:c1], start + c0, (start_cpu + c0).tolist())
+            else:
+                embeds = None
+                if features is not None:
+                    embeds = features.index_select(0, source[:, c0:c1].clamp(min=0).reshape(-1)).view(
+                        B, c1 - c0, features.shape[-1])
+                logits = self.prefill(ids[:, c0:c1], start + c0, (start_cpu + c0).tolist(), embeds)
             stats.prefill_chunks += 1
         self._sync()
         stats.prefill_s = time.perf_counter() - t0
