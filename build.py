@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="DIR", help="checkpoint folder: config.json + safetensors shards")
-    src.add_argument("--preset", choices=["tiny"], help="build a random-weight model of this preset (no checkpoint)")
+    src.add_argument("--preset", choices=["tiny", "tiny-vl"],
+                     help="build a random-weight model of this preset (no checkpoint); tiny-vl: MiniMax-VL-01's tiny")
     p.add_argument("--out", required=True, metavar="ENGINE_DIR", help="engine folder to create")
     p.add_argument("--backend", choices=["auto", "tensorrt", "aoti", "onnx"], default="auto",
                    help="lowering: auto = TensorRT when importable and a GPU is present, else AOTInductor")
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pages", type=int, default=None,
                    help="pages per KV pool (default: every row at full context, max-batch * ceil(max-seq-len / "
                         "page-size)); fewer pages serve fewer long rows at once")
+    p.add_argument("--max-tiles", type=int, default=None,
+                   help="MiniMax-VL-01: most image tiles one call of the vision program encodes (default: the largest "
+                        "image's, thumbnail + 18 = 19 for the released grids)")
     p.add_argument("--shard-mb", type=int, default=2048,
                    help="size of the engine folder's weight shards in MB (AOTInductor; default 2048)")
     p.add_argument("--overwrite", action="store_true",
@@ -141,7 +145,9 @@ def _build(args: argparse.Namespace) -> int:
 
     from export import BuildSettings, EngineFolderError, build_engine, check_lowering
     from export.engine_folder import reserve_destination
-    from model import CheckpointError, ConfigError, MiniMaxConfig, MiniMaxForCausalLM
+    from model import (CheckpointError, ConfigError, MiniMaxConfig, MiniMaxForCausalLM, MiniMaxVLConfig,
+                       MiniMaxVLForConditionalGeneration)
+    from model.config import read_config_json
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -150,15 +156,36 @@ def _build(args: argparse.Namespace) -> int:
     backend = choose_backend(args.backend, device)
     with contextlib.ExitStack() as stack:
         try:  # everything cheap is checked before weights are read
+            vl_config = None
+            if args.checkpoint:
+                _, raw = read_config_json(args.checkpoint)
+                if isinstance(raw, dict) and "vision_config" in raw:  # MiniMax-VL-01 (remote-code or HF schema)
+                    vl_config = MiniMaxVLConfig.from_pretrained(args.checkpoint)
+                    config = vl_config.text
+                else:
+                    config = MiniMaxConfig.from_pretrained(args.checkpoint)
+            elif args.preset == "tiny-vl":
+                vl_config = MiniMaxVLConfig.preset("tiny")
+                config = vl_config.text
+            else:
+                config = MiniMaxConfig.preset(args.preset)
+            max_tiles = args.max_tiles or 0
+            if vl_config is not None and args.max_tiles is None:
+                from export.exporting import image_tiles_needed
+
+                max_tiles = image_tiles_needed(vl_config)
+            elif vl_config is None and args.max_tiles:
+                raise EngineFolderError(f"--max-tiles {args.max_tiles}: {args.checkpoint or args.preset} is a text "
+                                        "model (no vision program)")
             settings = BuildSettings(backend=backend, device=device, dtype=DTYPES[args.dtype],
                                      max_batch=args.max_batch, max_input_len=args.max_input_len,
                                      max_seq_len=args.max_seq_len, page_size=args.page_size,
-                                     num_pages=args.num_pages)
-            if args.checkpoint:
-                config = MiniMaxConfig.from_pretrained(args.checkpoint)
-            else:
-                config = MiniMaxConfig.preset(args.preset)
+                                     num_pages=args.num_pages, max_tiles=max_tiles)
             settings.validate(config.max_position_embeddings)
+            if vl_config is not None:
+                from export.exporting import check_vl_settings
+
+                check_vl_settings(vl_config, settings)
             check_lowering(settings)
             # the output folder: refused unless absent or an engine folder with --overwrite; locked until the end
             stack.enter_context(reserve_destination(args.out, overwrite=args.overwrite))
@@ -169,7 +196,18 @@ def _build(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         weights_writer = None
         try:
-            if args.checkpoint and backend in ("aoti", "onnx"):
+            if vl_config is not None and args.checkpoint:
+                # (the streamed conversion is the text model's; a VL checkpoint is loaded, then written)
+                log.info("loading %s (MiniMax-VL-01, %s, %s)", args.checkpoint, settings.dtype, device)
+                model = MiniMaxVLForConditionalGeneration.from_pretrained(args.checkpoint, dtype=settings.torch_dtype,
+                                                                          device=device)
+            elif vl_config is not None:
+                log.info("building a random-weight %r model (%s, %s)", args.preset, settings.dtype, device)
+                with torch.device(device):
+                    model = MiniMaxVLForConditionalGeneration(vl_config, dtype=settings.torch_dtype)
+                    model.init_random_weights(seed=0)
+                model.language_model.model.reset_buffers()
+            elif args.checkpoint and backend in ("aoti", "onnx"):
                 # Never hold the weights: the programs are exported from a skeleton (AOTInductor: allocated, not
                 # written; ONNX: on the meta device), and the checkpoint is converted tensor by tensor into the
                 # folder's weights (AOTInductor: safetensors shards; ONNX: the graphs' shared external data).

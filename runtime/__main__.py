@@ -3,6 +3,7 @@
 Examples:
     python -m runtime engines/tiny --prompt-ids 5,6,7 --max-new-tokens 16
     python -m runtime engines/text01 --tokenizer /models/MiniMax-Text-01 --prompt "Hello" --temperature 0.7 --top-p 0.9
+    python -m runtime engines/vl01 --tokenizer /models/MiniMax-VL-01 --image photo.jpg --prompt "Describe the image."
 
 The tokenizer is a Hugging Face tokenizer read from a local folder (``AutoTokenizer.from_pretrained(DIR)``);
 without ``--tokenizer`` the prompt must be given as ids and the new ids are printed. Text (or ids) is printed as
@@ -29,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="prompt text (needs --tokenizer)")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
     p.add_argument("--tokenizer", metavar="DIR", help="local Hugging Face tokenizer folder")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="MiniMax-VL-01 engines: an image file (repeatable); each image's placeholder tokens go before "
+                        "the prompt, in the order given")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=None,
@@ -150,10 +154,30 @@ def main(argv: list[str] | None = None) -> int:
     if not ids:
         return refuse("the prompt is empty (--prompt-ids gave no id, or --prompt no token)")
 
+    for path in args.image:
+        if not Path(path).is_file():
+            return refuse(f"--image {path}: file not found")
     try:
         engine = Engine.load(args.engine_dir, device=args.device)
     except (EngineFolderError, ValueError, RuntimeError, OSError) as e:
         return refuse(str(e))
+    images = None
+    if args.image:
+        if engine.vision is None:
+            return refuse(f"--image: {args.engine_dir} is a text engine (built from MiniMax-Text-01): it takes no images")
+        from PIL import Image, UnidentifiedImageError
+
+        images, placeholders = [], []
+        vl = engine.vision["config"]
+        for path in args.image:
+            try:
+                with Image.open(path) as im:
+                    image = im.convert("RGB")
+            except (OSError, UnidentifiedImageError) as e:
+                return refuse(f"--image {path}: not an image PIL can read ({e})")
+            images.append(image)
+            placeholders += [vl.image_token_index] * vl.image_layout(image.height, image.width).num_tokens
+        ids = placeholders + ids
     eos = args.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id if tokenizer is not None and tokenizer.eos_token_id is not None else None
@@ -165,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         steps = engine.stream([ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed)
+                              top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, seed=args.seed,
+                              images=None if images is None else [images])
     except RequestError as e:
         return refuse(str(e))
 
