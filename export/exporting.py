@@ -362,12 +362,10 @@ def build_engine(
 
 
 def check_vl_settings(vl_config, settings: BuildSettings) -> None:
-    """A VL engine: AOTInductor (the ONNX / TensorRT lowerings do not take the VL programs yet), a vision program
-    that takes the largest image in one call, and prefill chunks of at least 3 tokens (a 1-token chunk goes through
+    """A VL engine: a backend that lowers the three programs, a vision program that takes the largest image in one call, and prefill chunks of at least 3 tokens (a 1-token chunk goes through
     decode, which takes no image vectors; ``runtime.engine.chunk_plan`` makes one only for a 1-token prompt)."""
-    if settings.backend != "aoti":
-        raise EngineFolderError(f"backend {settings.backend!r}: MiniMax-VL-01 engines are built with 'aoti' only so "
-                                "far (the ONNX / TensorRT lowerings take the text programs, not the vision program)")
+    if settings.backend not in ("aoti", "onnx", "tensorrt"):
+        raise EngineFolderError(f"backend {settings.backend!r} has no lowering of the VL programs")
     need = image_tiles_needed(vl_config)
     if settings.max_tiles < need:
         raise EngineFolderError(f"max_tiles {settings.max_tiles}: the largest image of this config takes {need} tiles "

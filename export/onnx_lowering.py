@@ -61,7 +61,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.export import ExportedProgram
@@ -358,6 +358,7 @@ def functional_program(program: ExportedProgram, name: str, settings: BuildSetti
     inputs, _ = contract_names(program, name)
     n_lin = sum(n.startswith("lightning_state.") for n in inputs)
     n_soft = sum(n.startswith("key_cache.") for n in inputs)
+    vl = inputs[-1] == "image_embeds"
     inner = program.module()
 
     class Functional(torch.nn.Module):
@@ -370,8 +371,15 @@ def functional_program(program: ExportedProgram, name: str, settings: BuildSetti
             logits = self.inner(input_ids, positions, block_table, state)
             return logits, state
 
+    class FunctionalVL(Functional):  # a VL prefill: image_embeds after the state, as the exported program
+        def forward(self, input_ids, positions, block_table, state, image_embeds):
+            state = [t.clone() for t in state]
+            logits = self.inner(input_ids, positions, block_table, state, image_embeds)
+            return logits, state
+
     with torch.no_grad():
-        ep = torch.export.export(Functional(), args, dynamic_shapes=dynamic_shapes(n_lin, n_soft, settings, name))
+        ep = torch.export.export(FunctionalVL() if vl else Functional(), args,
+                                 dynamic_shapes=dynamic_shapes(n_lin, n_soft, settings, name, vl=vl))
         ep = ep.run_decompositions({})
     graph = ep.graph
     for node in list(graph.nodes):
@@ -408,8 +416,9 @@ def functional_program(program: ExportedProgram, name: str, settings: BuildSetti
 # ------------------------------------------------------------------------------------------- names
 
 
-_LIGHTNING_PARAM = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.qkv_proj\.weight$")
-_SOFTMAX_PARAM = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.q_proj\.weight$")
+# the text decoder's layers (``model.layers.N``; a VL model's vision tower has ``encoder.layers.N.self_attn`` too)
+_LIGHTNING_PARAM = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight$")
+_SOFTMAX_PARAM = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.self_attn\.q_proj\.weight$")
 
 
 def contract_names(program: ExportedProgram, name: str) -> tuple[list[str], list[str]]:
@@ -430,6 +439,14 @@ def contract_names(program: ExportedProgram, name: str) -> tuple[list[str], list
               + [f"value_cache.{i}" for i in softmax])  # fmt: skip
     user_inputs = [s for s in program.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    extra = []
+    if name == "prefill" and len(user_inputs) == 4 + len(states):  # a VL prefill: image_embeds [B, T, hidden] last
+        meta = placeholders[user_inputs[-1].arg.name].meta["val"]
+        if meta.dim() != 3 or not meta.dtype.is_floating_point:
+            raise EngineFolderError(f"{name}: the input after the state is {meta.dtype} {tuple(meta.shape)}, not "
+                                    "image_embeds [B, T, hidden]")
+        extra = ["image_embeds"]
+        user_inputs = user_inputs[:-1]
     if len(user_inputs) != 3 + len(states):
         raise EngineFolderError(
             f"{name}: the exported program has {len(user_inputs)} inputs, the layer plan "
@@ -442,16 +459,19 @@ def contract_names(program: ExportedProgram, name: str) -> tuple[list[str], list
                 f"{name}: input {spec.arg.name} ({state}) is {meta.dtype} {tuple(meta.shape)}, not a 4-d state"
                 f"{' in fp32' if state.startswith('lightning') else ''}"
             )
-    inputs = ["input_ids", "positions", "block_table", *states]
+    inputs = ["input_ids", "positions", "block_table", *states, *extra]
     return inputs, ["logits", *(s + ".out" for s in states)]
 
 
-def _rename_dims(model, name: str) -> None:
-    """Name the dynamic dims "B" (batch) and "T" (prefill length) everywhere, from input_ids' symbols."""
-    ids = model.graph.inputs[0]
+def _rename_dims(model, name: str, labels: Sequence[tuple[int, int, str]] = ((0, 0, "B"), (0, 1, "T"))) -> None:
+    """Name the dynamic dims everywhere from the symbols of ``labels`` ``(input, axis, name)``: by default "B"
+    (batch) and "T" (prefill length) from input_ids'; the vision program's "N" (tiles) and "L" (vectors)."""
     symbols = {}
-    for axis, label in ((0, "B"), (1, "T")):
-        d = ids.shape[axis]
+    for index, axis, label in labels:
+        value = model.graph.inputs[index]
+        if axis >= len(value.shape):
+            continue
+        d = value.shape[axis]
         if not isinstance(d, int):
             symbols[str(d.value)] = label
     if not symbols:
@@ -687,6 +707,35 @@ class ExternalDataWriter:
             raise EngineFolderError(f"{self.path}: weights not written: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
 
 
+VISION_INPUTS = ["pixel_values", "feature_index"]
+VISION_OUTPUTS = ["image_features"]
+
+
+def vision_to_onnx(program: ExportedProgram, optimize: bool = True):
+    """The VL vision program (``exporting.VisionProgram``: CLIP tower, projector, packing gather) as an
+    ``onnxscript.ir.Model``: standard ops only (no plugin), dims "N" (tiles) and "L" (prompt vectors)."""
+    import warnings
+
+    start = time.perf_counter()
+    with warnings.catch_warnings(), _quiet("onnxscript", "onnx_ir", "torch.onnx"), \
+            _quiet("torch.onnx._internal.exporter._registration", level=logging.ERROR):
+        warnings.simplefilter("ignore", FutureWarning)
+        onnx_program = torch.onnx.export(program, dynamo=True, input_names=VISION_INPUTS,
+                                         output_names=VISION_OUTPUTS, opset_version=OPSET, optimize=optimize,
+                                         verbose=False)
+    logger.info("onnx vision: exported in %.1fs", time.perf_counter() - start)
+    model = onnx_program.model
+    _rename_dims(model, "vision", labels=((0, 0, "N"), (1, 0, "L")))
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph if n.domain != ""})
+    if foreign:
+        raise EngineFolderError(f"vision: the ONNX graph has nodes outside the standard domain: {', '.join(foreign)}")
+    got_in, got_out = [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
+    if got_in != VISION_INPUTS or got_out != VISION_OUTPUTS:
+        raise EngineFolderError(f"vision: ONNX graph names {got_in} -> {got_out}, expected {VISION_INPUTS} -> "
+                                f"{VISION_OUTPUTS}")
+    return model
+
+
 def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSettings) -> dict[str, Any]:
     """Write ``<name>.onnx`` (+ ``<name>.onnx.data`` when the weights are large) into ``folder``, checked with
     ``onnx.checker``. Returns the manifest entries of the program.
@@ -694,6 +743,12 @@ def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSett
     A program whose weights are meta tensors (a skeleton build: ``build.py --checkpoint``) is lowered without the
     optimizer and written with its initializers as references into the shared ``WEIGHTS_DATA`` (entry
     ``weights_layout``), which the checkpoint converter then fills (``ExternalDataWriter``)."""
+    if name == "vision":
+        if any(t.device.type == "meta" for t in program.state_dict.values()):
+            raise EngineFolderError("vision: a weightless VL skeleton cannot be lowered to ONNX yet (load the "
+                                    "checkpoint: build.py does for VL)")
+        data = save_onnx(vision_to_onnx(program), folder / "vision.onnx")
+        return {"file": "vision.onnx", "external_data": data, "opset": OPSET, "state_update": "none"}
     if any(t.device.type == "meta" for t in program.state_dict.values()):
         model, plan = to_onnx(program, name, settings, optimize=False)
         layout = weights_layout(model)

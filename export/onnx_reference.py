@@ -114,8 +114,8 @@ class OnnxReferenceProgram:
         self.output_names = list(self.session.output_names)
 
     def __call__(self, input_ids: Tensor, positions: Tensor, block_table: Tensor,
-                 state: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        tensors = [input_ids, positions, block_table, *state]
+                 state: Sequence[Tensor], *extra: Tensor) -> tuple[Tensor, list[Tensor]]:
+        tensors = [input_ids, positions, block_table, *state, *extra]  # (a VL prefill: image_embeds last)
         if len(tensors) != len(self.input_names):
             raise ValueError(f"{self.path.name}: {len(tensors)} inputs given, the graph takes "
                              f"{len(self.input_names)} ({', '.join(self.input_names)})")

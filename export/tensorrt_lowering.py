@@ -24,6 +24,7 @@ TensorRT itself is imported lazily: this module imports without it, and ``check_
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import re
@@ -68,6 +69,7 @@ def optimization_profile(
     settings: BuildSettings,
     opt_batch: int = 1,
     opt_input_len: int | None = None,
+    max_image_tokens: int | None = None,
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """``{input name: (min, opt, max)}`` of the one optimization profile of ``program``'s engine.
 
@@ -76,9 +78,14 @@ def optimization_profile(
     (``engine_folder.program_io``) fixes which dims are dynamic: dim 0 of every input but the KV page pools
     (``key_cache.*``, ``value_cache.*``: static) is the batch B, in [1, max_batch]; dim 1 of ``input_ids`` is T, in [2, max_input_len] for prefill and exactly 1 for decode.
     Any other dynamic extent is an error (the export has a shape the engine-folder contract does not know).
+    A VL prefill's ``image_embeds [B, T, hidden]`` follows input_ids; the VL ``vision`` program's inputs are
+    ``pixel_values`` (dim 0: tiles N in [1, max_tiles]) and ``feature_index`` (dim 0: vectors L in [2,
+    max_image_tokens]), opt at the largest call (a whole worst-case image).
     """
+    if program == "vision":
+        return _vision_profile(inputs, settings, max_image_tokens)
     if program not in ("prefill", "decode"):
-        raise EngineFolderError(f"program {program!r} is not 'prefill' or 'decode'")
+        raise EngineFolderError(f"program {program!r} is not 'prefill', 'decode' or 'vision'")
     opt_input_len = settings.max_input_len if opt_input_len is None else opt_input_len
     if not 1 <= opt_batch <= settings.max_batch:
         raise EngineFolderError(f"opt batch {opt_batch} is outside [1, max_batch={settings.max_batch}]")
@@ -95,7 +102,8 @@ def optimization_profile(
         for axis, d in enumerate(dims):
             dynamic = d is None or isinstance(d, str) or d < 0
             pool = name.startswith(("key_cache.", "value_cache."))  # KV page pools: every dim static
-            symbol = "B" if axis == 0 and not pool else ("T" if name == "input_ids" and axis == 1 else None)
+            symbol = "B" if axis == 0 and not pool else (
+                "T" if name in ("input_ids", "image_embeds") and axis == 1 else None)
             if symbol is None:
                 if dynamic:
                     raise EngineFolderError(
@@ -114,6 +122,27 @@ def optimization_profile(
             opts.append(mid)
             maxs.append(hi)
         profile[name] = (tuple(mins), tuple(opts), tuple(maxs))
+    return profile
+
+
+def _vision_profile(inputs: Sequence[tuple[str, Sequence[DimLike]]], settings: BuildSettings,
+                    max_image_tokens: int | None) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    if settings.max_tiles < 1 or max_image_tokens is None or max_image_tokens < 2:
+        raise EngineFolderError(f"vision: the profile needs max_tiles >= 1 and max_image_tokens >= 2, got "
+                                f"{settings.max_tiles} and {max_image_tokens}")
+    ranges = {"pixel_values": (1, settings.max_tiles, settings.max_tiles),
+              "feature_index": (2, max_image_tokens, max_image_tokens)}
+    if [name for name, _ in inputs] != list(ranges):
+        raise EngineFolderError(f"vision: inputs {[name for name, _ in inputs]}, expected {list(ranges)}")
+    profile = {}
+    for name, dims in inputs:
+        dims = list(dims)
+        for axis, d in enumerate(dims[1:], start=1):
+            if d is None or isinstance(d, str) or d < 0:
+                raise EngineFolderError(f"vision input {name!r} has a dynamic dim {axis} ({d!r}) in shape {dims}; "
+                                        "only dim 0 (tiles, vectors) may be dynamic")
+        lo, mid, hi = ranges[name]
+        profile[name] = tuple(tuple([v, *dims[1:]]) for v in (lo, mid, hi))
     return profile
 
 
@@ -165,6 +194,7 @@ class BuildPlan:
     tf32: bool = True  # TF32 matmuls for fp32 tensors (TensorRT's default); off for fp32 builds (eager parity)
     opt_batch: int = 1
     opt_input_len: int | None = None  # None: max_input_len
+    max_image_tokens: int | None = None  # the vision program's feature_index bound
     timing_cache: str = TIMING_CACHE_NAME
     # weight-stripped plans: the weights stay in the folder's ONNX external data (written once, shared by both
     # programs) and are refit into the deserialized engine at load (runtime/tensorrt.py); REFIT_IDENTICAL keeps the
@@ -197,6 +227,16 @@ def plan_build(program: str, settings: BuildSettings, plugin_names: Sequence[str
             "plugins": "AOT (ONNX nodes carry aot=1; PREFER_AOT_PYTHON_PLUGINS as well)",
         },
     )
+
+
+def dim_upper_bound(program: ExportedProgram, input_index: int, axis: int) -> int:
+    """The export's upper bound of dim ``axis`` of user input ``input_index`` (its ``Dim``'s max)."""
+    specs = [s for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == specs[input_index].arg.name)
+    d = node.meta["val"].shape[axis]
+    if isinstance(d, int):
+        return d
+    return int(program.range_constraints[d.node.expr].upper)
 
 
 def registered_plugin_names() -> list[str]:
@@ -256,6 +296,8 @@ def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSett
     weight_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith(name))
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     plan = plan_build(name, settings, plugin_names, total, weight_bytes)
+    if name == "vision":  # the packing index's bound, as the export set it
+        plan = dataclasses.replace(plan, max_image_tokens=dim_upper_bound(program, 1, 0))
 
     cache_in = None
     for source in timing_cache_sources(folder):
@@ -359,7 +401,8 @@ def build_serialized_engine(onnx_path: Path, plan: BuildPlan, settings: BuildSet
                 time.perf_counter() - start)
 
     inputs = [(network.get_input(i).name, tuple(network.get_input(i).shape)) for i in range(network.num_inputs)]
-    shapes = optimization_profile(inputs, plan.program, settings, plan.opt_batch, plan.opt_input_len)
+    shapes = optimization_profile(inputs, plan.program, settings, plan.opt_batch, plan.opt_input_len,
+                                  plan.max_image_tokens)
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():

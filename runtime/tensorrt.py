@@ -123,6 +123,7 @@ class ProgramBinding:
     outputs: tuple[TensorSpec, ...]
     max_batch: int
     max_input_len: int
+    extra: int = 0  # inputs after the state: a VL prefill's image_embeds
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any], program: str) -> "ProgramBinding":
@@ -133,7 +134,9 @@ class ProgramBinding:
                 specs.append(tuple(TensorSpec(t["name"], tuple(t["shape"]), MANIFEST_DTYPES[t["dtype"]])
                                    for t in entry[key]))
             profiles = manifest["profiles"]
-            binding = cls(program, specs[0], specs[1], int(profiles["max_batch"]), int(profiles["max_input_len"]))
+            extra = int(program == "prefill" and bool(specs[0]) and specs[0][-1].name == "image_embeds")
+            binding = cls(program, specs[0], specs[1], int(profiles["max_batch"]), int(profiles["max_input_len"]),
+                          extra)
         except KeyError as e:
             raise EngineFolderError(f"manifest: program {program!r} lacks {e} (inputs/outputs/profiles)") from e
         names = [t.name for t in binding.inputs[:3]]
@@ -141,14 +144,14 @@ class ProgramBinding:
                 or binding.outputs[0].name != "logits"):
             raise EngineFolderError(f"manifest: program {program!r} does not follow the engine-folder contract "
                                     f"(inputs start {names}, outputs start {binding.outputs[:1]})")
-        if len(binding.outputs) != len(binding.inputs) - 2:
-            raise EngineFolderError(f"manifest: program {program!r} has {len(binding.inputs) - 3} state inputs but "
-                                    f"{len(binding.outputs) - 1} state outputs")
+        if len(binding.outputs) != len(binding.inputs) - 2 - binding.extra:
+            raise EngineFolderError(f"manifest: program {program!r} has {len(binding.state_inputs)} state inputs "
+                                    f"but {len(binding.outputs) - 1} state outputs")
         return binding
 
     @property
     def state_inputs(self) -> tuple[TensorSpec, ...]:
-        return self.inputs[3:]
+        return self.inputs[3:len(self.inputs) - self.extra]
 
     @property
     def state_outputs(self) -> tuple[TensorSpec, ...]:
@@ -179,7 +182,7 @@ class ProgramBinding:
                 raise EngineFolderError(f"{where}: output {name!r} aliases unknown input {t.aliased_input!r}")
 
     def check_call(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: Sequence[Tensor],
-                   device: torch.device) -> tuple[int, int]:
+                   device: torch.device, extra: Sequence[Tensor] = ()) -> tuple[int, int]:
         """Validate one call's inputs; return ``(B, T)``. Errors name the tensor, its shape and the limit."""
         where = f"{self.program}"
         if input_ids.dim() != 2 or input_ids.dtype != torch.int64:
@@ -194,14 +197,58 @@ class ProgramBinding:
                              f"[2, max_input_len={self.max_input_len}]")
         if len(state) != len(self.state_inputs):
             raise ValueError(f"{where}: {len(state)} state tensors given, the engine takes {len(self.state_inputs)}")
+        if len(extra) != self.extra:
+            raise ValueError(f"{where}: {len(extra)} inputs after the state given, the engine takes {self.extra}"
+                             f"{' (image_embeds)' if self.extra else ''}")
         shapes = self.shapes(B, T)
-        for spec, t in zip(self.inputs, (input_ids, positions, block_table, *state)):
+        for spec, t in zip(self.inputs, (input_ids, positions, block_table, *state, *extra)):
             if tuple(t.shape) != shapes[spec.name] or t.dtype != spec.dtype:
                 raise ValueError(f"{where}: {spec.name} must be {list(shapes[spec.name])} {spec.dtype}, got "
                                  f"{list(t.shape)} {t.dtype}")
             if t.device != device:
                 raise ValueError(f"{where}: {spec.name} is on {t.device}, the engine runs on {device}")
         return B, T
+
+
+@dataclass(frozen=True)
+class VisionBinding:
+    """The manifest's VL ``vision`` program: ``pixel_values [N, C, S, S]``, ``feature_index [L]`` ->
+    ``image_features [L, hidden]``; N in [1, max_tiles], L in [2, max_image_tokens]."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_tiles: int
+    max_image_tokens: int
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> "VisionBinding":
+        try:
+            entry = manifest["programs"]["vision"]
+            specs = [tuple(TensorSpec(t["name"], tuple(t["shape"]), MANIFEST_DTYPES[t["dtype"]]) for t in entry[key])
+                     for key in ("inputs", "outputs")]
+            binding = cls(specs[0], specs[1], int(manifest["vision"]["max_tiles"]),
+                          int(manifest["vision"]["max_image_tokens"]))
+        except KeyError as e:
+            raise EngineFolderError(f"manifest: the vision program lacks {e}") from e
+        if [t.name for t in binding.inputs] != ["pixel_values", "feature_index"] or \
+                [t.name for t in binding.outputs] != ["image_features"]:
+            raise EngineFolderError("manifest: the vision program does not follow the engine-folder contract "
+                                    "(pixel_values, feature_index -> image_features)")
+        return binding
+
+    def check_call(self, pixel_values: Tensor, feature_index: Tensor, device: torch.device) -> dict[str, tuple]:
+        """Validate one call; return every tensor's concrete shape."""
+        N, L = (pixel_values.shape[0] if pixel_values.dim() else 0), (feature_index.shape[0] if feature_index.dim() else 0)
+        if not 1 <= N <= self.max_tiles:
+            raise ValueError(f"vision: {N} tiles, the engine takes [1, max_tiles={self.max_tiles}]")
+        if not 2 <= L <= self.max_image_tokens:
+            raise ValueError(f"vision: {L} vectors, the engine takes [2, max_image_tokens={self.max_image_tokens}]")
+        shapes = {t.name: t.resolve({"N": N, "L": L}) for t in self.inputs + self.outputs}
+        for spec, t in zip(self.inputs, (pixel_values, feature_index)):
+            if tuple(t.shape) != shapes[spec.name] or t.dtype != spec.dtype or t.device != device:
+                raise ValueError(f"vision: {spec.name} must be {list(shapes[spec.name])} {spec.dtype} on {device}, "
+                                 f"got {list(t.shape)} {t.dtype} on {t.device}")
+        return shapes
 
 
 def bindable(t: Tensor) -> Tensor:
@@ -297,9 +344,9 @@ class TensorRTProgram:
             context.set_tensor_address(spec.name, result[spec.name].data_ptr())
         return result
 
-    def inputs(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: Sequence[Tensor]
-               ) -> dict[str, Tensor]:
-        tensors = (input_ids, positions, block_table, *state)
+    def inputs(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: Sequence[Tensor],
+               *extra: Tensor) -> dict[str, Tensor]:
+        tensors = (input_ids, positions, block_table, *state, *extra)
         bound = {}
         for spec, t in zip(self.binding.inputs, tensors):
             b = bindable(t)
@@ -313,14 +360,42 @@ class TensorRTProgram:
     def aliased_inputs(self) -> set[str]:
         return set(self.aliases.values())
 
-    def __call__(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: Sequence[Tensor]
-                 ) -> tuple[Tensor, list[Tensor]]:
-        self.binding.check_call(input_ids, positions, block_table, state, self.device)
-        outputs = self.bind(self.context, self.inputs(input_ids, positions, block_table, state))
+    def __call__(self, input_ids: Tensor, positions: Tensor, block_table: Tensor, state: Sequence[Tensor],
+                 *extra: Tensor) -> tuple[Tensor, list[Tensor]]:
+        self.binding.check_call(input_ids, positions, block_table, state, self.device, extra)
+        outputs = self.bind(self.context, self.inputs(input_ids, positions, block_table, state, *extra))
         stream = torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"{self.where}: TensorRT execute_async_v3 failed (see the log)")
         return outputs["logits"], [outputs[s.name] for s in self.binding.state_outputs]
+
+
+class TensorRTVision:
+    """The VL vision engine, called as ``fn(pixel_values, feature_index) -> image_features``."""
+
+    def __init__(self, engine, binding: VisionBinding, device: torch.device, where: str, runtime=None):
+        self.engine, self.binding, self.device, self.where, self.runtime = engine, binding, device, where, runtime
+        found = {t.name: t for t in engine_tensors(engine)}
+        expected = {t.name: (True, t.dtype) for t in binding.inputs} | {t.name: (False, t.dtype) for t in binding.outputs}
+        if set(found) != set(expected) or any((found[n].is_input, found[n].dtype) != v for n, v in expected.items()):
+            raise EngineFolderError(f"{where}: engine tensors {sorted(found)} differ from the manifest's vision "
+                                    f"program {sorted(expected)} (names, direction or dtypes)")
+        with torch.cuda.device(device):
+            self.context = engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError(f"{where}: TensorRT could not create an execution context (out of GPU memory?)")
+
+    def __call__(self, pixel_values: Tensor, feature_index: Tensor) -> Tensor:
+        shapes = self.binding.check_call(pixel_values, feature_index, self.device)
+        out = torch.empty(shapes["image_features"], dtype=self.binding.outputs[0].dtype, device=self.device)
+        for name, t in (("pixel_values", bindable(pixel_values)), ("feature_index", bindable(feature_index))):
+            if not self.context.set_input_shape(name, tuple(t.shape)):
+                raise ValueError(f"{self.where}: TensorRT refused shape {tuple(t.shape)} for input {name!r}")
+            self.context.set_tensor_address(name, t.data_ptr())
+        self.context.set_tensor_address("image_features", out.data_ptr())
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError(f"{self.where}: TensorRT execute_async_v3 failed (see the log)")
+        return out
 
 
 class DecodeGraph:
@@ -456,7 +531,7 @@ def load_programs(folder: str | Path, manifest: Mapping[str, Any], device: torch
                        folder, built_with, trt.__version__)
     runtime = trt.Runtime(_trt_logger(trt))
     programs: dict[str, Callable] = {}
-    for name in ("prefill", "decode"):
+    for name in ("prefill", "decode", *(("vision",) if "vision" in manifest else ())):
         path = folder / manifest["programs"][name]["file"]
         with torch.cuda.device(device):
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
@@ -467,8 +542,11 @@ def load_programs(folder: str | Path, manifest: Mapping[str, Any], device: torch
         if refit_from:
             with torch.cuda.device(device):
                 refit_stripped_engine(trt, engine, path, folder / refit_from)
-        programs[name] = TensorRTProgram(engine, ProgramBinding.from_manifest(manifest, name), device, str(path),
-                                         runtime)
+        if name == "vision":
+            programs[name] = TensorRTVision(engine, VisionBinding.from_manifest(manifest), device, str(path), runtime)
+        else:
+            programs[name] = TensorRTProgram(engine, ProgramBinding.from_manifest(manifest, name), device, str(path),
+                                             runtime)
         logger.info("loaded %s (TensorRT %s, %s)", path, trt.__version__, device)
     if cuda_graph:
         programs["decode"] = GraphedDecode(programs["decode"])

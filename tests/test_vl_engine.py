@@ -306,7 +306,7 @@ def test_text_engine_refuses_images(tmp_path):
 def test_vl_builds_refuse_what_they_cannot_build(vl, tmp_path):
     _, _, ckpt, _ = vl
     common = ["--checkpoint", str(ckpt), "--device", "cpu", "--max-seq-len", "64"]
-    assert build.main([*common, "--out", str(tmp_path / "a"), "--backend", "onnx"]) == 2  # aoti only so far
+    assert build.main([*common, "--out", str(tmp_path / "a"), "--backend", "tensorrt"]) == 2  # no TensorRT here
     assert build.main([*common, "--out", str(tmp_path / "b"), "--max-tiles", "18"]) == 2  # < 19
     assert build.main([*common, "--out", str(tmp_path / "c"), "--max-input-len", "2"]) == 2  # chunks of >= 3
     assert build.main(["--preset", "tiny", "--out", str(tmp_path / "d"), "--max-tiles", "4"]) == 2  # text model
@@ -359,3 +359,130 @@ def test_cli_image_flag(vl, tmp_path, capsys):
     assert "not an image PIL can read" in capsys.readouterr().err
     assert main([str(folder), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"]) == 0  # text prompt: fine
     assert capsys.readouterr().out.strip().count(",") == 2
+
+
+# ------------------------------------------------------------------------------------------- ONNX, TensorRT
+ONNX_SETTINGS = dict(backend="onnx", device="cpu", dtype="float32", max_batch=2, max_input_len=MAX_INPUT_LEN,
+                     max_seq_len=MAX_SEQ_LEN, page_size=16, max_tiles=19)
+
+
+@pytest.fixture(scope="module")
+def vl_onnx(vl, tmp_path_factory):
+    """The same checkpoint through ``build.py --backend onnx``: (folder, manifest)."""
+    pytest.importorskip("onnx", reason="the ONNX lowering needs onnx")
+    pytest.importorskip("onnxscript", reason="the ONNX lowering needs onnxscript")
+    out = tmp_path_factory.mktemp("vl_onnx") / "engine"
+    assert build.main(["--checkpoint", str(vl[2]), "--out", str(out), "--backend", "onnx", "--device", "cpu",
+                       "--dtype", "fp32", "--max-batch", "2", "--max-input-len", str(MAX_INPUT_LEN),
+                       "--max-seq-len", str(MAX_SEQ_LEN), "--page-size", "16"]) == 0
+    return out, read_manifest(out)
+
+
+def test_onnx_vision_graph_equals_eager(vl, vl_onnx):
+    """vision.onnx (standard ops only: TensorRT parses it without a plugin), evaluated by onnx.reference and by
+    onnxruntime, against the eager packed features; its dims are the contract's N and L."""
+    import onnx
+    import onnxruntime
+
+    from export.onnx_reference import reference_evaluator
+
+    model = vl[0]
+    folder, manifest = vl_onnx
+    graph = onnx.load(folder / "vision.onnx")
+    assert {n.domain for n in graph.graph.node} <= {""}
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input]
+    assert dims == [["N", 3, 16, 16], ["L"]]
+    tiles, layouts = _tiles(model.config, SIZES, seed=11)
+    feeds = {"pixel_values": torch.cat(tiles).numpy(), "feature_index": packing_index(layouts, 4).numpy()}
+    with torch.no_grad():
+        expected = torch.cat(model.image_features(torch.cat(tiles), SIZES))
+    for run in (reference_evaluator(folder / "vision.onnx").run,
+                onnxruntime.InferenceSession(str(folder / "vision.onnx")).run):
+        got = torch.from_numpy(run(None, feeds)[0])
+        assert rel_err(got, expected) < 1e-5
+
+
+@torch.no_grad()
+def test_onnx_vl_prefill_and_decode_equal_eager(vl, vl_onnx):
+    """prefill.onnx takes image_embeds after the state; with decode.onnx over a scattered paged state it gives the
+    eager VL programs' logits and states (onnx.reference with the reference kernels)."""
+    from export import BuildSettings
+    from export.exporting import VLDecodeProgram, VLPrefillProgram
+    from export.onnx_reference import OnnxReferenceProgram
+    from runtime.backends import InPlaceProgram
+    from tests.test_export import paged_state
+
+    model = vl[0]
+    folder, manifest = vl_onnx
+    assert [e["name"] for e in manifest["programs"]["prefill"]["inputs"]][-1] == "image_embeds"
+    tiles, layouts = _tiles(model.config, [(16, 16)], seed=13)  # one tile: 16 + 4 x 5 = 36 vectors
+    features = torch.cat(model.image_features(torch.cat(tiles), [(16, 16)]))
+    image = [IMAGE_TOKEN] * layouts[0].num_tokens
+    ids = torch.tensor([[7, 8, *image, 9, 10], [11, *image, 12, 13, 14]])
+    embeds = torch.zeros(2, ids.shape[1], features.shape[1])
+    for b in range(2):
+        embeds[b, ids[b] == IMAGE_TOKEN] = features
+    settings = BuildSettings(**ONNX_SETTINGS)
+    results = []
+    for prefill, decode in ((OnnxReferenceProgram(folder / "prefill.onnx"), OnnxReferenceProgram(folder / "decode.onnx")),
+                            (InPlaceProgram(VLPrefillProgram(model)), InPlaceProgram(VLDecodeProgram(model)))):
+        table, state = paged_state(model.config.text, 2, settings)
+        logits, state = prefill(ids, torch.zeros(2, dtype=torch.long), table, state, embeds)
+        steps = [logits]
+        token = logits.argmax(-1)
+        for t in range(2):
+            logits, state = decode(token, torch.full((2,), ids.shape[1] + t), table, state)
+            steps.append(logits)
+            token = logits.argmax(-1)
+        results.append((torch.cat(steps, 1), state))
+    report = logit_report(results[0][0], results[1][0])
+    assert report["max_abs"] < 2e-5 and report["top1"] == 1.0, report
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-6)
+
+
+def test_tensorrt_binding_of_a_vl_folder(vl_onnx):
+    """The TensorRT runtime's manifest bindings (pure; TensorRT is not installed here) read a VL folder's functional
+    programs: prefill's image_embeds is an input after the state, not a state; the vision program's N and L are
+    bounded by the manifest; and the build profile covers both."""
+    from export import BuildSettings
+    from export.tensorrt_lowering import optimization_profile
+    from runtime.tensorrt import ProgramBinding, VisionBinding
+
+    _, manifest = vl_onnx
+    prefill = ProgramBinding.from_manifest(manifest, "prefill")
+    assert prefill.extra == 1 and [s.name for s in prefill.state_inputs][-1] == "value_cache.1"
+    assert len(prefill.state_inputs) == len(prefill.state_outputs) == 3
+    assert ProgramBinding.from_manifest(manifest, "decode").extra == 0
+    B, T, D = 2, 5, 48
+    shapes = prefill.shapes(B, T)
+    call = [torch.zeros(shapes["input_ids"], dtype=torch.long), torch.zeros(B, dtype=torch.long),
+            torch.zeros(shapes["block_table"], dtype=torch.int32),
+            [torch.zeros(shapes[s.name], dtype=s.dtype) for s in prefill.state_inputs]]
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"0 inputs after the state given, the engine takes 1 \(image_embeds\)"):
+        prefill.check_call(*call, cpu)
+    with pytest.raises(ValueError, match=r"image_embeds must be \[2, 5, 48\]"):
+        prefill.check_call(*call, cpu, [torch.zeros(B, T + 1, D)])
+    assert prefill.check_call(*call, cpu, [torch.zeros(B, T, D)]) == (B, T)
+
+    vision = VisionBinding.from_manifest(manifest)
+    assert (vision.max_tiles, vision.max_image_tokens) == (19, manifest["vision"]["max_image_tokens"])
+    assert vision.check_call(torch.zeros(7, 3, 16, 16), torch.zeros(100, dtype=torch.long), cpu)["image_features"] == (100, D)
+    with pytest.raises(ValueError, match=r"20 tiles, the engine takes \[1, max_tiles=19\]"):
+        vision.check_call(torch.zeros(20, 3, 16, 16), torch.zeros(100, dtype=torch.long), cpu)
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        vision.check_call(torch.zeros(7, 3, 8, 16), torch.zeros(100, dtype=torch.long), cpu)
+
+    settings = BuildSettings(**{**ONNX_SETTINGS, "backend": "tensorrt", "device": "cuda"})
+    inputs = [(e["name"], [-1 if isinstance(d, str) else d for d in e["shape"]])
+              for e in manifest["programs"]["prefill"]["inputs"]]
+    profile = optimization_profile(inputs, "prefill", settings)
+    assert profile["image_embeds"] == ((1, 2, D), (1, MAX_INPUT_LEN, D), (2, MAX_INPUT_LEN, D))
+    inputs = [(e["name"], [-1 if isinstance(d, str) else d for d in e["shape"]])
+              for e in manifest["programs"]["vision"]["inputs"]]
+    profile = optimization_profile(inputs, "vision", settings, max_image_tokens=vision.max_image_tokens)
+    assert profile["pixel_values"] == ((1, 3, 16, 16), (19, 3, 16, 16), (19, 3, 16, 16))
+    assert profile["feature_index"] == ((2,), (vision.max_image_tokens,), (vision.max_image_tokens,))
+    with pytest.raises(EngineFolderError, match="needs max_tiles >= 1 and max_image_tokens"):
+        optimization_profile(inputs, "vision", settings)
