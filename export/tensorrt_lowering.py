@@ -85,7 +85,7 @@ def optimization_profile(
     if program == "vision":
         return _vision_profile(inputs, settings, max_image_tokens)
     if program not in ("prefill", "decode"):
-        raise EngineFolderError(f"program {program!r} is not 'prefill', 'decode' or 'vision'")
+        raise EngineFolderError(f"program {program!r} is not 'prefill' or 'decode' (or a VL engine's 'vision')")
     opt_input_len = settings.max_input_len if opt_input_len is None else opt_input_len
     if not 1 <= opt_batch <= settings.max_batch:
         raise EngineFolderError(f"opt batch {opt_batch} is outside [1, max_batch={settings.max_batch}]")

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["VisionConfig", "MiniMaxVLConfig", "ImageLayout", "MiniMaxVLForConditionalGeneration", "VL_PRESETS",
            "MINIMAX_VL_01_PINPOINTS", "select_pinpoint", "unpad_crop", "pack_image_features", "packing_index",
-           "load_vl_checkpoint", "vl_checkpoint_key_plan"]
+           "load_vl_checkpoint", "vl_checkpoint_key_plan", "convert_vl_checkpoint", "validate_vl_checkpoint"]
 
 # The 28 (height, width) resolutions released with MiniMax-VL-01 (minimax_arch.md §7): at most 18 tiles (6 x 3).
 MINIMAX_VL_01_PINPOINTS: tuple[tuple[int, int], ...] = IMAGE_GRID_PINPOINTS
@@ -741,17 +741,8 @@ def _ignored_key(key: str, config: MiniMaxVLConfig) -> bool:
     return bool(m) and config.vision_layers_used <= int(m.group(1)) < config.vision.num_hidden_layers
 
 
-def load_vl_checkpoint(cls: type[MiniMaxVLForConditionalGeneration], path: str | Path,
-                       dtype: torch.dtype = torch.bfloat16,
-                       device: str | torch.device = "cpu") -> MiniMaxVLForConditionalGeneration:
-    """Build ``cls`` from ``path/config.json`` on the meta device and fill it from the safetensors shards.
-
-    As ``model.loading.load_checkpoint`` for Text-01 (its index reading, validation and shard stream): names,
-    coverage, shard files and shapes are checked before any tensor data is read (``CheckpointError`` naming the
-    tensor and file), then tensors are memory-mapped and assigned one at a time, experts stacked on load.
-    """
-    device = torch.device(device)
-    start = time.perf_counter()
+def _prepare_vl(cls: type[MiniMaxVLForConditionalGeneration], path: str | Path, dtype: torch.dtype):
+    """Config, meta-device model, key plan and shard -> keys, validated without reading tensor data."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: checkpoint directory not found")
@@ -766,7 +757,49 @@ def load_vl_checkpoint(cls: type[MiniMaxVLForConditionalGeneration], path: str |
     if ignored:
         logger.info("%s: %d tensors not loaded (derived buffers, unused vision layers / final norm)", root,
                     len(ignored))
+    return root, config, model, plan, by_shard
 
+
+def validate_vl_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> MiniMaxVLConfig:
+    """``load_vl_checkpoint``'s checks without reading tensor data; returns the config."""
+    return _prepare_vl(MiniMaxVLForConditionalGeneration, path, dtype)[1]
+
+
+def convert_vl_checkpoint(path: str | Path, writer, dtype: torch.dtype = torch.bfloat16) -> MiniMaxVLConfig:
+    """``model.loading.convert_checkpoint`` for MiniMax-VL-01: the checkpoint streamed one tensor at a time into
+    an engine folder's weights (``writer``: ``export.weights.ShardWriter``) under the VL model's names, experts
+    as parts, the text model's derived buffers added; the model is never built. Returns the config."""
+    from .loading import derived_buffers
+
+    root, config, skeleton, plan, by_shard = _prepare_vl(MiniMaxVLForConditionalGeneration, path, dtype)
+    params = dict(skeleton.named_parameters())
+    for target, tensor in _stream(root, by_shard, plan, "converting"):
+        tensor = tensor.to(params[target.param].dtype)
+        if target.index is None:
+            writer.add(target.param, tensor)
+        else:
+            writer.add_part(target.param, target.index, params[target.param].shape[0], tensor)
+    buffers = {f"language_model.{k}": v for k, v in derived_buffers(config.text).items()}
+    if {n for n, _ in skeleton.named_buffers()} != set(buffers):  # a guard: the model's buffers are these
+        raise CheckpointError(f"model buffers {sorted(n for n, _ in skeleton.named_buffers())} differ from the "
+                              "derived ones")
+    for name, t in buffers.items():
+        writer.add(name, t)
+    return config
+
+
+def load_vl_checkpoint(cls: type[MiniMaxVLForConditionalGeneration], path: str | Path,
+                       dtype: torch.dtype = torch.bfloat16,
+                       device: str | torch.device = "cpu") -> MiniMaxVLForConditionalGeneration:
+    """Build ``cls`` from ``path/config.json`` on the meta device and fill it from the safetensors shards.
+
+    As ``model.loading.load_checkpoint`` for Text-01 (its index reading, validation and shard stream): names,
+    coverage, shard files and shapes are checked before any tensor data is read (``CheckpointError`` naming the
+    tensor and file), then tensors are memory-mapped and assigned one at a time, experts stacked on load.
+    """
+    device = torch.device(device)
+    start = time.perf_counter()
+    root, config, model, plan, by_shard = _prepare_vl(cls, path, dtype)
     params = dict(model.named_parameters())
     loaded: dict[str, Tensor] = {
         name: torch.empty(p.shape, dtype=p.dtype, device=device)  # stacked experts, filled expert by expert

@@ -486,3 +486,25 @@ def test_tensorrt_binding_of_a_vl_folder(vl_onnx):
     assert profile["feature_index"] == ((2,), (vision.max_image_tokens,), (vision.max_image_tokens,))
     with pytest.raises(EngineFolderError, match="needs max_tiles >= 1 and max_image_tokens"):
         optimization_profile(inputs, "vision", settings)
+
+
+def test_build_streams_a_vl_checkpoint_and_refuses_a_broken_one_by_name(vl, tmp_path, caplog):
+    """build.py (AOTInductor) converts a VL checkpoint tensor by tensor into the folder's weights (the module's
+    engine, equal to eager above, was built so): the weights are the VL model's names with experts as parts; a
+    checkpoint missing a vision tensor is refused before any work, naming it, and nothing is written."""
+    import shutil
+
+    from tests.test_vl_model import _edit_shard
+
+    _, _, ckpt, folder = vl
+    manifest = read_manifest(folder)
+    assert manifest["weights"]["stacked"], "experts are written as parts (streamed), not stacked by a loaded model"
+    assert "language_model.model.inv_freq" in manifest["weights"]["tensors"]
+    broken = tmp_path / "ckpt"
+    shutil.copytree(ckpt, broken)
+    key = "multi_modal_projector.linear_2.weight"
+    _edit_shard(broken, key, lambda tensors: tensors.pop(key))
+    caplog.set_level("ERROR")
+    assert build.main(["--checkpoint", str(broken), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 2
+    assert key in caplog.text
+    assert not (tmp_path / "e").exists()
