@@ -165,14 +165,16 @@ def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: in
     weights, and wrap them in ``runtime.Engine``. Returns (engine, build seconds by stage)."""
     from export import BuildSettings, export_programs
     from export.engine_folder import DTYPES, symbolic_state_layout
+    from export.exporting import image_tiles_needed, is_vl, text_model
     from runtime import Engine
     from runtime.backends import InPlaceProgram
 
     dtype = next(k for k, v in DTYPES.items() if v == model.dtype)
-    device = model.lm_head.weight.device
+    vl = is_vl(model)  # MiniMax-VL-01: the vision program too (if asked for), tiles for its largest image
+    device = text_model(model).lm_head.weight.device
     settings = BuildSettings(backend="aoti", device=device.type, dtype=dtype, max_batch=max_batch,
                              max_input_len=max_input_len, max_seq_len=max_seq_len, page_size=page_size,
-                             num_pages=num_pages)
+                             num_pages=num_pages, max_tiles=image_tiles_needed(model.config) if vl else 0)
     paged = settings.paged_layout()
     settings = dataclasses.replace(settings, page_size=paged["page_size"], num_pages=paged["num_pages"])
     timings: dict[str, float] = {}
@@ -197,13 +199,15 @@ def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: in
         # the programs wrap the model as ``.model``: constant "model.<name>" is the model's "<name>"
         fn.load_constants({f: weights[f.removeprefix("model.")] for f in fqns}, check_full_update=True,
                           user_managed=True)
-        programs[name] = InPlaceProgram(fn, name)
+        programs[name] = fn if name == "vision" else InPlaceProgram(fn, name)
         print(f"  AOTI {name}: compiled in {timings[f'compile_{name}_s']:.1f}s ({path.stat().st_size / 2**20:.1f} "
               f"MiB package, {len(fqns)} constants shared with the eager model)", flush=True)
-    layout = symbolic_state_layout(model.config, settings)
-    engine = Engine(programs, model.config, device=device, state_layout=layout, max_batch=max_batch,
+    text = text_model(model)
+    layout = symbolic_state_layout(text.config, settings)
+    vision = {"config": model.config, "max_tiles": settings.max_tiles} if vl and "vision" in programs else None
+    engine = Engine(programs, text.config, device=device, state_layout=layout, max_batch=max_batch,
                     max_input_len=max_input_len, max_seq_len=max_seq_len, paged_kv=paged, backend="aoti", dtype=dtype,
-                    source="benchmark AOTI programs (weights shared with the eager model)")
+                    source="benchmark AOTI programs (weights shared with the eager model)", vision=vision)
     return engine, timings
 
 
