@@ -105,10 +105,11 @@ def select_best_resolution(
     return best
 
 
-def _fit(height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def _fit(height: int, width: int, pinpoints: Sequence[tuple[int, int]] = IMAGE_GRID_PINPOINTS
+         ) -> tuple[tuple[int, int], tuple[int, int]]:
     """(grid, resized size) of a `height x width` image, both (height, width); ValueError when there is none."""
     _check_size(height, width)
-    grid_height, grid_width = select_best_resolution(height, width)
+    grid_height, grid_width = select_best_resolution(height, width, pinpoints)
     # MiniMax's `_resize_for_patching` (§7): the side that limits the scale becomes the grid's, the other is
     # scaled and rounded DOWN with int() (LLaVA-NeXT's get_patch_output_size rounds up).
     if width / height > grid_width / grid_height:
@@ -119,7 +120,7 @@ def _fit(height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
         raise ValueError(
             f"aspect ratio too extreme: a {height}x{width} (height x width) image rounds down to "
             f"{new_height}x{new_width} pixels in its {grid_height}x{grid_width} grid; one side must be at most "
-            f"2016 times the other"
+            f"{max(max(p) for p in pinpoints)} times the other"
         )
     return (grid_height, grid_width), (new_height, new_width)
 
@@ -150,7 +151,8 @@ def resized_size(height: int, width: int) -> tuple[int, int]:
     return _fit(height, width)[1]
 
 
-def unpadded_grid(height: int, width: int) -> tuple[int, int]:
+def unpadded_grid(height: int, width: int, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE,
+                  pinpoints: Sequence[tuple[int, int]] = IMAGE_GRID_PINPOINTS) -> tuple[int, int]:
     """(rows, cols) of the feature map after MiniMax's `unpad_image` (§7; TF-VL / vLLM-VL `unpad_image`).
 
     The tiles' features form a `(tile_rows * 24) x (tile_cols * 24)` map. If the image is wider than the map, its
@@ -160,8 +162,9 @@ def unpadded_grid(height: int, width: int) -> tuple[int, int]:
     thin images `rows` or `cols` can be 0 (the whole map is letterbox); with
     `cols == 0` each of the `rows` rows still gets its newline, as in the published `pack_image_features`.
     """
-    tile_rows, tile_cols = tile_grid(height, width)
-    rows, cols = tile_rows * FEATURES_PER_SIDE, tile_cols * FEATURES_PER_SIDE
+    grid_height, grid_width = _fit(height, width, pinpoints)[0]
+    g = image_size // patch_size
+    rows, cols = grid_height // image_size * g, grid_width // image_size * g
     if width / height > cols / rows:  # wider than the map: rows were padded
         kept = int(height * cols) // width
         rows -= 2 * ((rows - kept) // 2)
@@ -171,14 +174,15 @@ def unpadded_grid(height: int, width: int) -> tuple[int, int]:
     return rows, cols
 
 
-def num_image_tokens(height: int, width: int) -> int:
+def num_image_tokens(height: int, width: int, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE,
+                     pinpoints: Sequence[tuple[int, int]] = IMAGE_GRID_PINPOINTS) -> int:
     """Number of `<image>` tokens for a `height x width` image: `576 + rows * cols + rows` (§7).
 
     576 thumbnail features, then the unpadded tile features with one `image_newline` after each row
     (`unpadded_grid`). 336x336 -> 1176; a 2016x1008 image (grid [2016, 1008]) -> 576 + 144 * 73 = 11088, the most.
     """
-    rows, cols = unpadded_grid(height, width)
-    return BASE_IMAGE_TOKENS + rows * (cols + 1)
+    rows, cols = unpadded_grid(height, width, image_size, patch_size, pinpoints)
+    return (image_size // patch_size) ** 2 + rows * (cols + 1)
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,17 @@ class MiniMaxVLImageProcessor:
     ValueError naming the image index and the problem. The steps are in this module's docstring.
     """
 
+    def __init__(self, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE,
+                 grid_pinpoints: Sequence[tuple[int, int]] = IMAGE_GRID_PINPOINTS):
+        """The released sizes by default; other tile sizes and grids for other configs (``for_config``)."""
+        self.image_size, self.patch_size = image_size, patch_size
+        self.grid_pinpoints = tuple(tuple(p) for p in grid_pinpoints)
+
+    @classmethod
+    def for_config(cls, config) -> "MiniMaxVLImageProcessor":
+        """The processor of a ``model.vl.MiniMaxVLConfig``: its tile size, patch size and pinpoint grids."""
+        return cls(config.vision.image_size, config.vision.patch_size, config.image_grid_pinpoints)
+
     def __call__(self, images: Sequence[Image.Image | np.ndarray]) -> MiniMaxVLImageInputs:
         if not isinstance(images, (list, tuple)):
             raise ValueError(  # noqa: TRY004 (every bad input is a ValueError naming the problem)
@@ -248,7 +263,7 @@ class MiniMaxVLImageProcessor:
         for index, image in enumerate(pil_images):
             width, height = image.size
             try:
-                tokens.append(num_image_tokens(height, width))
+                tokens.append(num_image_tokens(height, width, self.image_size, self.patch_size, self.grid_pinpoints))
                 pixel_values.append(self._tiles(image))
             except ValueError as error:
                 raise ValueError(f"image {index}: {error}") from None
@@ -256,11 +271,11 @@ class MiniMaxVLImageProcessor:
         image_sizes = torch.tensor(sizes, dtype=torch.int64).reshape(len(sizes), 2)  # [N, 2]
         return MiniMaxVLImageInputs(pixel_values=pixel_values, image_sizes=image_sizes, num_image_tokens=tokens)
 
-    @staticmethod
-    def _tiles(image: Image.Image) -> torch.Tensor:
-        """One RGB image -> [1 + n_tiles, 3, 336, 336] float32."""
+    def _tiles(self, image: Image.Image) -> torch.Tensor:
+        """One RGB image -> [1 + n_tiles, 3, S, S] float32 (S = 336 for the released model)."""
+        IMAGE_SIZE = self.image_size  # noqa: N806 (the module constant's name, this processor's value)
         width, height = image.size
-        (grid_height, grid_width), (new_height, new_width) = _fit(height, width)
+        (grid_height, grid_width), (new_height, new_width) = _fit(height, width, self.grid_pinpoints)
         Image = _pil()
         resized = np.asarray(image.resize((new_width, new_height), Image.Resampling.BICUBIC))  # [h, w, 3] uint8
         # Centred letterbox in black; the odd pixel goes to the bottom / right (LLaVA-NeXT's divmod split).

@@ -486,7 +486,7 @@ class Engine:
     def _images(self, images: Any, rows: list[list[int]], L: int) -> _Images | None:
         """Check a request's images (``generate``'s ``images``) against its prompts: one list per prompt, each
         image a pair ``(pixel_values [1 + rows*cols, C, S, S], (height, width))`` or a PIL image / HxWx3 uint8
-        array (through ``model.MiniMaxVLImageProcessor``, the released 336-pixel tiles); every image's
+        array (through ``model.MiniMaxVLImageProcessor.for_config``: the engine's tiles and grids); every image's
         placeholders one run of image tokens in its prompt, in order."""
         token = self.vision["config"].image_token_index if self.vision is not None else None
         counts = [sum(t == token for t in row) for row in rows] if token is not None else [0] * len(rows)
@@ -550,14 +550,10 @@ class Engine:
             except (TypeError, ValueError) as e:
                 raise RequestError(f"{what}: image size {size!r}: {e}") from None
         else:
-            from model.image_processing import IMAGE_GRID_PINPOINTS, IMAGE_SIZE, MiniMaxVLImageProcessor
+            from model.image_processing import MiniMaxVLImageProcessor
 
-            if vc.image_size != IMAGE_SIZE or tuple(vl.image_grid_pinpoints) != tuple(IMAGE_GRID_PINPOINTS):
-                raise RequestError(f"{what}: this engine's tiles are {vc.image_size} pixels on its own grids; the "
-                                   f"image processor makes MiniMax-VL-01's ({IMAGE_SIZE}): pass processed tiles, "
-                                   "a pair (pixel_values, (height, width))")
             try:
-                processed = MiniMaxVLImageProcessor()([image])
+                processed = MiniMaxVLImageProcessor.for_config(vl)([image])  # the engine's tiles and grids
             except ValueError as e:
                 raise RequestError(f"{what}: {e}") from None
             pixels = processed.pixel_values[0]
@@ -722,8 +718,8 @@ class Engine:
 
         ``images`` (VL engines): one list per prompt of the images its image tokens stand for, in order (a flat
         list for a single prompt); each image's ``num_tokens`` placeholders (id ``image_token_index``) must be one
-        run in its prompt. An image is a PIL image / HxWx3 uint8 array (``model.MiniMaxVLImageProcessor``) or a
-        processed pair ``(pixel_values [1 + rows*cols, C, S, S], (height, width))``.
+        run in its prompt. An image is an RGB PIL image / HxWx3 uint8 array (``model.MiniMaxVLImageProcessor``
+        for the engine's config) or a processed pair ``(pixel_values [1 + rows*cols, C, S, S], (height, width))``.
         """
         request = self._prepare(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, seed,
                                 attention_mask, pad_token_id, images)

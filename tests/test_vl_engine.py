@@ -265,7 +265,7 @@ def test_eager_engine_is_the_same_interface(vl, eager):
     ("wrong tile count", r"prompt 0, image 0: a 20x45 image takes 7 tiles .* holds 6"),
     ("bad tile shape", r"prompt 0, image 0: pixel_values must be a float tensor \[tiles, 3, 16, 16\]"),
     ("nan pixels", r"prompt 0, image 1: pixel_values hold NaN"),
-    ("raw image on tiny tiles", r"this engine's tiles are 16 pixels .* pass processed tiles"),
+    ("greyscale image", r"prompt 0, image 0: image 0: PIL image of mode 'L', expected 'RGB'"),
     ("lists per prompt", r"images: 1 lists for 2 prompts"),
 ])
 def test_bad_images_are_refused_by_name(vl, eager, case, match):
@@ -283,10 +283,10 @@ def test_bad_images_are_refused_by_name(vl, eager, case, match):
         images[0] = (tiles[0][:, :, :8], SIZES[0])
     elif case == "nan pixels":
         images[1] = (tiles[1].clone().fill_(float("nan")), SIZES[1])
-    elif case == "raw image on tiny tiles":
-        import numpy as np
+    elif case == "greyscale image":
+        from PIL import Image
 
-        images[0] = np.zeros((20, 45, 3), dtype=np.uint8)
+        images[0] = Image.new("L", (45, 20))
     elif case == "lists per prompt":
         rows, images = [row, [1, 2, 3]], [images]
     with pytest.raises(RequestError, match=match):
@@ -337,28 +337,6 @@ def test_a_vision_entry_that_disagrees_is_refused(vl, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(edited))
     with pytest.raises(EngineFolderError, match="no 'vision' program"):
         Engine.load(copy)
-
-
-def test_cli_image_flag(vl, tmp_path, capsys):
-    """``python -m runtime ENGINE --image PATH``: the image's placeholders go before the prompt and the image
-    through the processor, which makes the released 336-pixel tiles, so this tiny engine (16-pixel tiles) refuses
-    it by name, exit 2; a missing file and an unreadable one are refused before anything is loaded / read."""
-    from PIL import Image
-
-    from runtime.__main__ import main
-
-    folder = vl[3]
-    photo = tmp_path / "photo.png"
-    Image.new("RGB", (45, 20), (200, 10, 10)).save(photo)
-    assert main([str(folder), "--prompt-ids", "1,2,3", "--image", str(photo), "--max-new-tokens", "2"]) == 2
-    assert "this engine's tiles are 16 pixels" in capsys.readouterr().err
-    assert main([str(folder), "--prompt-ids", "1,2,3", "--image", str(tmp_path / "none.png")]) == 2
-    assert "none.png: file not found" in capsys.readouterr().err
-    (tmp_path / "junk.png").write_bytes(b"not an image")
-    assert main([str(folder), "--prompt-ids", "1,2,3", "--image", str(tmp_path / "junk.png")]) == 2
-    assert "not an image PIL can read" in capsys.readouterr().err
-    assert main([str(folder), "--prompt-ids", "1,2,3", "--max-new-tokens", "3"]) == 0  # text prompt: fine
-    assert capsys.readouterr().out.strip().count(",") == 2
 
 
 # ------------------------------------------------------------------------------------------- ONNX, TensorRT
@@ -508,3 +486,57 @@ def test_build_streams_a_vl_checkpoint_and_refuses_a_broken_one_by_name(vl, tmp_
     assert build.main(["--checkpoint", str(broken), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 2
     assert key in caplog.text
     assert not (tmp_path / "e").exists()
+
+
+
+def _photo(height: int, width: int, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_raw_images_go_through_the_processor_of_the_engine_config(vl):
+    """A PIL image / uint8 array is processed with the engine's tile size and grids
+    (``MiniMaxVLImageProcessor.for_config``): the same tokens as its processed pair."""
+    from model import MiniMaxVLImageProcessor
+
+    model, engine, _, _ = vl
+    photos = [_photo(20, 45, 0), _photo(50, 18, 1)]
+    processed = MiniMaxVLImageProcessor.for_config(model.config)(photos)
+    layouts = [model.config.image_layout(h, w) for h, w in processed.image_sizes.tolist()]
+    assert processed.num_image_tokens == [lay.num_tokens for lay in layouts]
+    assert [t.shape[0] for t in processed.pixel_values] == [lay.num_tiles for lay in layouts]
+    row = _prompts(model.config, layouts)[0]
+    pairs = [(t, tuple(s)) for t, s in zip(processed.pixel_values, processed.image_sizes.tolist())]
+    out = engine.generate([row], max_new_tokens=5, images=[photos])
+    assert torch.equal(out, engine.generate([row], max_new_tokens=5, images=[pairs]))
+    assert out[0, -5:].tolist() == _eager_greedy(model, row, processed.pixel_values,
+                                                  processed.image_sizes.tolist(), 5)
+
+
+def test_cli_image_flag(vl, tmp_path, capsys):
+    """``python -m runtime ENGINE --image PATH``: the image's placeholders go before the prompt, the image through
+    the engine's processor: the ids printed are the engine's for that prompt; a missing file, an unreadable one
+    and an image given to a text prompt's engine that has no vision are refused, exit 2."""
+    from PIL import Image
+
+    from runtime.__main__ import main
+
+    model, engine, _, folder = vl
+    photo = tmp_path / "photo.png"
+    Image.fromarray(_photo(20, 45, 2)).save(photo)
+    assert main([str(folder), "--prompt-ids", "1,2,3", "--image", str(photo), "--max-new-tokens", "4"]) == 0
+    printed = [int(t) for t in capsys.readouterr().out.strip().split(",") if t]
+    placeholders = [IMAGE_TOKEN] * model.config.image_layout(20, 45).num_tokens
+    eos = engine.config.eos_token_id
+    with Image.open(photo) as im:
+        expected = engine.generate([placeholders + [1, 2, 3]], max_new_tokens=4, images=[[im.convert("RGB")]],
+                                   eos_token_id=eos)[0, -4:].tolist()
+    if eos in expected:  # the CLI stops at the end-of-sequence id and does not print it
+        expected = expected[:expected.index(eos)]
+    assert printed == expected
+    assert main([str(folder), "--prompt-ids", "1,2,3", "--image", str(tmp_path / "none.png")]) == 2
+    assert "none.png: file not found" in capsys.readouterr().err
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    assert main([str(folder), "--prompt-ids", "1,2,3", "--image", str(tmp_path / "junk.png")]) == 2
+    assert "not an image PIL can read" in capsys.readouterr().err
