@@ -483,7 +483,7 @@ class Engine:
             out.append(self.programs["vision"](pixels, index))
         return torch.cat(out) if out else torch.zeros(0, self.config.hidden_size, dtype=dtype, device=self.device)
 
-    def _images(self, images: Any, rows: list[list[int]], L: int) -> _Images | None:
+    def _images(self, images: Any, rows: list[list[int]], L: int, to_device: bool = True) -> _Images | None:
         """Check a request's images (``generate``'s ``images``) against its prompts: one list per prompt, each
         image a pair ``(pixel_values [1 + rows*cols, C, S, S], (height, width))`` or a PIL image / HxWx3 uint8
         array (through ``model.MiniMaxVLImageProcessor.for_config``: the engine's tiles and grids); every image's
@@ -535,7 +535,7 @@ class Engine:
             layouts += row_layouts
         if not tiles:
             return None
-        return _Images(tiles, layouts, source.to(self.device))
+        return _Images(tiles, layouts, source.to(self.device) if to_device else source)
 
     def _image(self, image: Any, vl: Any, what: str) -> tuple[Tensor, Any]:
         """One image -> (tiles [n, C, S, S], layout), checked (``RequestError`` naming it)."""

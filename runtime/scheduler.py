@@ -71,6 +71,13 @@ class _Sequence:
     cache_block: object = None  # the prefix cache's last block of this prompt so far (spares re-walking its chain)
     context: list[int] = field(default_factory=list)  # what is prefilled: the prompt, plus after a preemption the
     replay: int = 0  # ... first ``replay`` generated tokens
+    images: object = None  # VL: the request's images (``runtime.engine._Images``, source on the CPU)
+    features: Tensor | None = None  # their prompt vectors, encoded at the first admission
+
+    def is_image(self, position: int) -> bool:
+        """Whether context position ``position`` is an image placeholder (its vector comes from ``features``)."""
+        source = self.images.source[0] if self.images is not None else None
+        return source is not None and position < source.shape[0] and bool(source[position] >= 0)
 
     @property
     def prompt(self) -> list[int]:
@@ -92,8 +99,10 @@ class Scheduler:
         self.engine = engine
         # default: one full chunk per row per step (a prefilling row is never starved by the others)
         self.token_budget = token_budget or engine.max_batch * engine.max_input_len
-        if self.token_budget < 2:
-            raise ValueError(f"token_budget must be >= 2, got {self.token_budget}")
+        if self.token_budget < (3 if engine.vision is not None else 2):
+            raise ValueError(f"token_budget must be >= {3 if engine.vision is not None else 2}"
+                             f"{' (a VL engine: image chunks of >= 2 tokens)' if engine.vision is not None else ''}, "
+                             f"got {self.token_budget}")
         self.waiting: deque[_Sequence] = deque()
         self.rows: list[_Sequence] = []  # running (prompt done) first, then prefilling
         self.results: dict[int, Result] = {}
@@ -111,16 +120,21 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None, stop_ids: Sequence[int] = ()) -> int:
+               top_p: float | None = None, seed: int | None = None, stop_ids: Sequence[int] = (),
+               images: Sequence | None = None) -> int:
         """Queue a request; returns its id. ``RequestError`` for a request the engine can never serve."""
-        seq = self.prepare(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+        seq = self.prepare(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, images)
         self.enqueue(seq)
         return seq.result.request_id
 
     def prepare(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, seed: int | None = None, stop_ids: Sequence[int] = ()) -> _Sequence:
+                top_p: float | None = None, seed: int | None = None, stop_ids: Sequence[int] = (),
+                images: Sequence | None = None) -> _Sequence:
         """A validated request with its id, not queued yet (``enqueue``). Reads only what never changes (the
-        engine's limits), so another thread may call it while this one steps."""
+        engine's limits), so another thread may call it while this one steps. ``images`` (VL engines): the
+        prompt's images in order, as ``Engine.generate`` takes one prompt's (encoded when first admitted; such a
+        request neither reads nor fills the prefix cache, whose keys are token ids: an image's placeholders are
+        the same ids whatever the image)."""
         e = self.engine
         prompt = list(prompt)
         if not prompt:
@@ -142,9 +156,12 @@ class Scheduler:
             raise RequestError(str(err)) from None
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX):
             raise RequestError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+        request_images = e._images(None if images is None else [list(images)], [prompt], len(prompt),
+                                   to_device=False)
         generator = torch.Generator(device=e.device).manual_seed(seed) if seed is not None else None
         rid = next(self._ids)
-        return _Sequence(Result(rid, prompt), max_new_tokens, sampling, frozenset(stop_ids), generator, context=prompt)
+        return _Sequence(Result(rid, prompt), max_new_tokens, sampling, frozenset(stop_ids), generator, context=prompt,
+                         images=request_images)
 
     def enqueue(self, seq: _Sequence) -> None:
         self.results[seq.result.request_id] = seq.result
@@ -235,7 +252,7 @@ class Scheduler:
                 continue
             row = len(self.rows)
             need = len(seq.context) + 1  # the context and the first new token; decode steps take the rest
-            hit = self.cache.lookup(seq.context) if self.cache is not None else None
+            hit = self.cache.lookup(seq.context) if self.cache is not None and seq.images is None else None
             if hit is not None:
                 e.pages.adopt(row, hit.pages)  # held now, so that the eviction below cannot take them
             keep = self._watermark if self.rows else 0
@@ -262,6 +279,8 @@ class Scheduler:
                 self.cache.record_hit(hit)
                 logger.debug("request %d resumes from a cached prefix of %d tokens", seq.result.request_id,
                              hit.length)
+            if seq.images is not None and seq.features is None:  # kept across a preemption
+                seq.features = e.encode_images(seq.images.tiles, seq.images.layouts)
             self.rows.append(seq)
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -281,15 +300,20 @@ class Scheduler:
             rows.pop()  # the budget counts padded tokens
         if len(rows) < 2:
             return 0
-        takes = [self._cut(self.rows[r], 0, min(len(self.rows[r].context), T)) for r in rows]
+        takes = [self._image_take(self.rows[r], 0, self._cut(self.rows[r], 0, min(len(self.rows[r].context), T)), T)
+                 for r in rows]
+        if min(takes) == 0:
+            return 0  # (never: a first chunk of >= 3 tokens always fits) the per-row path then
         T = max(takes)
         pad = self.engine.vocab_size - 1  # any id: a pad's embedding meets nothing
         ids = torch.tensor([[pad] * (T - k) + self.rows[r].context[:k] for r, k in zip(rows, takes)], dtype=torch.long,
                            device=e.device)
         pos = torch.tensor([k - T for k in takes], dtype=torch.long, device=e.device)
         a, b = rows[0], rows[-1] + 1
+        extra = self._embeds([(self.rows[r], 0, k) for r, k in zip(rows, takes)], T) if T > 1 else ()
         with torch.no_grad():
-            logits, _ = e.programs["decode" if T == 1 else "prefill"](ids, pos, e._table[a:b], e._rows_of(b - a, a))
+            logits, _ = e.programs["decode" if T == 1 else "prefill"](ids, pos, e._table[a:b], e._rows_of(b - a, a),
+                                                                      *extra)
         for i, (r, k) in enumerate(zip(rows, takes)):
             seq = self.rows[r]
             seq.prefilled = k
@@ -304,7 +328,7 @@ class Scheduler:
         point) unless it ends the context, and at the context's last page boundary if it crosses it, so that every
         prompt leaves a snapshot at its longest page-aligned prefix: a follow-up that extends the prompt, or one
         that changes only its last tokens, resumes within one page of where it departs."""
-        if self.cache is None:
+        if self.cache is None or seq.images is not None:
             return take
         ps, end = self.engine.pages.page_size, len(seq.context)
         tail = (end - 1) // ps * ps
@@ -321,12 +345,51 @@ class Scheduler:
         cache (its full pages and a copy of its lightning states), unless that prefix has a snapshot already."""
         seq = self.rows[row]
         n = seq.prefilled
-        if self.cache is None or n == 0 or n % self.engine.pages.page_size or not self.cache.needs_snapshot(
+        if self.cache is None or seq.images is not None or n == 0 or n % self.engine.pages.page_size or not self.cache.needs_snapshot(
                 seq.context, n, seq.cache_block):
             return
         with torch.no_grad():
             snapshot = [t[row].clone() for t in self._per_row]
         seq.cache_block = self.cache.insert(seq.context, self.engine.pages.rows[row], n, snapshot, seq.cache_block)
+
+    def _image_take(self, seq: _Sequence, start: int, take: int, limit: int) -> int:
+        """A chunk length for a sequence with images such that no image placeholder goes through decode alone (a
+        1-token chunk runs the decode program, which takes no image vectors): neither this chunk nor a last
+        1-token rest of the context may be one placeholder. ``take`` as asked if it is safe, else the nearest safe
+        length in [2, limit]; 0: none this step (the budget is too short), try the next."""
+        if seq.images is None:
+            return take
+        remaining = len(seq.context) - start
+
+        def safe(t: int) -> bool:
+            return not ((t == 1 and seq.is_image(start)) or (remaining - t == 1 and seq.is_image(start + t)))
+
+        if safe(take):
+            return take
+        for t in [*range(take - 1, 1, -1), *range(take + 1, min(limit, remaining) + 1)]:
+            if safe(t):
+                return t
+        if remaining == 1:  # cannot happen: every earlier chunk left more than one placeholder
+            raise RuntimeError(f"request {seq.result.request_id}: one image placeholder left to prefill alone")
+        return 0
+
+    def _embeds(self, items: list[tuple[_Sequence, int, int]], T: int) -> tuple[Tensor, ...]:
+        """The VL prefill program's last input for rows ``items`` = ``(sequence, start, tokens)`` left-padded to
+        ``T``: each image placeholder's vector, zeros elsewhere; ``()`` for a text engine."""
+        e = self.engine
+        if e.vision is None:
+            return ()
+        from export.engine_folder import DTYPES
+
+        out = torch.zeros(len(items), T, e.config.hidden_size, dtype=DTYPES[e.dtype], device=e.device)
+        for i, (seq, start, k) in enumerate(items):
+            if seq.features is None:
+                continue
+            source = seq.images.source[0, start:start + k]  # (shorter past the prompt: replayed tokens are text)
+            cols = (source >= 0).nonzero().squeeze(1)
+            if cols.numel():
+                out[i, (cols + T - k).to(e.device)] = seq.features[source[cols].to(e.device)]
+        return (out,)
 
     def _compact(self) -> None:
         """Rows whose prompt is done move in front of the ones still prefilling (running rows stay a prefix)."""
@@ -342,12 +405,16 @@ class Scheduler:
             while budget > 0 and seq.prefilled < len(seq.context):
                 remaining = len(seq.context) - seq.prefilled
                 start = seq.prefilled
-                take = self._cut(seq, start, min(remaining, e.max_input_len, budget))  # 1 token: through decode
+                limit = min(remaining, e.max_input_len, budget)
+                take = self._image_take(seq, start, self._cut(seq, start, limit), limit)  # 1 token: through decode
+                if take == 0:
+                    break
                 ids = torch.tensor([seq.context[start:start + take]], dtype=torch.long, device=e.device)
                 pos = torch.tensor([start], dtype=torch.long, device=e.device)
                 name = "decode" if take == 1 else "prefill"
+                extra = self._embeds([(seq, start, take)], take) if take > 1 else ()
                 with torch.no_grad():
-                    logits, _ = e.programs[name](ids, pos, e._table[row:row + 1], e._rows_of(1, row))
+                    logits, _ = e.programs[name](ids, pos, e._table[row:row + 1], e._rows_of(1, row), *extra)
                 e.pages.held[row] = start + take
                 seq.prefilled += take
                 budget -= take

@@ -5,7 +5,10 @@
 Endpoints (FastAPI + uvicorn): ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's chat
 template), both with server-sent-event streaming (``"stream": true``); ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` (Prometheus text: running / waiting sequences, KV pages in use, tokens generated, requests by
-outcome). Requests are validated by their pydantic models (unknown fields refused) and by the scheduler (prompt
+outcome). A MiniMax-VL-01 engine takes images in chat messages, in the OpenAI format (content parts ``{"type":
+"image_url", "image_url": {"url": "data:image/png;base64,..."}}`` beside ``{"type": "text", ...}``; data URLs only:
+the server fetches nothing): each image's placeholder tokens take its place in the chat template's text
+(``multimodal_prompt``) and the scheduler encodes it when the request is admitted. Requests are validated by their pydantic models (unknown fields refused) and by the scheduler (prompt
 too long for the engine, ids outside the vocabulary, bad sampling values): every refusal is a 400 with an
 OpenAI-style ``{"error": {"message", "type", "param"}}`` body. A client that disconnects cancels its sequence.
 
@@ -24,7 +27,7 @@ import logging
 import queue as queue_module
 import threading
 import time
-from typing import Any, AsyncIterator, Literal
+from typing import Annotated, Any, AsyncIterator, Literal
 
 from .engine import Engine, RequestError
 from .scheduler import Scheduler
@@ -125,6 +128,12 @@ class AsyncEngine:
         self._inbox.put(("cancel", rid))
         self._work.set()
 
+    @property
+    def vision(self):
+        """The engine's VL config (``MiniMaxVLConfig``), or None for a text engine (never changes)."""
+        v = self.scheduler.engine.vision
+        return v["config"] if v is not None else None
+
     async def generate(self, prompt: list[int], **params) -> AsyncIterator[tuple[int | None, str | None]]:
         """Yield ``(token, None)`` per new token, then ``(None, finish_reason)``; closing the iterator early (a
         disconnected client) cancels the request."""
@@ -210,10 +219,25 @@ def _models():
     class CompletionRequest(_Base):
         prompt: str | list[int]
 
+    class TextPart(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        type: Literal["text"]
+        text: str
+
+    class ImageURL(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        url: str
+        detail: Literal["auto", "low", "high"] | None = None  # accepted; MiniMax-VL-01 tiles every image alike
+
+    class ImagePart(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        type: Literal["image_url"]
+        image_url: ImageURL
+
     class Message(BaseModel):
         model_config = ConfigDict(extra="forbid")
         role: Literal["system", "user", "assistant"]
-        content: str
+        content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
 
     class ChatRequest(_Base):
         messages: list[Message] = Field(min_length=1)
@@ -269,13 +293,13 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str):
         return {"max_new_tokens": req.max_tokens, "temperature": req.temperature, "top_k": req.top_k,
                 "top_p": req.top_p, "seed": req.seed, "stop_ids": [eos] if eos is not None else []}
 
-    async def run(request: Request, req, prompt_ids: list[int], kind: str):
+    async def run(request: Request, req, prompt_ids: list[int], kind: str, images: list | None = None):
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{next(ids)}"
         created = int(time.time())
         start = time.perf_counter()
         try:
-            stream = engine.generate(prompt_ids, **sampling(req))
+            stream = engine.generate(prompt_ids, **sampling(req), **({"images": images} if images else {}))
             first = await stream.__anext__()  # the request is validated when submitted
         except RequestError as e:
             return error(400, str(e), "prompt")
@@ -349,13 +373,83 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str):
     async def chat(request: Request, req: ChatRequest):
         if req.model != model_name:
             return error(404, f"model {req.model!r} does not exist; this server serves {model_name!r}", "model")
-        prompt = tokenizer.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True,
-                                               tokenize=True)
-        if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):  # BatchEncoding in some versions
-            prompt = prompt["input_ids"]
-        return await run(request, req, list(prompt), "chat")
+        if all(isinstance(m.content, str) for m in req.messages):
+            prompt = tokenizer.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True,
+                                                   tokenize=True)
+            if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):  # BatchEncoding in some versions
+                prompt = prompt["input_ids"]
+            return await run(request, req, list(prompt), "chat")
+        try:
+            prompt, images = multimodal_prompt(req.messages, tokenizer, engine.vision)
+        except ValueError as e:
+            return error(400, str(e), "messages")
+        return await run(request, req, prompt, "chat", images)
 
     return app
+
+
+IMAGE_MARK = "\ue000image\ue000"  # stands for one image in the chat template's text (a private-use character)
+
+
+def decode_image_url(url: str, where: str):
+    """An OpenAI ``image_url`` -> an RGB PIL image. ``data:image/...;base64,...`` URLs only: this server fetches
+    nothing. ``ValueError`` naming ``where`` and the problem."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not url.startswith("data:"):
+        scheme = url.split(":", 1)[0] if ":" in url else url[:20]
+        raise ValueError(f"{where}: image URLs must be data: URLs (data:image/png;base64,...); this server fetches "
+                         f"nothing ({scheme!r} given)")
+    header, _, data = url[5:].partition(",")
+    if not header.endswith(";base64") or not header.startswith("image/"):
+        raise ValueError(f"{where}: a data URL of an image in base64 (data:image/<type>;base64,...), got "
+                         f"data:{header[:40]}")
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as im:
+            return im.convert("RGB")
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{where}: the base64 data does not decode ({e})") from None
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"{where}: not an image PIL can read ({e})") from None
+
+
+def multimodal_prompt(messages, tokenizer, vision) -> tuple[list[int], list]:
+    """Chat messages whose contents are parts (text, image_url) -> (prompt ids, images in order): the chat template
+    applied with a mark for each image, each mark replaced by the image's ``num_tokens`` placeholders
+    (``image_token_index``; ``vision`` is the engine's ``MiniMaxVLConfig``). ``ValueError`` naming the part."""
+    images, flat = [], []
+    for i, m in enumerate(messages):
+        if isinstance(m.content, str):
+            flat.append({"role": m.role, "content": m.content})
+            continue
+        text = []
+        for j, part in enumerate(m.content):
+            if part.type == "text":
+                if IMAGE_MARK in part.text:
+                    raise ValueError(f"messages[{i}].content[{j}]: text holds the reserved character U+E000")
+                text.append(part.text)
+            else:
+                if vision is None:
+                    raise ValueError(f"messages[{i}].content[{j}]: this model is a text model: it takes no images")
+                images.append(decode_image_url(part.image_url.url, f"messages[{i}].content[{j}].image_url"))
+                text.append(IMAGE_MARK)
+        flat.append({"role": m.role, "content": "".join(text)})
+    rendered = tokenizer.apply_chat_template(flat, add_generation_prompt=True, tokenize=False)
+    pieces = rendered.split(IMAGE_MARK)
+    if len(pieces) != len(images) + 1:
+        raise ValueError(f"the chat template kept {len(pieces) - 1} of the {len(images)} images' places")
+    prompt: list[int] = []
+    for k, piece in enumerate(pieces):
+        if piece:
+            prompt += tokenizer.encode(piece, add_special_tokens=False)
+        if k < len(images):
+            prompt += [vision.image_token_index] * vision.image_layout(images[k].height, images[k].width).num_tokens
+    return prompt, images
 
 
 def serve(engine_dir: str, tokenizer_dir: str, host: str = "127.0.0.1", port: int = 8000,

@@ -206,3 +206,24 @@ def test_incremental_detokenizer_equals_the_whole_decode_on_split_characters():
     deltas = [detok.add(i) for i in ids]
     assert "".join(deltas) == fast.decode(ids) == text
     assert not any("\ufffd" in d for d in deltas)
+
+
+def test_a_text_model_refuses_images(server):
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "w5"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+    req = urllib.request.Request(server[0] + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(req, timeout=30)
+    assert info.value.code == 400
+    assert "messages[0].content[1]: this model is a text model: it takes no images" in info.value.read().decode()
+
+
+def test_text_parts_equal_a_string_content(client):
+    """Content given as text parts is the same prompt as the string."""
+    as_parts = [{"role": "user", "content": [{"type": "text", "text": "w5 "}, {"type": "text", "text": "w6 w7"}]}]
+    as_text = [{"role": "user", "content": "w5 w6 w7"}]
+    a = client.chat.completions.create(model="tiny", messages=as_parts, max_tokens=6, temperature=0)
+    b = client.chat.completions.create(model="tiny", messages=as_text, max_tokens=6, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.usage.prompt_tokens == b.usage.prompt_tokens
