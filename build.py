@@ -196,25 +196,34 @@ def _build(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         weights_writer = None
         try:
-            if vl_config is not None and args.checkpoint and backend == "aoti":
-                # as for Text-01: exported from a skeleton, the checkpoint streamed into the folder's weights
+            if vl_config is not None and args.checkpoint and backend in ("aoti", "onnx"):
+                # as for Text-01: exported from a skeleton (AOTInductor: allocated, not written; ONNX: on the meta
+                # device), the checkpoint streamed into the folder's weights / the graphs' external data files
                 from model.vl import convert_vl_checkpoint, validate_vl_checkpoint
 
                 validate_vl_checkpoint(args.checkpoint, settings.torch_dtype)
                 with torch.device("meta"):
                     model = MiniMaxVLForConditionalGeneration(vl_config, dtype=settings.torch_dtype)
-                model = model.to_empty(device=device)
-                model.language_model.model.reset_buffers()
+                if backend == "aoti":
+                    model = model.to_empty(device=device)
+                    model.language_model.model.reset_buffers()
                 model.eval()
 
-                def weights_writer(folder, layout=None):
+                def weights_writer(folder, layouts=None):
+                    if layouts is not None:  # ONNX: {data file: layout} (the text graphs' and the vision graph's)
+                        from export.onnx_lowering import RoutingWriter
+
+                        writer = RoutingWriter(folder, layouts)
+                        convert_vl_checkpoint(args.checkpoint, writer, settings.torch_dtype)
+                        writer.close()
+                        return None, writer.sha256
                     from export.weights import ShardWriter
 
                     writer = ShardWriter(folder, shard_bytes=args.shard_mb << 20)
                     convert_vl_checkpoint(args.checkpoint, writer, settings.torch_dtype)
                     return writer.close(), writer.sha256
             elif vl_config is not None and args.checkpoint:
-                # ONNX / TensorRT: the vision graph is lowered with its weights (no skeleton lowering yet)
+                # TensorRT: the plans are built from graphs with their weights (as Text-01's)
                 log.info("loading %s (MiniMax-VL-01, %s, %s)", args.checkpoint, settings.dtype, device)
                 model = MiniMaxVLForConditionalGeneration.from_pretrained(args.checkpoint, dtype=settings.torch_dtype,
                                                                           device=device)

@@ -291,14 +291,14 @@ def build_engine(
             torch.export.save(without_weights(ep) if settings.backend == "aoti" else ep,
                               folder / "exported" / f"{name}.pt2")
         manifest_programs = {}
-        layouts = []  # ONNX graphs of a weightless skeleton: where their shared external data goes
+        layouts: dict[str, list] = {}  # ONNX graphs of a weightless skeleton: data file -> the graphs' layouts
         for name, ep in programs.items():
             start = time.perf_counter()
             logger.info("lowering %s with %s ...", name, settings.backend)
             with progress(f"lowering {name} with {settings.backend}"):
                 entries = lowering_module(settings.backend).lower(ep, folder, name, settings)
             if "weights_layout" in entries:
-                layouts.append(entries.pop("weights_layout"))
+                layouts.setdefault(entries.get("external_data"), []).append(entries.pop("weights_layout"))
             timings[f"lower_{name}_s"] = time.perf_counter() - start
             logger.info("lowered %s in %.1fs", name, timings[f"lower_{name}_s"])
             io = (vision_io(model.config, settings) if name == "vision" else
@@ -309,13 +309,16 @@ def build_engine(
         start = time.perf_counter()
         weights, digest = None, None
         if layouts:  # the graphs reference weights.onnx.data: the checkpoint converter fills it now
-            if any(layout != layouts[0] for layout in layouts):
-                raise EngineFolderError("the ONNX graphs of one folder disagree on their weights' layout")
+            for data, group in layouts.items():
+                if any(layout != group[0] for layout in group):
+                    raise EngineFolderError(f"the ONNX graphs referencing {data} disagree on their weights' layout")
             if weights_writer is None:
                 raise EngineFolderError("the ONNX graphs of a weightless skeleton need a checkpoint converted into "
                                         "their external data (build.py --checkpoint)")
             with progress("converting weights into the ONNX external data"):
-                _, digest = weights_writer(folder, layouts[0])
+                # one data file (Text-01): its layout; several (VL-01: the vision graph's own): {file: layout}
+                arg = next(iter(layouts.values()))[0] if len(layouts) == 1 else {k: g[0] for k, g in layouts.items()}
+                _, digest = weights_writer(folder, arg)
             timings["weights_s"] = time.perf_counter() - start
             start = time.perf_counter()
         elif weights_writer is not None and settings.backend != "aoti":

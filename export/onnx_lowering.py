@@ -598,6 +598,7 @@ def save_onnx(model, path: Path) -> str | None:
 
 
 WEIGHTS_DATA = "weights.onnx.data"  # the external data both graphs of a skeleton build share
+VISION_WEIGHTS_DATA = "vision.weights.onnx.data"  # a VL skeleton build's vision graph's (other tensors, own layout)
 DATA_ALIGN = 64  # bytes; each tensor of WEIGHTS_DATA starts at a multiple
 _IR_TORCH_DTYPES = {"FLOAT": "float32", "BFLOAT16": "bfloat16", "FLOAT16": "float16", "INT64": "int64",
                     "INT32": "int32"}
@@ -605,8 +606,10 @@ _IR_TORCH_DTYPES = {"FLOAT": "float32", "BFLOAT16": "bfloat16", "FLOAT16": "floa
 
 def weight_name(initializer: str) -> str:
     """The folder weight an initializer holds (``functional_program`` wraps the program as ``inner``, whose
-    constants are ``model.<weight>``)."""
-    return initializer.removeprefix("inner.model.")
+    constants are ``model.<weight>``; the vision program is exported as it is: ``model.<weight>``)."""
+    if initializer.startswith("inner.model."):
+        return initializer[len("inner.model."):]
+    return initializer.removeprefix("model.")
 
 
 def weights_layout(model) -> dict[str, dict[str, Any]]:
@@ -628,7 +631,7 @@ def weights_layout(model) -> dict[str, dict[str, Any]]:
     return layout
 
 
-def save_onnx_external(model, path: Path, layout: dict[str, dict[str, Any]]) -> None:
+def save_onnx_external(model, path: Path, layout: dict[str, dict[str, Any]], data_name: str = WEIGHTS_DATA) -> None:
     """Write the graph with every initializer an external reference into ``WEIGHTS_DATA`` (no weight is read:
     the initializers may be meta tensors); its structure checked with ``onnx.checker`` (without the data)."""
     import onnx
@@ -636,14 +639,45 @@ def save_onnx_external(model, path: Path, layout: dict[str, dict[str, Any]]) -> 
 
     for v in model.graph.initializers.values():
         e = layout[weight_name(v.name)]
-        v.const_value = ir.ExternalTensor(WEIGHTS_DATA, e["offset"], e["nbytes"], v.const_value.dtype,
+        v.const_value = ir.ExternalTensor(data_name, e["offset"], e["nbytes"], v.const_value.dtype,
                                           shape=v.const_value.shape, name=v.name, base_dir=str(path.parent))
     ir.save(model, path)
     register_schemas()
-    data = path.parent / WEIGHTS_DATA
+    data = path.parent / data_name
     if not data.exists():
         data.touch()  # the checker wants the file to exist; the converter fills it (ExternalDataWriter)
     onnx.checker.check_model(str(path))  # by path: external references resolved beside the graph, not read
+
+
+class RoutingWriter:
+    """``ExternalDataWriter``s of several data files behind one writer interface: each tensor goes to the file
+    whose layout holds it (a VL skeleton build: the text graphs' and the vision graph's). ``sha256`` hashes the
+    files' hashes in file order."""
+
+    def __init__(self, folder: Path, layouts: dict[str, dict[str, dict[str, Any]]]):
+        self.writers = {data: ExternalDataWriter(Path(folder) / data, layout) for data, layout in sorted(layouts.items())}
+        self._owner = {name: w for w in self.writers.values() for name in w.layout}
+
+    def _writer(self, name: str) -> "ExternalDataWriter":
+        if name not in self._owner:
+            raise EngineFolderError(f"weight {name!r} is not an initializer of the graphs")
+        return self._owner[name]
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self._writer(name).add(name, tensor)
+
+    def add_part(self, name: str, index: int, count: int, tensor: torch.Tensor) -> None:
+        self._writer(name).add_part(name, index, count, tensor)
+
+    @property
+    def sha256(self) -> str:
+        import hashlib
+
+        return hashlib.sha256("|".join(w.sha256 for w in self.writers.values()).encode()).hexdigest()
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
 
 
 class ExternalDataWriter:
@@ -744,11 +778,13 @@ def lower(program: ExportedProgram, folder: Path, name: str, settings: BuildSett
     optimizer and written with its initializers as references into the shared ``WEIGHTS_DATA`` (entry
     ``weights_layout``), which the checkpoint converter then fills (``ExternalDataWriter``)."""
     if name == "vision":
-        if any(t.device.type == "meta" for t in program.state_dict.values()):
-            raise EngineFolderError("vision: a weightless VL skeleton cannot be lowered to ONNX yet (load the "
-                                    "checkpoint: build.py does for VL)")
-        data = save_onnx(vision_to_onnx(program), folder / "vision.onnx")
-        return {"file": "vision.onnx", "external_data": data, "opset": OPSET, "state_update": "none"}
+        entries = {"file": "vision.onnx", "opset": OPSET, "state_update": "none"}
+        if any(t.device.type == "meta" for t in program.state_dict.values()):  # its own external data file
+            model = vision_to_onnx(program, optimize=False)
+            layout = weights_layout(model)
+            save_onnx_external(model, folder / "vision.onnx", layout, VISION_WEIGHTS_DATA)
+            return {**entries, "external_data": VISION_WEIGHTS_DATA, "weights_layout": layout}
+        return {**entries, "external_data": save_onnx(vision_to_onnx(program), folder / "vision.onnx")}
     if any(t.device.type == "meta" for t in program.state_dict.values()):
         model, plan = to_onnx(program, name, settings, optimize=False)
         layout = weights_layout(model)

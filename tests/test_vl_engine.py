@@ -540,3 +540,24 @@ def test_cli_image_flag(vl, tmp_path, capsys):
     (tmp_path / "junk.png").write_bytes(b"not an image")
     assert main([str(folder), "--prompt-ids", "1,2,3", "--image", str(tmp_path / "junk.png")]) == 2
     assert "not an image PIL can read" in capsys.readouterr().err
+
+
+def test_onnx_vision_graph_with_weights_inside_equals_the_skeleton_one(vl, vl_onnx, tmp_path):
+    """The vision program of a model with its weights lowers to a graph with the weights inside (what a TensorRT
+    build parses) that computes what the skeleton build's graph + converted external data compute."""
+    from export import BuildSettings
+    from export.exporting import export_programs
+    from export.onnx_lowering import lower
+    from export.onnx_reference import reference_evaluator
+
+    model = vl[0]
+    folder, manifest = vl_onnx
+    assert manifest["programs"]["vision"]["external_data"] == "vision.weights.onnx.data"
+    ep = export_programs(model, BuildSettings(**ONNX_SETTINGS))["vision"]
+    entries = lower(ep, tmp_path, "vision", BuildSettings(**ONNX_SETTINGS))
+    assert "weights_layout" not in entries and (tmp_path / "vision.onnx").is_file()
+    tiles, layouts = _tiles(model.config, SIZES[:2], seed=17)
+    feeds = {"pixel_values": torch.cat(tiles).numpy(), "feature_index": packing_index(layouts, 4).numpy()}
+    a = reference_evaluator(tmp_path / "vision.onnx").run(None, feeds)[0]
+    b = reference_evaluator(folder / "vision.onnx").run(None, feeds)[0]
+    assert rel_err(torch.from_numpy(a), torch.from_numpy(b)) < 1e-6
