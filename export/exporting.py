@@ -23,12 +23,12 @@ from model.state import identity_block_table
 
 from .engine_folder import (
     FORMAT_VERSION,
-    vision_io,
     BuildSettings,
     EngineFolderError,
     program_io,
     staged_folder,
     symbolic_state_layout,
+    vision_io,
     weights_sha256,
     write_manifest,
 )
