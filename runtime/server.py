@@ -379,8 +379,8 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str):
             if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):  # BatchEncoding in some versions
                 prompt = prompt["input_ids"]
             return await run(request, req, list(prompt), "chat")
-        try:
-            prompt, images = multimodal_prompt(req.messages, tokenizer, engine.vision)
+        try:  # decoding and tiling images is CPU work: off the event loop
+            prompt, images = await asyncio.to_thread(multimodal_prompt, req.messages, tokenizer, engine.vision)
         except ValueError as e:
             return error(400, str(e), "messages")
         return await run(request, req, prompt, "chat", images)
@@ -421,7 +421,9 @@ def decode_image_url(url: str, where: str):
 def multimodal_prompt(messages, tokenizer, vision) -> tuple[list[int], list]:
     """Chat messages whose contents are parts (text, image_url) -> (prompt ids, images in order): the chat template
     applied with a mark for each image, each mark replaced by the image's ``num_tokens`` placeholders
-    (``image_token_index``; ``vision`` is the engine's ``MiniMaxVLConfig``). ``ValueError`` naming the part."""
+    (``image_token_index``; ``vision`` is the engine's ``MiniMaxVLConfig``). The images come processed, as
+    ``(pixel_values, (height, width))`` pairs (``MiniMaxVLImageProcessor.for_config``), so that the caller can do
+    all the CPU work in a worker thread. ``ValueError`` naming the part."""
     images, flat = [], []
     for i, m in enumerate(messages):
         if isinstance(m.content, str):
@@ -444,12 +446,23 @@ def multimodal_prompt(messages, tokenizer, vision) -> tuple[list[int], list]:
     if len(pieces) != len(images) + 1:
         raise ValueError(f"the chat template kept {len(pieces) - 1} of the {len(images)} images' places")
     prompt: list[int] = []
+    processed = []
+    if images:
+        from model import MiniMaxVLImageProcessor
+
+        processor = MiniMaxVLImageProcessor.for_config(vision)
+        for k, image in enumerate(images):
+            try:
+                out = processor([image])
+            except ValueError as e:
+                raise ValueError(f"image {k} of the messages: {e}") from None
+            processed.append((out.pixel_values[0], tuple(out.image_sizes[0].tolist())))
     for k, piece in enumerate(pieces):
         if piece:
             prompt += tokenizer.encode(piece, add_special_tokens=False)
         if k < len(images):
             prompt += [vision.image_token_index] * vision.image_layout(images[k].height, images[k].width).num_tokens
-    return prompt, images
+    return prompt, processed
 
 
 def serve(engine_dir: str, tokenizer_dir: str, host: str = "127.0.0.1", port: int = 8000,

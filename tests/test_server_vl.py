@@ -178,3 +178,12 @@ def test_unknown_content_part_is_refused(server):
     status, body = _post(server, {"model": "tiny-vl", "max_tokens": 2, "messages": [{"role": "user", "content": [
         {"type": "audio", "audio": "x"}]}]})
     assert status == 400 and "messages.0.content" in body["error"]["message"], body
+
+
+def test_an_image_the_processor_refuses_gets_a_400(server):
+    """A 1 x 3000 image rounds a side to 0 pixels in its grid: refused by the processor, named, 400."""
+    thin = Image.new("RGB", (3000, 1))
+    status, body = _post(server, {"model": "tiny-vl", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": _data_url(thin)}}]}]})
+    assert status == 400 and "image 0 of the messages" in body["error"]["message"], body
+    assert "aspect ratio too extreme" in body["error"]["message"], body
