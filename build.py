@@ -196,73 +196,56 @@ def _build(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         weights_writer = None
         try:
-            if vl_config is not None and args.checkpoint and backend in ("aoti", "onnx"):
-                # as for Text-01: exported from a skeleton (AOTInductor: allocated, not written; ONNX: on the meta
-                # device), the checkpoint streamed into the folder's weights / the graphs' external data files
-                from model.vl import convert_vl_checkpoint, validate_vl_checkpoint
+            if args.checkpoint and backend in ("aoti", "onnx"):
+                # Never hold the weights: the programs are exported from a skeleton (AOTInductor: allocated, not
+                # written; ONNX: on the meta device), and the checkpoint is converted tensor by tensor into the
+                # folder's weights (AOTInductor: safetensors shards; ONNX: the graphs' external data files).
+                from export.exporting import text_model
 
-                validate_vl_checkpoint(args.checkpoint, settings.torch_dtype)
+                if vl_config is not None:
+                    from model.vl import convert_vl_checkpoint as convert
+                    from model.vl import validate_vl_checkpoint as validate
+
+                    model_class, model_config = MiniMaxVLForConditionalGeneration, vl_config
+                else:
+                    from model.loading import convert_checkpoint as convert
+                    from model.loading import validate_checkpoint as validate
+
+                    model_class, model_config = MiniMaxForCausalLM, config
+                validate(args.checkpoint, settings.torch_dtype)  # names and shapes, before any work
                 with torch.device("meta"):
-                    model = MiniMaxVLForConditionalGeneration(vl_config, dtype=settings.torch_dtype)
+                    model = model_class(model_config, dtype=settings.torch_dtype)
                 if backend == "aoti":
                     model = model.to_empty(device=device)
-                    model.language_model.model.reset_buffers()
+                    text_model(model).model.reset_buffers()
                 model.eval()
 
                 def weights_writer(folder, layouts=None):
-                    if layouts is not None:  # ONNX: {data file: layout} (the text graphs' and the vision graph's)
+                    if layouts is not None:  # ONNX: {data file: layout}
                         from export.onnx_lowering import RoutingWriter
 
                         writer = RoutingWriter(folder, layouts)
-                        convert_vl_checkpoint(args.checkpoint, writer, settings.torch_dtype)
+                        convert(args.checkpoint, writer, settings.torch_dtype)
                         writer.close()
                         return None, writer.sha256
                     from export.weights import ShardWriter
 
                     writer = ShardWriter(folder, shard_bytes=args.shard_mb << 20)
-                    convert_vl_checkpoint(args.checkpoint, writer, settings.torch_dtype)
+                    convert(args.checkpoint, writer, settings.torch_dtype)
                     return writer.close(), writer.sha256
-            elif vl_config is not None and args.checkpoint:
+            elif args.checkpoint and vl_config is not None:
                 # TensorRT: the plans are built from graphs with their weights (as Text-01's)
                 log.info("loading %s (MiniMax-VL-01, %s, %s)", args.checkpoint, settings.dtype, device)
                 model = MiniMaxVLForConditionalGeneration.from_pretrained(args.checkpoint, dtype=settings.torch_dtype,
                                                                           device=device)
+            elif args.checkpoint:
+                log.info("loading %s (%s, %s)", args.checkpoint, settings.dtype, device)
+                model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=settings.torch_dtype, device=device)
             elif vl_config is not None:
                 log.info("building a random-weight %r model (%s, %s)", args.preset, settings.dtype, device)
                 with torch.device(device):
                     model = MiniMaxVLForConditionalGeneration(vl_config, dtype=settings.torch_dtype)
                     model.init_random_weights(seed=0)
-                model.language_model.model.reset_buffers()
-            elif args.checkpoint and backend in ("aoti", "onnx"):
-                # Never hold the weights: the programs are exported from a skeleton (AOTInductor: allocated, not
-                # written; ONNX: on the meta device), and the checkpoint is converted tensor by tensor into the
-                # folder's weights (AOTInductor: safetensors shards; ONNX: the graphs' shared external data).
-                from model.loading import convert_checkpoint, validate_checkpoint
-
-                validate_checkpoint(args.checkpoint, settings.torch_dtype)  # names and shapes, before any work
-                with torch.device("meta"):
-                    model = MiniMaxForCausalLM(config, dtype=settings.torch_dtype)
-                if backend == "aoti":
-                    model = model.to_empty(device=device)
-                    model.model.reset_buffers()
-                model.eval()
-
-                def weights_writer(folder, layout=None):
-                    if layout is not None:  # ONNX
-                        from export.onnx_lowering import WEIGHTS_DATA, ExternalDataWriter
-
-                        writer = ExternalDataWriter(folder / WEIGHTS_DATA, layout)
-                        convert_checkpoint(args.checkpoint, writer, settings.torch_dtype)
-                        writer.close()
-                        return None, writer.sha256
-                    from export.weights import ShardWriter
-
-                    writer = ShardWriter(folder, shard_bytes=args.shard_mb << 20)
-                    convert_checkpoint(args.checkpoint, writer, settings.torch_dtype)
-                    return writer.close(), writer.sha256
-            elif args.checkpoint:
-                log.info("loading %s (%s, %s)", args.checkpoint, settings.dtype, device)
-                model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=settings.torch_dtype, device=device)
             else:
                 log.info("building a random-weight %r model (%s, %s)", args.preset, settings.dtype, device)
                 with torch.device(device):

@@ -61,13 +61,18 @@ class VisionOnly(nn.Module):
 
 @torch.no_grad()
 def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """N(0, 0.02) weights, LayerNorms (1, 0), on the module's device (no CPU copy)."""
+    """N(0, 0.02) weights, LayerNorms (1, 0) and the text model's RMSNorms 1, on the module's device (no CPU
+    copy)."""
+    from model.modeling import RMSNorm
+
     device = next(module.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     for m in module.modules():
         for name, p in m.named_parameters(recurse=False):
             if isinstance(m, nn.LayerNorm):
                 p.fill_(1.0 if name == "weight" else 0.0)
+            elif isinstance(m, RMSNorm):
+                p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=generator)
     return module
@@ -202,15 +207,7 @@ def measure_ttft(workdir: Path, text_tokens: int = 64) -> dict[str, Any]:
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = MiniMaxVLForConditionalGeneration(config, dtype=torch.bfloat16)
-    model = model.to_empty(device="cuda")
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            for name, p in m.named_parameters(recurse=False):
-                if isinstance(m, nn.LayerNorm) or name.endswith("norm.weight"):
-                    p.fill_(1.0 if name.endswith("weight") else 0.0)
-                else:
-                    p.normal_(0.0, 0.02, generator=generator)
+    model = randomize(model.to_empty(device="cuda"))
     model.language_model.model.reset_buffers()
     model.eval()
     print(f"2-layer real-width VL model in {time.perf_counter() - t0:.1f}s", flush=True)

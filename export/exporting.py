@@ -264,8 +264,9 @@ def build_engine(
     ``weights_writer(folder) -> (weights entry, sha256)``: writes the folder's weights itself (AOTInductor; e.g.
     streamed from a checkpoint by ``model.loading.convert_checkpoint``), in which case ``model`` is only the
     skeleton the programs are exported from and its tensor values are never read. For ONNX the skeleton is on the
-    meta device, its graphs reference one shared ``weights.onnx.data``, and ``weights_writer(folder, layout) ->
-    (None, sha256)`` fills it in the graphs' layout (``onnx_lowering.ExternalDataWriter``)."""
+    meta device, its graphs reference one shared ``weights.onnx.data`` (a VL model's vision graph its own file),
+    and ``weights_writer(folder, {data file: layout}) -> (None, sha256)`` fills them in the graphs' layouts
+    (``onnx_lowering.RoutingWriter``)."""
     vl = is_vl(model)
     config = text_model(model).config
     settings.validate(config.max_position_embeddings)
@@ -316,9 +317,7 @@ def build_engine(
                 raise EngineFolderError("the ONNX graphs of a weightless skeleton need a checkpoint converted into "
                                         "their external data (build.py --checkpoint)")
             with progress("converting weights into the ONNX external data"):
-                # one data file (Text-01): its layout; several (VL-01: the vision graph's own): {file: layout}
-                arg = next(iter(layouts.values()))[0] if len(layouts) == 1 else {k: g[0] for k, g in layouts.items()}
-                _, digest = weights_writer(folder, arg)
+                _, digest = weights_writer(folder, {data: group[0] for data, group in layouts.items()})
             timings["weights_s"] = time.perf_counter() - start
             start = time.perf_counter()
         elif weights_writer is not None and settings.backend != "aoti":

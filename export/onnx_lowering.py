@@ -650,9 +650,9 @@ def save_onnx_external(model, path: Path, layout: dict[str, dict[str, Any]], dat
 
 
 class RoutingWriter:
-    """``ExternalDataWriter``s of several data files behind one writer interface: each tensor goes to the file
-    whose layout holds it (a VL skeleton build: the text graphs' and the vision graph's). ``sha256`` hashes the
-    files' hashes in file order."""
+    """``ExternalDataWriter``s of a folder's data files behind one writer interface: each tensor goes to the file
+    whose layout holds it (Text-01: one file; a VL skeleton build: the text graphs' and the vision graph's).
+    ``sha256``: the one file's hash, or the hash of the files' hashes in file order."""
 
     def __init__(self, folder: Path, layouts: dict[str, dict[str, dict[str, Any]]]):
         self.writers = {data: ExternalDataWriter(Path(folder) / data, layout) for data, layout in sorted(layouts.items())}
@@ -673,6 +673,8 @@ class RoutingWriter:
     def sha256(self) -> str:
         import hashlib
 
+        if len(self.writers) == 1:
+            return next(iter(self.writers.values())).sha256
         return hashlib.sha256("|".join(w.sha256 for w in self.writers.values()).encode()).hexdigest()
 
     def close(self) -> None:

@@ -240,6 +240,18 @@ def convert_checkpoint(path: str | Path, writer, dtype: torch.dtype = torch.bflo
     from .modeling import MiniMaxForCausalLM
 
     root, config, skeleton, plan, by_shard = _prepare(MiniMaxForCausalLM, path, dtype, config_overrides)
+    stream_converted(writer, skeleton, root, by_shard, plan, derived_buffers(config))
+    return config
+
+
+def stream_converted(writer, skeleton: torch.nn.Module, root: Path, by_shard: dict[str, list[str]],
+                     plan: dict[str, _Target], buffers: dict[str, torch.Tensor]) -> None:
+    """Every planned checkpoint tensor into ``writer``, one at a time, in the skeleton's dtypes (experts as parts
+    of their stacked tensors), then the derived ``buffers``, which must be the skeleton's buffers by name (a guard,
+    checked before anything is read)."""
+    expected = {n for n, _ in skeleton.named_buffers()}
+    if expected != set(buffers):
+        raise CheckpointError(f"model buffers {sorted(expected)} differ from the derived ones {sorted(buffers)}")
     params = dict(skeleton.named_parameters())
     for target, tensor in _stream(root, by_shard, plan, "converting"):
         tensor = tensor.to(params[target.param].dtype)
@@ -247,9 +259,5 @@ def convert_checkpoint(path: str | Path, writer, dtype: torch.dtype = torch.bflo
             writer.add(target.param, tensor)
         else:
             writer.add_part(target.param, target.index, params[target.param].shape[0], tensor)
-    for name, t in derived_buffers(config).items():
+    for name, t in buffers.items():
         writer.add(name, t)
-    expected = {n for n, _ in skeleton.named_buffers()}
-    if expected != set(derived_buffers(config)):  # a guard: the model's buffers are the ones computed here
-        raise CheckpointError(f"model buffers {sorted(expected)} differ from the derived ones")
-    return config

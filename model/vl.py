@@ -769,22 +769,11 @@ def convert_vl_checkpoint(path: str | Path, writer, dtype: torch.dtype = torch.b
     """``model.loading.convert_checkpoint`` for MiniMax-VL-01: the checkpoint streamed one tensor at a time into
     an engine folder's weights (``writer``: ``export.weights.ShardWriter``) under the VL model's names, experts
     as parts, the text model's derived buffers added; the model is never built. Returns the config."""
-    from .loading import derived_buffers
+    from .loading import derived_buffers, stream_converted
 
     root, config, skeleton, plan, by_shard = _prepare_vl(MiniMaxVLForConditionalGeneration, path, dtype)
-    params = dict(skeleton.named_parameters())
-    for target, tensor in _stream(root, by_shard, plan, "converting"):
-        tensor = tensor.to(params[target.param].dtype)
-        if target.index is None:
-            writer.add(target.param, tensor)
-        else:
-            writer.add_part(target.param, target.index, params[target.param].shape[0], tensor)
     buffers = {f"language_model.{k}": v for k, v in derived_buffers(config.text).items()}
-    if {n for n, _ in skeleton.named_buffers()} != set(buffers):  # a guard: the model's buffers are these
-        raise CheckpointError(f"model buffers {sorted(n for n, _ in skeleton.named_buffers())} differ from the "
-                              "derived ones")
-    for name, t in buffers.items():
-        writer.add(name, t)
+    stream_converted(writer, skeleton, root, by_shard, plan, buffers)
     return config
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +19,7 @@ openai = pytest.importorskip("openai", reason="the tests drive the server with t
 from model import MiniMaxConfig, MiniMaxForCausalLM  # noqa: E402
 from runtime import Engine  # noqa: E402
 from runtime.server import AsyncEngine, create_app  # noqa: E402
+from tests.utils import serving, word_tokenizer  # noqa: E402
 
 V = MiniMaxConfig.preset("tiny").vocab_size
 EOS = 1
@@ -33,37 +32,15 @@ def model():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": EOS, **{f"w{i}": i for i in range(2, V)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    fast.chat_template = "{% for m in messages %}w{{ 2 + loop.index }} {{ m['content'] }} {% endfor %}w9"
-    return fast
+    return word_tokenizer(V, EOS)
 
 
 @pytest.fixture(scope="module")
 def server(model, tokenizer):
-    import uvicorn
-
     # prefix caching on: every test below also checks that cached prefixes change no result
     engine = AsyncEngine(Engine.from_model(model, 3, 8, 64, page_size=8), token_budget=8, prefix_cache_bytes=1 << 20)
-    app = create_app(engine, tokenizer, "tiny")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(engine, tokenizer, "tiny")) as url:
+        yield url, engine
     engine.close()
 
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -27,6 +24,7 @@ from model import MiniMaxVLConfig, MiniMaxVLForConditionalGeneration  # noqa: E4
 from runtime import Engine  # noqa: E402
 from runtime.scheduler import Scheduler  # noqa: E402
 from runtime.server import AsyncEngine, create_app  # noqa: E402
+from tests.utils import serving, word_tokenizer  # noqa: E402
 
 CONFIG = MiniMaxVLConfig.preset("tiny")
 V, EOS, IMAGE = CONFIG.text.vocab_size, 1, CONFIG.image_token_index
@@ -40,15 +38,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<eos>": EOS, **{f"w{i}": i for i in range(2, V)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    fast.chat_template = "{% for m in messages %}w{{ 2 + loop.index }} {{ m['content'] }} {% endfor %}w9"
-    return fast
+    return word_tokenizer(V, EOS)
 
 
 def _photo(height, width, seed):
@@ -103,23 +93,9 @@ def test_scheduler_refuses_images_that_do_not_fit_their_prompt(model):
 
 @pytest.fixture(scope="module")
 def server(model, tokenizer):
-    import uvicorn
-
     engine = AsyncEngine(Engine.from_model(model, **LIMITS), token_budget=16, prefix_cache_bytes=1 << 20)
-    app = create_app(engine, tokenizer, "tiny-vl")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(engine, tokenizer, "tiny-vl")) as url:
+        yield url
     engine.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -44,3 +45,43 @@ def assert_fp32_parity(report: dict[str, float], what: str) -> None:
     assert report["rel"] < 3e-6, report
     assert report["kl_max"] < 1e-11, report
     assert report["top1"] == 1.0, report
+
+
+def word_tokenizer(vocab_size: int, eos: int = 1):
+    """A word-level Hugging Face tokenizer ("w<id>" is id <id>; 0 "<unk>", ``eos`` "<eos>") with a chat template
+    that prefixes message i with "w<2+i>" and ends with "w9"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": eos, **{f"w{i}": i for i in range(2, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    fast.chat_template = "{% for m in messages %}w{{ 2 + loop.index }} {{ m['content'] }} {% endfor %}w9"
+    return fast
+
+
+@contextlib.contextmanager
+def serving(app):
+    """The FastAPI ``app`` served by uvicorn on a free 127.0.0.1 port in a thread; yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
