@@ -88,3 +88,27 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def kernel_profile(fn: Callable[[], Any], top: int = 20, label: str = "", warm: bool = True) -> dict[str, Any]:
+    """CUDA time by kernel of one call of ``fn`` under ``torch.profiler`` (after one warm-up call if ``warm``),
+    printed as the ``top`` largest; returns ``{"cuda_kernel_ms": total, "top_kernels_ms": [[name, ms], ...]}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if warm:
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    total, kernels = 0.0, {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if e.device_type == torch.autograd.DeviceType.CUDA and t:
+            kernels[e.key] = kernels.get(e.key, 0.0) + t / 1e3
+            total += t / 1e3
+    ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
+    print(f"profile{' of ' + label if label else ''}: {total:.2f} ms of CUDA kernels", flush=True)
+    for name, ms in ranked:
+        print(f"  {ms:9.3f} ms {100 * ms / total:5.1f} %  {name[:110]}", flush=True)
+    return {"cuda_kernel_ms": total, "top_kernels_ms": [list(kv) for kv in ranked]}

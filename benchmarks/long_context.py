@@ -140,8 +140,7 @@ def capacity_sweep(model, capacities: list[int], held: int, steps: int, cuda: bo
 def run_profile(args) -> dict[str, Any]:
     """Where prefill time goes: a ``--profile`` prompt through the eager slice (the same Triton kernels as the
     compiled engine, without Inductor's fusion of the small ops) under ``torch.profiler``, CUDA time by kernel."""
-    from torch.profiler import ProfilerActivity, profile
-
+    from benchmarks.common import kernel_profile
     from runtime import Engine
 
     config = reduced_config("minimax-text-01", args.layers)
@@ -149,22 +148,11 @@ def run_profile(args) -> dict[str, Any]:
     engine = Engine.from_model(model, 1, args.chunk, args.profile + 8, page_size=256)
     prompt = torch.randint(0, config.vocab_size, (args.profile,), generator=torch.Generator().manual_seed(3)).tolist()
     engine.generate([prompt[: args.chunk]], max_new_tokens=1)  # warm
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        engine.generate([prompt], max_new_tokens=1)
-    total = 0.0
-    kernels: dict[str, float] = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-        if e.device_type == torch.autograd.DeviceType.CUDA and t:
-            kernels[e.key] = kernels.get(e.key, 0.0) + t / 1e3
-            total += t / 1e3
-    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
-    print(f"profile: {args.profile} tokens in chunks of {args.chunk}, eager, {total:.1f} ms of CUDA kernels; "
-          f"prefill wall {1e3 * engine.stats.prefill_s:.1f} ms", flush=True)
-    for name, ms in top:
-        print(f"  {ms:9.1f} ms {100 * ms / total:5.1f} %  {name[:110]}", flush=True)
-    return {"profile_tokens": args.profile, "chunk": args.chunk, "cuda_kernel_ms": total,
-            "prefill_wall_ms": 1e3 * engine.stats.prefill_s, "top_kernels_ms": top}
+    found = kernel_profile(lambda: engine.generate([prompt], max_new_tokens=1),
+                           label=f"{args.profile} tokens in chunks of {args.chunk}, eager", warm=False)
+    print(f"  prefill wall {1e3 * engine.stats.prefill_s:.1f} ms", flush=True)
+    return {"profile_tokens": args.profile, "chunk": args.chunk, **found,
+            "prefill_wall_ms": 1e3 * engine.stats.prefill_s}
 
 
 def run_cpu(args) -> dict[str, Any]:

@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="time to first token of a TOKENS-long prompt sharing all but 64 tokens with a cached one, "
                         "against an uncached one (0: not run)")
     p.add_argument("--prefix-cache-mb", type=int, default=1024, help="the server's prefix-cache budget (0: off)")
+    p.add_argument("--token-budget", type=int, default=None,
+                   help="the server scheduler's tokens per step (default: max_batch x the prefill chunk)")
     p.add_argument("--slice", type=int, default=0, metavar="LAYERS",
                    help="GPU: serve minimax-text-01 cut to LAYERS real-width layers (random bf16 weights, AOTInductor "
                         "programs), --max-batch rows, --chunk-size prefill chunks, --max-seq-len context")
@@ -460,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         static_engine = static_engine or Engine_like(engine, args)
         payload["static"] = load_static(static_engine, jobs)
         print("static batching:", json.dumps(payload["static"]), flush=True)
-    url, server, thread, async_engine = start_server(engine, tokenizer, name, None, args.prefix_cache_mb)
+    url, server, thread, async_engine = start_server(engine, tokenizer, name, args.token_budget,
+                                                         args.prefix_cache_mb)
     try:
         if args.reliability:
             payload["reliability"] = reliability(url, name, vocab, args.reliability, args.seed, args.workers,

@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiles", default="1,7,19", help="tiles per call (default 1,7,19)")
     p.add_argument("--tiny", action="store_true", help="the tiny VL config in fp32 on the CPU (a smoke run)")
     p.add_argument("--ttft", action="store_true", help="also the TTFT of a 2-layer real-width VL engine (GPU)")
+    p.add_argument("--profile", action="store_true", help="CUDA time by kernel of both at the largest tile count")
     p.add_argument("--out", required=True, help="JSON results file")
     args = p.parse_args(argv)
     from model.vl import MiniMaxVLConfig
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                                "dtype": str(dtype)}
     ceiling = None
     if cuda:
-        from benchmarks.common import measure_ceilings
+        from benchmarks.common import kernel_profile, measure_ceilings
 
         payload["ceilings"] = measure_ceilings()
         ceiling = payload["ceilings"]["matmul_bf16_tflops"]
@@ -275,7 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     ours, compile_s = compile_vision(model, max(tile_counts + [19]), workdir)
     payload["compile_s"] = compile_s
     print(f"vision program compiled in {compile_s:.1f}s", flush=True)
-    payload["tiles"] = measure_tiles(model, ours, hf_peer(model), tile_counts, ceiling)
+    peer = hf_peer(model)
+    payload["tiles"] = measure_tiles(model, ours, peer, tile_counts, ceiling)
+    if args.profile and cuda:
+        n = max(tile_counts)
+        pixels = torch.randn(n, config.vision.num_channels, config.vision.image_size, config.vision.image_size,
+                             device=device, dtype=dtype)
+        index = torch.arange(n * config.vision.grid ** 2, device=device)
+        payload["profile"] = {"tiles": n, "ours": kernel_profile(lambda: ours(pixels, index), label=f"ours, {n} tiles"),
+                              "transformers": kernel_profile(lambda: peer(pixels), label=f"transformers, {n} tiles")}
     if args.ttft and cuda:
         del ours, model
         torch.cuda.empty_cache()
