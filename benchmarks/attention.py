@@ -22,9 +22,10 @@ visible query-key pair), causal 128K (T = L = 128K, positions 0..), and decode a
 B = 16 at 64K and B = 64 at 16K (one query per row over its held tokens). Decode figures: the K/V bytes read over
 the time, as a fraction of the copy bandwidth measured in the same run (``benchmarks/common.py``, read + write).
 Before timing, each of our outputs is compared with SDPA's (max relative difference, recorded). Decode times are
-per call of 10 back-to-back calls (``common.time_ms_back_to_back``, as a CUDA-graph replay issues steps; the
-median of 5 rounds), for ours and the peers alike, and also per call timed alone (``*_one_call_ms``, launches
-included); the 2026-12-02 run 3 had only the one-call figures.
+per call of 10 back-to-back calls (as a CUDA-graph replay issues steps), ours and every peer timed in the same 5
+interleaved rounds (``common.time_ms_interleaved``, the median kept), and also per call timed alone
+(``*_one_call_ms``, launches included); the 2026-12-02 run 3 timed each side in its own rounds. FlexAttention
+runs on the decode cases too (its decoding path: one query per row). Decode cases run first.
 Prints a table, writes JSON.
 """
 
@@ -37,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import environment, measure_ceilings, time_ms, time_ms_back_to_back, write_json
+from benchmarks.common import environment, measure_ceilings, time_ms, time_ms_interleaved, write_json
 
 H, KVH, D = 64, 8, 128
 
@@ -155,21 +156,23 @@ def decode_case(name: str, B: int, L: int, page_size: int, copy_tbps: float, fle
     qt = q.transpose(1, 2).contiguous()
     row: dict[str, Any] = {"case": name, "B": B, "L": L, "page_size": page_size, "kv_bytes": kv_bytes}
     row["rel_vs_cudnn"] = _rel(ours(), _sdpa("cudnn")(qt, keys, values, False).transpose(1, 2))
-    ms = time_ms_back_to_back(ours)
-    row["ours_ms"], row["ours_copy_frac"] = ms, kv_bytes / (ms * 1e-3) / 1e12 / copy_tbps
     row["ours_one_call_ms"] = time_ms(ours, warmup=3, iters=10)  # timed alone: its launches included
     row["ours_eager_op_checked_ms"] = time_ms(checked, warmup=3, iters=10)
     peers = {b: _sdpa(b) for b in ("cudnn", "flash", "efficient")}
     if flex:
         peers["flex"] = _flex()
+    runnable = {"ours": ours}
     for pname, fn in peers.items():
         try:
-            pm = time_ms_back_to_back(lambda: fn(qt, keys, values, False))
-            row[f"{pname}_ms"], row[f"{pname}_copy_frac"] = pm, kv_bytes / (pm * 1e-3) / 1e12 / copy_tbps
             row[f"{pname}_one_call_ms"] = time_ms(lambda: fn(qt, keys, values, False), warmup=3, iters=10)
+            runnable[pname] = lambda fn=fn: fn(qt, keys, values, False)
         except Exception as e:
             row[f"{pname}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             torch.cuda.empty_cache()
+    # back-to-back calls, ours and every peer in the same interleaved rounds (the ratio's two sides together)
+    for pname, pm in time_ms_interleaved(runnable).items():
+        row[f"{pname}_ms"], row[f"{pname}_copy_frac"] = pm, kv_bytes / (pm * 1e-3) / 1e12 / copy_tbps
+    ms = row["ours_ms"]
     best = min((row[f"{p}_ms"] for p in peers if f"{p}_ms" in row), default=float("nan"))
     row["ours_vs_best_peer"] = best / ms  # > 1: we are faster
     del keys, values, k_cache, v_cache
@@ -203,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_4m:
             decode = [d for d in decode if d[2] != 4 * K * K]
     rows = []
-    for name, T, L, causal in prefill:
-        row = prefill_case(name, T, L, args.page_size, flex=not args.no_flex, peers_causal=causal)
+    for name, B, L in decode:
+        row = decode_case(name, B, L, args.page_size, ceilings["copy_tbps"], flex=not args.no_flex)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         rows.append(row)
-    for name, B, L in decode:
-        row = decode_case(name, B, L, args.page_size, ceilings["copy_tbps"], flex=False)
+    for name, T, L, causal in prefill:
+        row = prefill_case(name, T, L, args.page_size, flex=not args.no_flex, peers_causal=causal)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         rows.append(row)
     write_json(args.out, {"environment": environment(), "ceilings": ceilings, "heads": [H, KVH, D],

@@ -47,6 +47,27 @@ def time_ms_back_to_back(fn: Callable[[], Any], calls: int = 10, rounds: int = 5
     return statistics.median(per_call)
 
 
+def time_ms_interleaved(fns: dict[str, Callable[[], Any]], calls: int = 10, rounds: int = 5,
+                        warmup: int = 2) -> dict[str, float]:
+    """Milliseconds per call of each of ``fns``, timed in interleaved rounds: each round runs every function for
+    ``warmup`` calls, then ``calls`` back-to-back calls between two CUDA events; the median over ``rounds`` is kept.
+    Clock and thermal drift then fall on every function alike, which matters for ratios of near-equal kernels."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            times[key].append(start.elapsed_time(end) / calls)
+    return {k: statistics.median(ts) for k, ts in times.items()}
+
+
 def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in TB/s, counting bytes read plus bytes written."""
     src = torch.randn(nbytes // 4, device="cuda")
