@@ -145,14 +145,22 @@ def moe_forward_triton(
     *,
     config: MoeTritonConfig | None = None,
     poison: bool = False,
+    scales: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Routed SwiGLU experts with Triton: x [T, hidden] -> y [T, hidden] (x.dtype, new contiguous tensor).
 
     router_weight [E, hidden] (any float dtype, used in fp32); w1, w3 [E, I, hidden]; w2 [E, hidden, I]
     (contiguous, the dtype of x, or converted while loading). ``config`` overrides ``default_config``;
     ``poison`` fills every buffer allocated here with NaN / garbage first (tests).
+    ``scales``: ``(s1, s3, s2)`` fp32 [E, out] when w1, w3, w2 are int8 (``experts-int8``, W8A16: the products run
+    in x's dtype on the int8 values, each output column scaled after its K loop; the pointer kernels only).
     """
     naive.check_moe_inputs(x, router_weight, w1, w3, w2, top_k)
+    if scales is not None:
+        naive.check_quantized_experts(w1, scales[0], w3, scales[1], w2, scales[2], "experts-int8")
+        s13, s2 = (scales[0].contiguous(), scales[1].contiguous()), scales[2].contiguous()
+    else:
+        s13 = s2 = None
     T, hidden = x.shape
     E, inter = w1.shape[0], w1.shape[1]
     dev = x.device
@@ -186,6 +194,7 @@ def moe_forward_triton(
             num_warps=cfg.decode_warps,
             num_stages=cfg.decode_stages,
             out=_empty((T * top_k, inter), x.dtype, dev, poison),
+            scales=s13,
         )  # [T * top_k, I]
         return grouped.down_combine_decode(
             h,
@@ -198,6 +207,7 @@ def moe_forward_triton(
             num_warps=cfg.decode_down_warps,
             num_stages=cfg.decode_down_stages,
             out=y,
+            scale=s2,
         )  # [T, hidden]
 
     bm = cfg.block_m
@@ -217,7 +227,7 @@ def moe_forward_triton(
             _empty((E + 1,), torch.int32, dev, poison),
         ),
     )
-    tma = (cfg.swiglu_tma or cfg.down_tma) and grouped.tma_supported(x, w1, w3, w2)
+    tma = (cfg.swiglu_tma or cfg.down_tma) and scales is None and grouped.tma_supported(x, w1, w3, w2)
     if tma and cfg.swiglu_tma:
         x_perm = None
         if cfg.swiglu_permute:
@@ -258,6 +268,7 @@ def moe_forward_triton(
             num_stages=cfg.swiglu_stages,
             interleave=cfg.swiglu_interleave,
             out=_empty((max_rows, inter), x.dtype, dev, poison),
+            scales=s13,
         )  # [max_rows, I]
     if tma and cfg.down_tma:
         y_perm = grouped.down_grouped_tma(
@@ -290,6 +301,7 @@ def moe_forward_triton(
             num_warps=cfg.down_warps,
             num_stages=cfg.down_stages,
             out=_empty((max_rows, hidden), x.dtype, dev, poison),
+            scale=s2,
         )  # [max_rows, hidden]
     return grouped.combine(y_perm, align.inv_perm, T, top_k, out_dtype=x.dtype, out=y)  # [T, hidden]
 

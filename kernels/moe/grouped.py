@@ -89,6 +89,8 @@ def _swiglu_grouped_kernel(
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVE: tl.constexpr,
+    s1_ptr=None,  # [E, I] fp32 per-output-channel scales of int8 w1 (None: w1 in the activations' dtype)
+    s3_ptr=None,  # [E, I] fp32, with s1
 ):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), max_blocks, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -145,6 +147,10 @@ def _swiglu_grouped_kernel(
             a_ptrs += BLOCK_K
             b1_ptrs += BLOCK_K
             b3_ptrs += BLOCK_K
+    if s1_ptr is not None:  # int8 weights: one scale per output column, applied to the fp32 sums
+        s_off = expert.to(tl.int64) * inter + offs_n
+        acc_gate = acc_gate * tl.load(s1_ptr + s_off, mask=n_mask, other=0.0)[None, :]
+        acc_up = acc_up * tl.load(s3_ptr + s_off, mask=n_mask, other=0.0)[None, :]
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up  # silu(gate) * up; padding rows give 0
     h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * inter + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=n_mask[None, :])
@@ -168,6 +174,7 @@ def _down_grouped_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    s2_ptr=None,  # [E, hidden] fp32 per-output-channel scales of int8 w2 (None: w2 in the activations' dtype)
 ):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), max_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -194,6 +201,8 @@ def _down_grouped_kernel(
         acc = tl.dot(a, b.to(a.dtype), acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if s2_ptr is not None:
+        acc = acc * tl.load(s2_ptr + expert.to(tl.int64) * hidden + offs_n, mask=n_mask, other=0.0)[None, :]
     weight = tl.load(topk_weights_ptr + slot, mask=row_valid, other=0.0)  # routing weight of each row
     acc = acc * weight[:, None]
     y_ptrs = y_perm_ptr + offs_m.to(tl.int64)[:, None] * hidden + offs_n[None, :]
@@ -242,6 +251,8 @@ def _swiglu_decode_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    s1_ptr=None,  # [E, I] fp32 scales of int8 w1 (None: w1 in the activations' dtype)
+    s3_ptr=None,  # [E, I] fp32, with s1
 ):
     offs_t = tl.arange(0, T_PAD)
     offs_j = tl.arange(0, K_PAD)
@@ -279,6 +290,10 @@ def _swiglu_decode_kernel(
                 a_ptrs += BLOCK_K
                 b1_ptrs += BLOCK_K
                 b3_ptrs += BLOCK_K
+            if s1_ptr is not None:
+                s_off = tl.cast(e, tl.int64) * inter + offs_n
+                acc_gate = acc_gate * tl.load(s1_ptr + s_off, mask=n_mask, other=0.0)[None, :]
+                acc_up = acc_up * tl.load(s3_ptr + s_off, mask=n_mask, other=0.0)[None, :]
             h = acc_gate * tl.sigmoid(acc_gate) * acc_up
             slot = offs_t * TOP_K + tl.sum(tl.where(match, offs_j[None, :], 0), axis=1)  # [T_PAD]
             h_ptrs = h_ptr + slot.to(tl.int64)[:, None] * inter + offs_n[None, :]
@@ -303,6 +318,7 @@ def _down_combine_decode_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    s2_ptr=None,  # [E, hidden] fp32 scales of int8 w2 (None: w2 in the activations' dtype)
 ):
     offs_t = tl.arange(0, T_PAD)
     offs_j = tl.arange(0, K_PAD)
@@ -335,6 +351,9 @@ def _down_combine_decode_kernel(
                 acc_e = tl.dot(a, b.to(a.dtype), acc_e, input_precision=DOT_PRECISION)
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
+            if s2_ptr is not None:
+                s_row = tl.load(s2_ptr + tl.cast(e, tl.int64) * hidden + offs_n, mask=n_mask, other=0.0)
+                acc_e = acc_e * s_row[None, :]
             acc += acc_e * weight[:, None]
     y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * hidden + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
@@ -524,10 +543,12 @@ def swiglu_grouped(
     num_stages: int = 3,
     interleave: bool = True,
     out: Tensor | None = None,
+    scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Stage 3: x [T, hidden], w1/w3 [E, I, hidden], alignment -> h [max_rows, I] (x.dtype, permuted rows).
 
     ``interleave``: one product against a [BLOCK_K, 2 BLOCK_N] tile of interleaved w1/w3 rows (else two products).
+    ``scales``: ``(s1, s3)`` [E, I] fp32 when w1/w3 are int8 (W8A16, ``naive.quantize_weight``).
     """
     T, hidden = x.shape
     inter = w1.shape[1]
@@ -555,6 +576,8 @@ def swiglu_grouped(
         EVEN_K=hidden % block_k == 0,
         DOT_PRECISION=_dot_precision(x),
         INTERLEAVE=interleave,
+        s1_ptr=None if scales is None else scales[0],
+        s3_ptr=None if scales is None else scales[1],
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -575,8 +598,10 @@ def down_grouped(
     num_warps: int = 4,
     num_stages: int = 3,
     out: Tensor | None = None,
+    scale: Tensor | None = None,
 ) -> Tensor:
-    """Stage 4: h [rows, I], w2 [E, hidden, I] -> y_perm [rows, hidden] (h.dtype, weighted, permuted rows)."""
+    """Stage 4: h [rows, I], w2 [E, hidden, I] -> y_perm [rows, hidden] (h.dtype, weighted, permuted rows).
+    ``scale``: s2 [E, hidden] fp32 when w2 is int8."""
     rows, inter = h.shape
     hidden = w2.shape[1]
     max_blocks = block_expert.shape[0]
@@ -600,6 +625,7 @@ def down_grouped(
         GROUP_M=group_m,
         EVEN_K=inter % block_k == 0,
         DOT_PRECISION=_dot_precision(h),
+        s2_ptr=scale,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -637,8 +663,10 @@ def swiglu_decode(
     num_warps: int = 4,
     num_stages: int = 4,
     out: Tensor | None = None,
+    scales: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Decode SwiGLU: x [T, hidden], topk_ids [T, top_k] -> h [T * top_k, I] (x.dtype, slot order)."""
+    """Decode SwiGLU: x [T, hidden], topk_ids [T, top_k] -> h [T * top_k, I] (x.dtype, slot order).
+    ``scales``: ``(s1, s3)`` [E, I] fp32 when w1/w3 are int8."""
     T, hidden = x.shape
     E, inter = w1.shape[0], w1.shape[1]
     top_k = topk_ids.shape[1]
@@ -662,6 +690,8 @@ def swiglu_decode(
         BLOCK_K=block_k,
         EVEN_K=hidden % block_k == 0,
         DOT_PRECISION=_dot_precision(x),
+        s1_ptr=None if scales is None else scales[0],
+        s3_ptr=None if scales is None else scales[1],
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -680,8 +710,10 @@ def down_combine_decode(
     num_warps: int = 4,
     num_stages: int = 4,
     out: Tensor | None = None,
+    scale: Tensor | None = None,
 ) -> Tensor:
-    """Decode down projection + combine: h [T * top_k, I] -> y [T, hidden] (out_dtype)."""
+    """Decode down projection + combine: h [T * top_k, I] -> y [T, hidden] (out_dtype).
+    ``scale``: s2 [E, hidden] fp32 when w2 is int8."""
     T, top_k = topk_ids.shape
     E, hidden, inter = w2.shape
     y = torch.empty((T, hidden), dtype=out_dtype, device=h.device) if out is None else out
@@ -704,6 +736,7 @@ def down_combine_decode(
         BLOCK_K=block_k,
         EVEN_K=inter % block_k == 0,
         DOT_PRECISION=_dot_precision(h),
+        s2_ptr=scale,
         num_warps=num_warps,
         num_stages=num_stages,
     )
