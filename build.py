@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tiles", type=int, default=None,
                    help="MiniMax-VL-01: most image tiles one call of the vision program encodes (default: the largest "
                         "image's, thumbnail + 18 = 19 for the released grids)")
+    p.add_argument("--quantize", choices=["none", "experts-int8", "experts-fp8"], default="none",
+                   help="expert weights: none (the --dtype), experts-int8 (int8 per output channel, W8A16) or "
+                        "experts-fp8 (e4m3 per output channel, fp8 activations: CPU only so far); the router, "
+                        "attention and LM head are unchanged (default none)")
     p.add_argument("--shard-mb", type=int, default=2048,
                    help="size of the engine folder's weight shards in MB (AOTInductor; default 2048)")
     p.add_argument("--overwrite", action="store_true",
@@ -187,6 +191,9 @@ def _build(args: argparse.Namespace) -> int:
 
                 check_vl_settings(vl_config, settings)
             check_lowering(settings)
+            from export.exporting import check_quantization
+
+            check_quantization(args.quantize, settings, vl=vl_config is not None)
             # the output folder: refused unless absent or an engine folder with --overwrite; locked until the end
             stack.enter_context(reserve_destination(args.out, overwrite=args.overwrite))
         except (ConfigError, EngineFolderError) as e:
@@ -215,6 +222,8 @@ def _build(args: argparse.Namespace) -> int:
                 validate(args.checkpoint, settings.torch_dtype)  # names and shapes, before any work
                 with torch.device("meta"):
                     model = model_class(model_config, dtype=settings.torch_dtype)
+                if vl_config is None:
+                    model.quantize_experts_(args.quantize)  # still weightless: the converter quantizes
                 if backend == "aoti":
                     model = model.to_empty(device=device)
                     text_model(model).model.reset_buffers()
@@ -231,7 +240,10 @@ def _build(args: argparse.Namespace) -> int:
                     from export.weights import ShardWriter
 
                     writer = ShardWriter(folder, shard_bytes=args.shard_mb << 20)
-                    convert(args.checkpoint, writer, settings.torch_dtype)
+                    if vl_config is None:
+                        convert(args.checkpoint, writer, settings.torch_dtype, quantize=args.quantize)
+                    else:
+                        convert(args.checkpoint, writer, settings.torch_dtype)
                     return writer.close(), writer.sha256
             elif args.checkpoint and vl_config is not None:
                 # TensorRT: the plans are built from graphs with their weights (as Text-01's)
@@ -241,6 +253,7 @@ def _build(args: argparse.Namespace) -> int:
             elif args.checkpoint:
                 log.info("loading %s (%s, %s)", args.checkpoint, settings.dtype, device)
                 model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=settings.torch_dtype, device=device)
+                model.quantize_experts_(args.quantize)
             elif vl_config is not None:
                 log.info("building a random-weight %r model (%s, %s)", args.preset, settings.dtype, device)
                 with torch.device(device):
@@ -250,6 +263,7 @@ def _build(args: argparse.Namespace) -> int:
                 log.info("building a random-weight %r model (%s, %s)", args.preset, settings.dtype, device)
                 with torch.device(device):
                     model = MiniMaxForCausalLM(config, dtype=settings.torch_dtype).init_random_weights(seed=0)
+                model.quantize_experts_(args.quantize)
         except (ConfigError, CheckpointError) as e:
             log.error("%s", e)
             return 2

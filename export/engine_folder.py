@@ -144,6 +144,8 @@ class BuildSettings:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# expert-weight quantization recorded in the manifest (``model.modeling.QUANTIZATIONS``; kernels/moe/naive.py)
+QUANTIZATIONS = ("none", "experts-int8", "experts-fp8")
 
 
 def program_io(config_dict: dict[str, Any], state_layout: list[dict[str, Any]], program: str,
@@ -520,6 +522,9 @@ def _validate(path: Path, manifest: Any) -> None:
         if not isinstance(manifest[key], str) or manifest[key] not in allowed:
             kind = "unknown" if isinstance(manifest[key], str) else "malformed"
             raise EngineFolderError(f"{path}: {kind} {key} {manifest[key]!r} (known: {', '.join(allowed)})"[:400])
+    quantization = manifest.get("quantization", "none")  # absent in folders of earlier builds: none
+    if quantization not in QUANTIZATIONS:
+        raise EngineFolderError(f"{path}: unknown quantization {quantization!r} (known: {', '.join(QUANTIZATIONS)})"[:400])
     if not isinstance(manifest["model_config"], dict):
         raise EngineFolderError(f"{path}: model_config must be an object")
     from model.config import ConfigError, MiniMaxConfig  # the config only, not the model

@@ -277,6 +277,8 @@ def build_engine(
     elif settings.max_tiles:
         raise EngineFolderError(f"max_tiles {settings.max_tiles}: a text model has no vision program (max_tiles 0)")
     check_lowering(settings)
+    quantization = text_model(model).quantization
+    check_quantization(quantization, settings, vl=vl)
     if model.dtype != settings.torch_dtype:  # (a VL model's dtype is its weights', as the text model's)
         raise ValueError(f"model weights are {model.dtype}, the build asks for {settings.dtype}")
     model.eval()
@@ -348,6 +350,7 @@ def build_engine(
             "state_layout": symbolic_state_layout(config, settings),
             "programs": manifest_programs,
             "versions": _versions(),
+            "quantization": quantization,
             "weights_sha256": digest if digest is not None else weights_sha256(model),
             "build_timings": timings,
         }
@@ -361,6 +364,23 @@ def build_engine(
         timings["manifest_s"] = time.perf_counter() - start
     logger.info("engine written to %s (%s)", out_dir, ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     return manifest
+
+
+def check_quantization(quantization: str, settings: BuildSettings, vl: bool = False) -> None:
+    """Quantized experts (``build.py --quantize``): what is built so far. The AOTInductor programs take
+    ``minimax::moe_quantized`` (Triton kernels on CUDA for experts-int8, the reference on the CPU); its ONNX node and
+    TensorRT plugins are not written yet, nor the CUDA kernels of experts-fp8 (W8A8)."""
+    if quantization == "none":
+        return
+    if vl:
+        raise EngineFolderError(f"--quantize {quantization}: VL-01 engines are built unquantized so far")
+    if settings.backend != "aoti":
+        raise EngineFolderError(f"--quantize {quantization}: only the aoti backend lowers quantized experts so far "
+                                f"(no ONNX node or TensorRT plugin for minimax::moe_quantized yet); got backend "
+                                f"{settings.backend!r}")
+    if quantization == "experts-fp8" and settings.device == "cuda":
+        raise EngineFolderError("--quantize experts-fp8: its CUDA kernels (fp8 weights and activations, W8A8) are not "
+                                "built yet; use experts-int8 on CUDA, or build experts-fp8 for the CPU")
 
 
 def check_vl_settings(vl_config, settings: BuildSettings) -> None:

@@ -161,7 +161,7 @@ def check_entry(path: Path, entry: Any) -> None:
         raise EngineFolderError(f"{path}: weights.tensors must be an object")
     for name, t in tensors.items():
         if (not isinstance(t, dict) or t.get("shard") not in shards or not isinstance(t.get("shape"), list)
-                or t.get("dtype") not in (*DTYPES, "int32", "int64")):
+                or t.get("dtype") not in (*DTYPES, "int32", "int64", "int8", "float8_e4m3fn")):
             raise EngineFolderError(f"{path}: weights.tensors[{name!r}] must name a listed shard, a shape and a "
                                     f"dtype; got {t!r}"[:400])
     stacked = entry.get("stacked", {})
@@ -177,7 +177,7 @@ def check_entry(path: Path, entry: Any) -> None:
 
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
 CHUNK_BYTES = 64 << 20  # bytes per staged read (two staging buffers per worker)
 LOAD_WORKERS = 4  # shards read, hashed and copied at once
 

@@ -63,6 +63,8 @@ def checkpoint_key_plan(model: "MiniMaxForCausalLM") -> dict[str, _Target]:
     """Map every checkpoint key the model needs to the parameter (and expert slot) it fills."""
     plan: dict[str, _Target] = {}
     for name, param in model.named_parameters():
+        if re.match(r"^model\.layers\.\d+\.block_sparse_moe\.experts\.w[123]_scale$", name):
+            continue  # quantized experts: the scales are computed while converting, the checkpoint has none
         m = re.match(r"^(model\.layers\.\d+\.block_sparse_moe\.experts)\.(w[123])$", name)
         if m:
             for e in range(param.shape[0]):
@@ -229,17 +231,21 @@ def validate_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16, *
     return _prepare(MiniMaxForCausalLM, path, dtype, config_overrides)[1]
 
 
-def convert_checkpoint(path: str | Path, writer, dtype: torch.dtype = torch.bfloat16, **config_overrides
-                       ) -> MiniMaxConfig:
+def convert_checkpoint(path: str | Path, writer, dtype: torch.dtype = torch.bfloat16, quantize: str = "none",
+                       **config_overrides) -> MiniMaxConfig:
     """Stream a checkpoint into an engine folder's weights (``export.weights.ShardWriter``) without building the
     model: validated as ``load_checkpoint`` validates (config, index, shards, names, shapes), then read one tensor
     at a time, converted (model dtype; fp32 router gates and LM head) and handed to ``writer``, which writes a shard
     whenever it holds ``shard_bytes``. Expert weights are written as the slices of their stacked tensors
     (``writer.add_part``: stacked on load), so peak memory is one shard plus one tensor, whatever the model size.
-    Returns the config."""
+    ``quantize`` ("experts-int8" / "experts-fp8"): each expert matrix is quantized as it streams (its own
+    per-output-channel scales, ``kernels/moe/naive.quantize_weight``) and written with its scales. Returns the
+    config."""
     from .modeling import MiniMaxForCausalLM
 
     root, config, skeleton, plan, by_shard = _prepare(MiniMaxForCausalLM, path, dtype, config_overrides)
+    skeleton.quantize_experts_(quantize)
+    plan = checkpoint_key_plan(skeleton)
     stream_converted(writer, skeleton, root, by_shard, plan, derived_buffers(config))
     return config
 
@@ -252,12 +258,21 @@ def stream_converted(writer, skeleton: torch.nn.Module, root: Path, by_shard: di
     expected = {n for n, _ in skeleton.named_buffers()}
     if expected != set(buffers):
         raise CheckpointError(f"model buffers {sorted(expected)} differ from the derived ones {sorted(buffers)}")
+    from kernels.moe.naive import quantize_weight
+
+    from .modeling import QUANTIZATIONS
+
+    modes = {dt: mode for mode, dt in QUANTIZATIONS.items() if dt is not None}
     params = dict(skeleton.named_parameters())
     for target, tensor in _stream(root, by_shard, plan, "converting"):
-        tensor = tensor.to(params[target.param].dtype)
+        param = params[target.param]
         if target.index is None:
-            writer.add(target.param, tensor)
+            writer.add(target.param, tensor.to(param.dtype))
+        elif param.dtype in modes:  # a quantized expert matrix: its rows' scales come from it alone
+            q, scale = quantize_weight(tensor, modes[param.dtype])
+            writer.add_part(target.param, target.index, param.shape[0], q)
+            writer.add_part(f"{target.param}_scale", target.index, param.shape[0], scale)
         else:
-            writer.add_part(target.param, target.index, params[target.param].shape[0], tensor)
+            writer.add_part(target.param, target.index, param.shape[0], tensor.to(param.dtype))
     for name, t in buffers.items():
         writer.add(name, t)

@@ -49,7 +49,11 @@ from .state import MiniMaxState
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MiniMaxForCausalLM", "MiniMaxModel", "RMSNorm", "apply_partial_rope"]
+__all__ = ["MiniMaxForCausalLM", "MiniMaxModel", "RMSNorm", "apply_partial_rope", "QuantizedExperts",
+           "QUANTIZATIONS"]
+
+# expert-weight quantization (``build.py --quantize``): the stored dtype of each mode (the math: kernels/moe/naive.py)
+QUANTIZATIONS = {"none": None, "experts-int8": torch.int8, "experts-fp8": torch.float8_e4m3fn}
 
 
 def kernel_choice(config: MiniMaxConfig, device: str) -> dict[str, str]:
@@ -190,6 +194,44 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(E, hidden, I, dtype=dtype))
 
 
+class QuantizedExperts(nn.Module):
+    """The experts of one layer quantized per output channel (``kernels/moe/naive.py``, "Quantized experts"):
+    w1, w3 [E, I, hidden] and w2 [E, hidden, I] int8 (experts-int8) or float8_e4m3fn (experts-fp8), with fp32 scales
+    w1_scale, w3_scale [E, I] and w2_scale [E, hidden]. Parameters without gradients (so that they are named and
+    loaded like the weights they replace)."""
+
+    def __init__(self, config: MiniMaxConfig, mode: str):
+        super().__init__()
+        if QUANTIZATIONS.get(mode) is None:
+            raise ValueError(f"expert quantization {mode!r}: expected one of "
+                             f"{', '.join(m for m in QUANTIZATIONS if m != 'none')}")
+        self.mode = mode
+        E, I, hidden = config.num_local_experts, config.intermediate_size, config.hidden_size
+        q = QUANTIZATIONS[mode]
+
+        def frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+            return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+        self.w1, self.w3, self.w2 = frozen(E, I, hidden, dtype=q), frozen(E, I, hidden, dtype=q), frozen(E, hidden, I, dtype=q)
+        self.w1_scale, self.w3_scale = frozen(E, I, dtype=torch.float32), frozen(E, I, dtype=torch.float32)
+        self.w2_scale = frozen(E, hidden, dtype=torch.float32)
+
+    @classmethod
+    @torch.no_grad()
+    def from_experts(cls, experts: Experts, config: MiniMaxConfig, mode: str) -> "QuantizedExperts":
+        """Quantize ``experts`` (on their device; a meta module gives a meta one, nothing computed)."""
+        from kernels.moe.naive import quantize_weight
+
+        device = experts.w1.device
+        with torch.device("meta"):
+            out = cls(config, mode)
+        for name in ("w1", "w3", "w2"):
+            qw, scale = quantize_weight(getattr(experts, name), mode)
+            setattr(out, name, nn.Parameter(qw.to(device), requires_grad=False))
+            setattr(out, f"{name}_scale", nn.Parameter(scale.to(device), requires_grad=False))
+        return out
+
+
 class SparseMoE(nn.Module):
     """Router (fp32 gate, softmax, top-k, renormalised) + SwiGLU experts, as one ``minimax::moe`` call."""
 
@@ -202,7 +244,11 @@ class SparseMoE(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, T, hidden = x.shape
         e = self.experts
-        y = torch.ops.minimax.moe(x.reshape(B * T, hidden), self.gate.weight, e.w1, e.w3, e.w2, self.top_k)
+        if isinstance(e, QuantizedExperts):
+            y = torch.ops.minimax.moe_quantized(x.reshape(B * T, hidden), self.gate.weight, e.w1, e.w1_scale, e.w3,
+                                                e.w3_scale, e.w2, e.w2_scale, self.top_k, e.mode)
+        else:
+            y = torch.ops.minimax.moe(x.reshape(B * T, hidden), self.gate.weight, e.w1, e.w3, e.w2, self.top_k)
         return y.view(B, T, hidden)
 
 
@@ -316,9 +362,33 @@ class MiniMaxForCausalLM(nn.Module):
 
         return load_checkpoint(cls, path, dtype=dtype, device=device, **config_overrides)
 
+    @property
+    def quantization(self) -> str:
+        """The experts' quantization: "none", "experts-int8" or "experts-fp8" (``quantize_experts_``)."""
+        experts = self.model.layers[0].block_sparse_moe.experts if len(self.model.layers) else None
+        return experts.mode if isinstance(experts, QuantizedExperts) else "none"
+
+    def quantize_experts_(self, mode: str) -> "MiniMaxForCausalLM":
+        """Quantize every layer's expert weights in place, one layer at a time (the bf16 experts of a layer are
+        freed before the next is quantized); "none" leaves the model as it is. The router, attention and LM head
+        are unchanged. A meta model stays on the meta device (for weightless builds)."""
+        if mode not in QUANTIZATIONS:
+            raise ValueError(f"expert quantization {mode!r}: expected one of {', '.join(QUANTIZATIONS)}")
+        if mode == "none":
+            return self
+        if self.quantization != "none":
+            raise ValueError(f"the experts are already quantized ({self.quantization})")
+        for layer in self.model.layers:
+            moe = layer.block_sparse_moe
+            moe.experts = QuantizedExperts.from_experts(moe.experts, self.config, mode)
+        return self
+
     @torch.no_grad()
     def init_random_weights(self, seed: int = 0, std: float = 0.02) -> "MiniMaxForCausalLM":
-        """Fill every weight with N(0, std) (norm weights with 1): a random model for demos and tests."""
+        """Fill every weight with N(0, std) (norm weights with 1): a random model for demos and tests (before
+        ``quantize_experts_``)."""
+        if self.quantization != "none":
+            raise ValueError("init_random_weights: initialise before quantize_experts_")
         generator = torch.Generator(device="cpu").manual_seed(seed)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):

@@ -95,12 +95,13 @@ def moe_forward_traceable(
     *,
     config: dispatch.MoeTritonConfig | None = None,
     decode_kernels: bool = True,
+    scales: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Routed SwiGLU experts: x [T, hidden] -> y [T, hidden] (x.dtype, new contiguous tensor), T may be symbolic.
 
     Same contract as ``dispatch.moe_forward_triton``; kernels launched through ``wrap_triton``. ``config``
     overrides ``static_config`` (its TMA flags are ignored). ``decode_kernels``: allow the decode path (see the
-    module docstring)."""
+    module docstring). ``scales``: ``(s1, s3, s2)`` fp32 [E, out] of int8 expert weights (W8A16)."""
     from torch.library import wrap_triton
 
     naive_shapes_ok = x.dim() == 2 and w1.dim() == 3 and w2.dim() == 3 and router_weight.dim() == 2
@@ -115,6 +116,9 @@ def moe_forward_traceable(
     x = x.contiguous()
     router_weight = router_weight.contiguous()
     w1, w3, w2 = w1.contiguous(), w3.contiguous(), w2.contiguous()
+    # int8 weights: the scale pointers of the pointer kernels (None: the kernels' unquantized specialisation)
+    q13 = {} if scales is None else {"s1_ptr": scales[0].contiguous(), "s3_ptr": scales[1].contiguous()}
+    q2 = {} if scales is None else {"s2_ptr": scales[2].contiguous()}
     y = torch.empty((T, hidden), dtype=x.dtype, device=dev)  # [T, hidden]
     if statically_known_true(T == 0):
         return y
@@ -141,14 +145,16 @@ def moe_forward_traceable(
         wrap_triton(grouped._swiglu_decode_kernel)[(_cdiv(inter, cfg.decode_block_n),)](
             x, w1, w3, h, ids, T, hidden, inter,
             NUM_EXPERTS=E, TOP_K=top_k, K_PAD=k_pad, T_PAD=t_pad, BLOCK_N=cfg.decode_block_n, BLOCK_K=block_k,
-            EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, num_warps=cfg.decode_warps, num_stages=stages,
+            EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, **q13,
+            num_warps=cfg.decode_warps, num_stages=stages,
         )  # fmt: skip
         stages, block_k = grouped._fit_smem(cfg.decode_down_stages, cfg.decode_down_block_k,
                                             (t_pad + cfg.decode_down_block_n) * x.element_size())
         wrap_triton(grouped._down_combine_decode_kernel)[(_cdiv(hidden, cfg.decode_down_block_n),)](
             h, w2, weights, ids, y, T, hidden, inter,
             NUM_EXPERTS=E, TOP_K=top_k, K_PAD=k_pad, T_PAD=t_pad, BLOCK_N=cfg.decode_down_block_n, BLOCK_K=block_k,
-            EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, num_warps=cfg.decode_down_warps, num_stages=stages,
+            EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, **q2,
+            num_warps=cfg.decode_down_warps, num_stages=stages,
         )  # fmt: skip
         return y
 
@@ -173,7 +179,7 @@ def moe_forward_traceable(
     wrap_triton(grouped._swiglu_grouped_kernel)[(max_blocks * _cdiv(inter, cfg.swiglu_block_n),)](
         x, w1, w3, h, sorted_slots, block_expert, n_slots, hidden, inter, max_blocks,
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg.swiglu_block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-        EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, INTERLEAVE=cfg.swiglu_interleave,
+        EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, INTERLEAVE=cfg.swiglu_interleave, **q13,
         num_warps=cfg.swiglu_warps, num_stages=stages,
     )  # fmt: skip
 
@@ -182,7 +188,7 @@ def moe_forward_traceable(
     wrap_triton(grouped._down_grouped_kernel)[(max_blocks * _cdiv(hidden, cfg.down_block_n),)](
         h, w2, y_perm, sorted_slots, block_expert, weights, n_slots, hidden, inter, max_blocks,
         BLOCK_M=bm, BLOCK_N=cfg.down_block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-        EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, num_warps=cfg.down_warps, num_stages=stages,
+        EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, **q2, num_warps=cfg.down_warps, num_stages=stages,
     )  # fmt: skip
 
     block_t, block_h = 4, min(1024, grouped._next_pow2(hidden))  # grouped.combine defaults
