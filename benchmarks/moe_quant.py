@@ -1,0 +1,249 @@
+"""Quantized experts on the GPU (issue 15): the int8 (W8A16) MoE against our bf16 MoE, the bytes it must read and
+the dense GEMM ceilings, in one process; then a 2-layer real-width model decoding with int8 experts against its own
+floor, and the accuracy of int8 against bf16 logits on a 4-layer real-width slice.
+
+    LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONPATH=. python -m benchmarks.moe_quant --out r.json
+    PYTHONPATH=. python -m benchmarks.moe_quant --smoke --out r.json     # CPU: tiny sizes under the interpreter
+
+Op level (hidden 6144, 32 experts of I = 9216, top-2, bf16 activations, router fp32; weights N(0, 0.02)):
+  * decode, T = 1, 2, 4, 8, 16: ours int8 and ours bf16 replayed from a CUDA graph; the floor is the bytes of the
+    experts the tokens select (distinct experts x 3 x I x hidden x 1 byte, plus their fp32 scales) over the copy
+    bandwidth measured in the same run (the convention of ``benchmarks/moe.py``); target int8 <= 1.2x that floor;
+  * prefill, T = 16384: int8 against our bf16 MoE (target: no slower than 1.1x); both eager launches;
+  * ceilings: copy bandwidth, a bf16 8192^3 matmul and an fp8 e4m3 one (``torch._scaled_mm``, per-tensor scales);
+  * fp8 (W8A8) has no CUDA kernels yet: recorded as such, not timed.
+Model level (``--model-layers``, default 2): minimax-text-01 cut to that many real-width layers, random bf16
+weights, experts quantized to int8, AOTInductor prefill/decode compiled here (``benchmarks.decode``); decode at B = 1
+(ms/token, 32 steps after a 64-token prompt) against the floor of the bytes read per token (attention, router, norms,
+embedding row and fp32 LM head as in ``benchmarks.decode.weight_bytes_per_token``, with the top-2 experts' int8
+bytes and scales in place of their bf16 bytes); target <= 1.15x; the bf16 engine on the same weights as the peer.
+Accuracy (``--accuracy-layers``, default 4): a real-width slice with random weights, eager on the GPU, bf16 experts
+against int8 experts on the same prompt: a prefill of ``--accuracy-tokens`` (default 256) and 64 greedy steps of
+the bf16 model fed to both; KL(bf16 || int8) and top-1 agreement of the logits over all those positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if "--smoke" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+from benchmarks.common import environment, write_json  # noqa: E402
+
+
+def fp8_matmul_tflops(n: int = 8192) -> float | str:
+    """Dense e4m3 n^3 matmul through ``torch._scaled_mm`` (per-tensor scales, bf16 output), TFLOP/s."""
+    from benchmarks.common import time_ms
+
+    try:
+        a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()  # column-major second operand
+        one = torch.ones((), device="cuda")
+        ms = time_ms(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+        return 2 * n**3 / (ms * 1e-3) / 1e12
+    except Exception as e:  # noqa: BLE001 - a peer that cannot run is a result
+        return f"failed ({type(e).__name__}: {str(e)[:120]})"
+
+
+def _timer(cuda: bool):
+    if cuda:
+        from benchmarks.common import time_ms
+
+        return lambda fn: time_ms(fn, warmup=3, iters=10)
+    from benchmarks.decode import host_ms
+
+    return lambda fn: host_ms(fn, warmup=1, iters=3)
+
+
+def _graph_or_plain(fn, cuda: bool) -> float | str:
+    if not cuda:
+        return _timer(False)(fn)
+    from benchmarks.moe import _graph_ms
+
+    try:
+        return _graph_ms(fn, reps=10)
+    except Exception as e:  # noqa: BLE001
+        return f"capture failed ({type(e).__name__}: {str(e)[:120]})"
+
+
+@torch.no_grad()
+def op_level(dims: tuple[int, int, int, int], tokens: list[int], prefill_tokens: list[int], copy_tbps: float | None,
+             device: str) -> list[dict[str, Any]]:
+    from kernels.moe import naive
+    from kernels.moe.dispatch import moe_forward_triton
+
+    hidden, inter, E, top_k = dims
+    cuda = device == "cuda"
+    act = torch.bfloat16 if cuda else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    w1, w3 = (torch.empty(E, inter, hidden, device=device, dtype=act).normal_(0, 0.02, generator=g) for _ in range(2))
+    w2 = torch.empty(E, hidden, inter, device=device, dtype=act).normal_(0, 0.02, generator=g)
+    router = torch.randn(E, hidden, device=device, generator=g) * 0.02
+    (q1, s1), (q3, s3), (q2, s2) = (naive.quantize_weight(w, "experts-int8") for w in (w1, w3, w2))
+    rows = []
+    timer = _timer(cuda)
+    for T in tokens + prefill_tokens:
+        x = torch.randn(T, hidden, device=device, generator=g).to(act)
+        int8 = lambda: moe_forward_triton(x, router, q1, q3, q2, top_k, scales=(s1, s3, s2))  # noqa: E731
+        bf16 = lambda: moe_forward_triton(x, router, w1, w3, w2, top_k)  # noqa: E731
+        ref = naive.moe_forward_quantized(x, router, q1, s1, q3, s3, q2, s2, top_k, "experts-int8") if T <= 16 else None
+        row: dict[str, Any] = {"T": T}
+        if ref is not None:
+            row["rel_vs_quantized_reference"] = float((int8().float() - ref.float()).norm() / ref.float().norm())
+        if T in tokens:  # decode: graph replay, against the bytes of the selected experts
+            row["int8_ms"], row["bf16_ms"] = _graph_or_plain(int8, cuda), _graph_or_plain(bf16, cuda)
+            ids = naive.moe_route(x, router, top_k)[1]
+            n_sel = int(torch.unique(ids).numel())
+            sel_bytes = n_sel * (3 * inter * hidden * 1 + (2 * inter + hidden) * 4)
+            row.update(distinct_experts=n_sel, selected_int8_bytes=sel_bytes)
+            if copy_tbps:
+                row["read_selected_int8_ms"] = sel_bytes / (copy_tbps * 1e12) * 1e3
+                if isinstance(row["int8_ms"], float):
+                    row["int8_over_read"] = row["int8_ms"] / row["read_selected_int8_ms"]
+        else:  # prefill: eager launches
+            row["int8_ms"], row["bf16_ms"] = timer(int8), timer(bf16)
+            row["int8_over_bf16"] = row["int8_ms"] / row["bf16_ms"]
+            row["flops"] = 6 * T * top_k * hidden * inter
+            row["int8_tflops"] = row["flops"] / (row["int8_ms"] * 1e-3) / 1e12
+        row["fp8"] = "not built (no W8A8 CUDA kernels yet)"
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def _int8_floor_bytes(config) -> dict[str, int]:
+    from benchmarks.decode import weight_bytes_per_token
+
+    parts = weight_bytes_per_token(config, torch.bfloat16)
+    per_layer = config.num_experts_per_tok * (3 * config.hidden_size * config.intermediate_size
+                                              + (2 * config.intermediate_size + config.hidden_size) * 4)
+    parts = dict(parts)
+    parts["total"] -= parts["experts_top_k"]
+    parts["experts_top_k"] = per_layer * config.num_hidden_layers
+    parts["total"] += parts["experts_top_k"]
+    return parts
+
+
+@torch.no_grad()
+def model_level(layers: int, copy_tbps: float) -> dict[str, Any]:
+    from benchmarks.decode import build_aoti_engine, random_model, reduced_config, weight_bytes_per_token
+
+    config = reduced_config("minimax-text-01", layers)
+    bf16 = random_model(config, torch.bfloat16, "cuda")
+    out: dict[str, Any] = {"layers": layers}
+    V = config.vocab_size
+    prompt = torch.randint(0, V, (1, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    for label, model in (("bf16", bf16), ("int8", None)):
+        if model is None:
+            model = bf16.quantize_experts_("experts-int8")  # in place: the bf16 experts are freed layer by layer
+        with tempfile.TemporaryDirectory() as tmp:
+            engine, timings = build_aoti_engine(model, 1, 64, 256, Path(tmp), page_size=64)
+        floor = (_int8_floor_bytes(config) if label == "int8" else weight_bytes_per_token(config, torch.bfloat16))
+        from benchmarks.common import time_ms
+
+        engine.reset(1)
+        engine.prefill(prompt, torch.zeros(1, dtype=torch.long, device="cuda"))
+        tok = prompt[:, -1:]
+        held = [64]
+        pos = torch.full((1,), 64, dtype=torch.long, device="cuda")
+
+        def step():
+            engine.decode(tok, pos, held)
+
+        ms = time_ms(step, warmup=3, iters=32)  # the same position each step: the time of one step at 64 held
+        floor_ms = floor["total"] / (copy_tbps * 1e12) * 1e3
+        out[label] = {"decode_ms": ms, "floor_bytes": floor, "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms,
+                      "build_s": timings}
+        print(f"  {label}: decode {ms:.3f} ms/token, floor {floor_ms:.3f} ms ({ms / floor_ms:.2f}x)", flush=True)
+        del engine
+        torch.cuda.empty_cache()
+    del bf16
+    torch.cuda.empty_cache()
+    return out
+
+
+@torch.no_grad()
+def accuracy(layers: int, tokens: int, device: str, preset: str = "minimax-text-01", steps: int = 64) -> dict[str, Any]:
+    from benchmarks.decode import random_model, reduced_config
+    from tests.utils import logit_report
+
+    if device == "cuda":
+        config = reduced_config(preset, layers)
+        model = random_model(config, torch.bfloat16, device)
+    else:
+        from model import MiniMaxConfig, MiniMaxForCausalLM
+
+        config = MiniMaxConfig.preset("tiny")
+        model = MiniMaxForCausalLM(config).init_random_weights(seed=1, std=0.1).eval()
+    ids = torch.randint(0, config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(2)).to(device)
+
+    def run(m, fed: list[int] | None):
+        state = m.new_state(1, tokens + steps + 1, page_size=64)
+        logits, state = m.prefill(ids, state)
+        out, chosen = [logits[0].float().cpu()], []
+        tok = int(logits[0, -1].argmax()) if fed is None else fed[0]
+        for i in range(steps):
+            chosen.append(tok)
+            logits, state = m.decode(torch.tensor([[tok]], device=device), torch.tensor([tokens + i], device=device),
+                                     state)
+            out.append(logits[0].float().cpu())
+            tok = int(logits[0, -1].argmax()) if fed is None else fed[min(i + 1, len(fed) - 1)]
+        return torch.cat(out), chosen
+
+    ref, chosen = run(model, None)  # the bf16 model's greedy continuation, fed to both
+    model.quantize_experts_("experts-int8")
+    got, _ = run(model, chosen)
+    report = logit_report(got, ref)
+    result = {"layers": layers if device == "cuda" else "tiny", "positions": tokens + steps, **report}
+    print(f"accuracy int8 vs bf16: {result}", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.moe_quant", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="CPU smoke run: tiny sizes under the interpreter")
+    p.add_argument("--model-layers", type=int, default=2, help="layers of the decode slice (0: skip)")
+    p.add_argument("--accuracy-layers", type=int, default=4, help="layers of the accuracy slice (0: skip)")
+    p.add_argument("--accuracy-tokens", type=int, default=256)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        print("benchmarks.moe_quant: needs a CUDA GPU (or --smoke)", file=sys.stderr)
+        return 2
+    payload: dict[str, Any] = {"environment": environment(), "command": "python -m benchmarks.moe_quant "
+                               + " ".join(argv if argv is not None else sys.argv[1:])}
+    t0 = time.perf_counter()
+    if cuda:
+        from benchmarks.common import measure_ceilings
+
+        payload["ceilings"] = measure_ceilings()
+        payload["ceilings"]["matmul_fp8_tflops"] = fp8_matmul_tflops()
+        print(f"fp8 matmul: {payload['ceilings']['matmul_fp8_tflops']}", flush=True)
+        copy_tbps = payload["ceilings"]["copy_tbps"]
+        payload["op"] = op_level((6144, 9216, 32, 2), [1, 2, 4, 8, 16], [16384], copy_tbps, "cuda")
+        if args.model_layers:
+            payload["model"] = model_level(args.model_layers, copy_tbps)
+        if args.accuracy_layers:
+            payload["accuracy"] = accuracy(args.accuracy_layers, args.accuracy_tokens, "cuda")
+    else:
+        payload["op"] = op_level((64, 96, 8, 2), [1, 4], [40], None, "cpu")
+        payload["accuracy"] = accuracy(0, 24, "cpu", steps=4)
+    payload["wall_s"] = time.perf_counter() - t0
+    write_json(args.out, payload)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
