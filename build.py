@@ -234,7 +234,10 @@ def _build(args: argparse.Namespace) -> int:
                         from export.onnx_lowering import RoutingWriter
 
                         writer = RoutingWriter(folder, layouts)
-                        convert(args.checkpoint, writer, settings.torch_dtype)
+                        if vl_config is None:
+                            convert(args.checkpoint, writer, settings.torch_dtype, quantize=args.quantize)
+                        else:
+                            convert(args.checkpoint, writer, settings.torch_dtype)
                         writer.close()
                         return None, writer.sha256
                     from export.weights import ShardWriter

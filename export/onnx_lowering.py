@@ -22,6 +22,9 @@ and ``aot=1`` (the ONNX parser's plugin importer then picks the AOT implementati
     minimax::moe(x, router_weight, w1, w3, w2, top_k)    -> a chain of plugin nodes (``kernels/moe/stages.py``):
         grouped: moe_route -> moe_align -> moe_swiglu_grouped -> moe_down_grouped -> moe_combine
         decode:  moe_route -> moe_swiglu_decode -> moe_down_combine_decode
+    minimax::moe_quantized(x, router_weight, w1, s1, w3, s3, w2, s2, top_k, "experts-int8")
+                                                          -> the same chains with the ``_int8`` GEMM stages (int8
+                                                             weights and their fp32 scales as inputs)
 
     minimax::paged_kv_write(k_cache, v_cache, k, v, block_table, positions) (in place, see below)
                                                           -> paged_kv_write node: (k_cache_out, v_cache_out)
@@ -164,6 +167,30 @@ PLUGIN_OPS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[s
         [("y", "T")],
         [],
     ),
+    "moe_swiglu_grouped_int8": (
+        [("x", "T"), ("w1", "tensor(int8)"), ("w3", "tensor(int8)"), ("w1_scale", "tensor(float)"),
+         ("w3_scale", "tensor(float)"), ("sorted_slots", "tensor(int32)"), ("block_expert", "tensor(int32)")],
+        [("h", "T")],
+        ["top_k", "block_m"],
+    ),
+    "moe_down_grouped_int8": (
+        [("h", "T"), ("w2", "tensor(int8)"), ("w2_scale", "tensor(float)"), ("sorted_slots", "tensor(int32)"),
+         ("block_expert", "tensor(int32)"), ("topk_weights", "tensor(float)")],
+        [("y_perm", "T")],
+        ["block_m"],
+    ),
+    "moe_swiglu_decode_int8": (
+        [("x", "T"), ("w1", "tensor(int8)"), ("w3", "tensor(int8)"), ("w1_scale", "tensor(float)"),
+         ("w3_scale", "tensor(float)"), ("topk_ids", "tensor(int32)")],
+        [("h", "T")],
+        [],
+    ),
+    "moe_down_combine_decode_int8": (
+        [("h", "T"), ("w2", "tensor(int8)"), ("w2_scale", "tensor(float)"), ("topk_weights", "tensor(float)"),
+         ("topk_ids", "tensor(int32)")],
+        [("y", "T")],
+        [],
+    ),
 }  # fmt: skip
 
 # op type -> float attributes (the plugin contract too): the softmax scale of the attention nodes.
@@ -273,17 +300,19 @@ def _translation_table(plan: dict[str, Any]) -> dict:
         _annotate(new_state, ir.DataType.FLOAT, list(state.shape))
         return o, new_state
 
-    def moe(x, router_weight, w1, w3, w2, top_k: int):
+    def moe(x, router_weight, w1, w3, w2, top_k: int, scales=None):
         tokens, hidden = _dim(x.shape[0]), x.shape[1]
         E, inter = w1.shape[0], w1.shape[1]
         slots = _mul(tokens, top_k)
         topk_weights, topk_ids = op.moe_route(x, router_weight, top_k=top_k, **attrs)
         _annotate(topk_weights, ir.DataType.FLOAT, [tokens, top_k])
         _annotate(topk_ids, ir.DataType.INT32, [tokens, top_k])
+        s13, s2 = ((), ()) if scales is None else (scales[:2], scales[2:])  # int8 stages: the scales after w
+        q = "" if scales is None else "_int8"
         if plan["path"] == "decode":
-            h = op.moe_swiglu_decode(x, w1, w3, topk_ids, **attrs)
+            h = getattr(op, f"moe_swiglu_decode{q}")(x, w1, w3, *s13, topk_ids, **attrs)
             _annotate(h, x.dtype, [slots, inter])
-            y = op.moe_down_combine_decode(h, w2, topk_weights, topk_ids, **attrs)
+            y = getattr(op, f"moe_down_combine_decode{q}")(h, w2, *s2, topk_weights, topk_ids, **attrs)
             _annotate(y, x.dtype, [tokens, hidden])
             return y
         bm = plan["block_m"]
@@ -295,13 +324,20 @@ def _translation_table(plan: dict[str, Any]) -> dict:
         for value, shape in ((sorted_slots, [rows]), (inv_perm, [slots]), (block_expert, [blocks]),
                              (counts, [E]), (offsets, [E + 1])):  # fmt: skip
             _annotate(value, ir.DataType.INT32, shape)
-        h = op.moe_swiglu_grouped(x, w1, w3, sorted_slots, block_expert, top_k=top_k, block_m=bm, **attrs)
+        h = getattr(op, f"moe_swiglu_grouped{q}")(x, w1, w3, *s13, sorted_slots, block_expert, top_k=top_k,
+                                                  block_m=bm, **attrs)
         _annotate(h, x.dtype, [rows, inter])
-        y_perm = op.moe_down_grouped(h, w2, sorted_slots, block_expert, topk_weights, block_m=bm, **attrs)
+        y_perm = getattr(op, f"moe_down_grouped{q}")(h, w2, *s2, sorted_slots, block_expert, topk_weights,
+                                                     block_m=bm, **attrs)
         _annotate(y_perm, x.dtype, [rows, hidden])
         y = op.moe_combine(y_perm, inv_perm, top_k=top_k, **attrs)
         _annotate(y, x.dtype, [tokens, hidden])
         return y
+
+    def moe_quantized(x, router_weight, w1, s1, w3, s3, w2, s2, top_k: int, mode: str):
+        if mode != "experts-int8":
+            raise EngineFolderError(f"onnx: minimax::moe_quantized {mode!r} has no plugin nodes (experts-int8 only)")
+        return moe(x, router_weight, w1, w3, w2, top_k, scales=(s1, s3, s2))
 
     def paged_kv_update(k_cache, v_cache, k, v, block_table, positions):
         k_out, v_out = op.paged_kv_write(k_cache, v_cache, k, v, block_table, positions, **attrs)
@@ -330,6 +366,7 @@ def _translation_table(plan: dict[str, Any]) -> dict:
         torch.ops.minimax.lightning_prefill.default: lightning_prefill,
         torch.ops.minimax.lightning_decode.default: lightning_decode,
         torch.ops.minimax.moe.default: moe,
+        torch.ops.minimax.moe_quantized.default: moe_quantized,
         torch.ops.minimax.paged_kv_update.default: paged_kv_update,
         torch.ops.minimax.paged_attention_prefill.default: paged_attention_prefill,
         torch.ops.minimax.paged_attention_decode.default: paged_attention_decode,
@@ -568,9 +605,10 @@ def _functional_lightning_decode(graph, node, name: str) -> None:
 
 
 def _moe_sizes(program: ExportedProgram) -> tuple[int, int]:
-    """(top_k, num_experts) of the program's ``minimax::moe`` nodes (all layers share them)."""
-    sizes = {(n.args[5], n.args[2].meta["val"].shape[0]) for n in program.graph.nodes
-             if n.op == "call_function" and n.target == torch.ops.minimax.moe.default}  # fmt: skip
+    """(top_k, num_experts) of the program's ``minimax::moe`` / ``moe_quantized`` nodes (all layers share them)."""
+    top_k_arg = {torch.ops.minimax.moe.default: 5, torch.ops.minimax.moe_quantized.default: 8}
+    sizes = {(n.args[top_k_arg[n.target]], n.args[2].meta["val"].shape[0]) for n in program.graph.nodes
+             if n.op == "call_function" and n.target in top_k_arg}  # fmt: skip
     if len(sizes) != 1:
         raise EngineFolderError(f"expected minimax::moe nodes of one (top_k, num_experts); found {sorted(sizes)}")
     return sizes.pop()
@@ -601,7 +639,7 @@ WEIGHTS_DATA = "weights.onnx.data"  # the external data both graphs of a skeleto
 VISION_WEIGHTS_DATA = "vision.weights.onnx.data"  # a VL skeleton build's vision graph's (other tensors, own layout)
 DATA_ALIGN = 64  # bytes; each tensor of WEIGHTS_DATA starts at a multiple
 _IR_TORCH_DTYPES = {"FLOAT": "float32", "BFLOAT16": "bfloat16", "FLOAT16": "float16", "INT64": "int64",
-                    "INT32": "int32"}
+                    "INT32": "int32", "INT8": "int8"}  # int8: quantized experts
 
 
 def weight_name(initializer: str) -> str:

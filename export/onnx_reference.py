@@ -3,7 +3,7 @@
 The graphs hold TensorRT-plugin nodes (domain ``minimax``) that no ONNX runtime knows; here each is an ``OpRun``
 class (class name = op type, ``op_domain = "minimax"``) backed by our reference kernels: lightning attention from
 ``kernels/lightning_attention/naive.py``, paged attention from ``kernels/attention/naive.py`` and the MoE stages
-from ``kernels/moe/stages.py``. The standard ops run in
+from ``kernels/moe/stages.py`` (the ``_int8`` stages on the dequantized weights). The standard ops run in
 onnx's numpy reference implementation. This is the parity oracle of the ONNX folder on a machine without TensorRT
 (slow: for tiny models and tests; fp32 graphs — numpy has no bfloat16).
 
@@ -72,6 +72,13 @@ def _paged_kv_write(k_cache, v_cache, k, v, block_table, positions):
     return k_new, v_new
 
 
+def _deq(q: Tensor, scale: Tensor) -> Tensor:
+    """int8 expert weights as the stages' reference takes them: ``q * scale`` per output channel (fp32)."""
+    from kernels.moe.naive import dequantize_weight
+
+    return dequantize_weight(q, scale)
+
+
 def _custom_ops() -> list[type]:
     impls = {
         "lightning_prefill": lambda q, k, v, s, state: lightning.lightning_attention_blockwise(q, k, v, s, state),
@@ -83,6 +90,14 @@ def _custom_ops() -> list[type]:
         "moe_combine": stages.moe_combine,
         "moe_swiglu_decode": stages.moe_swiglu_decode,
         "moe_down_combine_decode": stages.moe_down_combine_decode,
+        "moe_swiglu_grouped_int8": lambda x, w1, w3, s1, s3, slots, be, top_k, block_m: stages.moe_swiglu_grouped(
+            x, _deq(w1, s1), _deq(w3, s3), slots, be, top_k, block_m),
+        "moe_down_grouped_int8": lambda h, w2, s2, slots, be, weights, block_m: stages.moe_down_grouped(
+            h, _deq(w2, s2), slots, be, weights, block_m),
+        "moe_swiglu_decode_int8": lambda x, w1, w3, s1, s3, ids: stages.moe_swiglu_decode(
+            x, _deq(w1, s1), _deq(w3, s3), ids),
+        "moe_down_combine_decode_int8": lambda h, w2, s2, weights, ids: stages.moe_down_combine_decode(
+            h, _deq(w2, s2), weights, ids),
         "paged_kv_write": _paged_kv_write,
         "paged_attention_prefill": attention.paged_attention,
         "paged_decode_split": attention.paged_decode_partials,

@@ -20,16 +20,16 @@ from .spec import PLUGINS
 log = logging.getLogger(__name__)
 
 _TO_TORCH = {trt.bfloat16: torch.bfloat16, trt.float16: torch.float16, trt.float32: torch.float32, trt.int32: torch.int32,
-             trt.int64: torch.int64}
+             trt.int64: torch.int64, trt.int8: torch.int8}
 _TO_TRT = {v: k for k, v in _TO_TORCH.items()}
 _TOKEN = {torch.bfloat16: "BF16", torch.float16: "FP16", torch.float32: "FP32", torch.int32: "INT32",
-          torch.int64: "INT64"}
+          torch.int64: "INT64", torch.int8: "INT8"}
 
 
 def _torch_dtype(name: str, tensor: str, dtype) -> torch.dtype:
     if dtype not in _TO_TORCH:
         raise ValueError(f"{name}: input '{tensor}' has TensorRT dtype {dtype}; supported: bf16, fp16, fp32, int32, "
-                         "int64")
+                         "int64, int8")
     return _TO_TORCH[dtype]
 
 

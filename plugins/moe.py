@@ -2,6 +2,8 @@
 
     grouped path (prefill): moe_route -> moe_align -> moe_swiglu_grouped -> moe_down_grouped -> moe_combine
     decode path:            moe_route -> moe_swiglu_decode -> moe_down_combine_decode
+    int8 experts (W8A16):   the same chains with moe_{swiglu,down}_grouped_int8 / moe_swiglu_decode_int8 /
+                            moe_down_combine_decode_int8: the same kernels given the fp32 scales of the int8 weights
 
 Each plugin launches exactly one Triton kernel of ``kernels/moe/{routing,grouped}.py`` through a thin entry kernel
 with TensorRT's AOT argument order (inputs, int32 extra args, outputs). Every intermediate has a static upper-bound
@@ -20,6 +22,7 @@ constant: their profile must keep T <= 16 (``autotune`` checks the profile's max
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 
 import torch
 import triton
@@ -53,6 +56,8 @@ TACTIC_TOKENS: dict[str, tuple[int, ...]] = {
     "moe_swiglu_decode": (1,),
     "moe_down_combine_decode": (1,),
 }
+for _stage in ("moe_swiglu_grouped", "moe_down_grouped", "moe_swiglu_decode", "moe_down_combine_decode"):
+    TACTIC_TOKENS[f"{_stage}_int8"] = TACTIC_TOKENS[_stage]  # int8 experts: the same kernels, the same tiles
 TACTICS: dict[str, tuple[int, ...]] = {n: tuple(range(1, len(t) + 1)) for n, t in TACTIC_TOKENS.items()}
 COMBINE_BLOCK_T, COMBINE_BLOCK_H, COMBINE_WARPS = 4, 1024, 4  # grouped.combine's defaults (Triton's 4 warps)
 ALIGN_WARPS = 4
@@ -145,6 +150,58 @@ def moe_down_combine_decode_entry(
     )  # fmt: skip
 
 
+@triton.jit
+def moe_swiglu_grouped_int8_entry(
+    x, w1, w3, w1_scale, w3_scale, sorted_slots, block_expert, n_slots, hidden, inter, max_blocks, h,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERLEAVE: tl.constexpr,
+):  # fmt: skip
+    _swiglu_grouped_kernel(
+        x, w1, w3, h, sorted_slots, block_expert, n_slots, hidden, inter, max_blocks,
+        TOP_K=TOP_K, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M, EVEN_K=EVEN_K,
+        DOT_PRECISION=DOT_PRECISION, INTERLEAVE=INTERLEAVE, s1_ptr=w1_scale, s3_ptr=w3_scale,
+    )  # fmt: skip
+
+
+@triton.jit
+def moe_down_grouped_int8_entry(
+    h, w2, w2_scale, sorted_slots, block_expert, topk_weights, n_slots, hidden, inter, max_blocks, y_perm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    _down_grouped_kernel(
+        h, w2, y_perm, sorted_slots, block_expert, topk_weights, n_slots, hidden, inter, max_blocks,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M, EVEN_K=EVEN_K, DOT_PRECISION=DOT_PRECISION,
+        s2_ptr=w2_scale,
+    )  # fmt: skip
+
+
+@triton.jit
+def moe_swiglu_decode_int8_entry(
+    x, w1, w3, w1_scale, w3_scale, topk_ids, n_tokens, hidden, inter, h,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    _swiglu_decode_kernel(
+        x, w1, w3, h, topk_ids, n_tokens, hidden, inter,
+        NUM_EXPERTS=NUM_EXPERTS, TOP_K=TOP_K, K_PAD=K_PAD, T_PAD=T_PAD, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        EVEN_K=EVEN_K, DOT_PRECISION=DOT_PRECISION, s1_ptr=w1_scale, s3_ptr=w3_scale,
+    )  # fmt: skip
+
+
+@triton.jit
+def moe_down_combine_decode_int8_entry(
+    h, w2, w2_scale, topk_weights, topk_ids, n_tokens, hidden, inter, y,
+    NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr, T_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    _down_combine_decode_kernel(
+        h, w2, topk_weights, topk_ids, y, n_tokens, hidden, inter,
+        NUM_EXPERTS=NUM_EXPERTS, TOP_K=TOP_K, K_PAD=K_PAD, T_PAD=T_PAD, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        EVEN_K=EVEN_K, DOT_PRECISION=DOT_PRECISION, s2_ptr=w2_scale,
+    )  # fmt: skip
+
+
 # --- planners --------------------------------------------------------------------------------------------------------
 
 Shapes = Sequence[tuple[Dim, ...]]
@@ -231,12 +288,24 @@ def _check_w3(name: str, w1: tuple[Dim, ...], w3: tuple[Dim, ...]) -> None:
             raise ValueError(f"{name}: w3 must have w1's shape; dim {i}: w1 {static(a, 'w1')}, w3 {static(b, 'w3')}")
 
 
-def plan_moe_swiglu_grouped(dtypes, shapes: Shapes, attrs: Mapping[str, int], tactic: int = 1) -> KernelPlan:
-    name = "moe_swiglu_grouped"
+def _check_scales(name: str, scales: Sequence[tuple[str, tuple[Dim, ...]]], e: int, out: int) -> None:
+    """int8 stages: each scale tensor is [E, out] (one fp32 scale per output channel of each expert)."""
+    for label, shape in scales:
+        got = tuple(static(d, f"{name}: {label} dim {i}") for i, d in enumerate(shape))
+        if got != (e, out):
+            raise ValueError(f"{name}: {label} must be [E={e}, {out}]; got {list(got)}")
+
+
+def plan_moe_swiglu_grouped(dtypes, shapes: Shapes, attrs: Mapping[str, int], tactic: int = 1,
+                            name: str = "moe_swiglu_grouped") -> KernelPlan:
     check_call(PLUGINS[name], shapes, attrs)
-    x, w1, w3, _, block_expert = shapes
+    int8 = name.endswith("_int8")
+    x, w1, w3 = shapes[:3]
+    block_expert = shapes[-1]
     e, inter, hidden = _grouped_dims(name, x, w1, gate=True)
     _check_w3(name, w1, w3)
+    if int8:
+        _check_scales(name, (("w1_scale", shapes[3]), ("w3_scale", shapes[4])), e, inter)
     top_k, bm = attrs["top_k"], attrs["block_m"]
     _check_top_k(name, top_k, e)
     cfg = replace(stage_config(name, tactic, top_k, e), block_m=bm)
@@ -244,7 +313,7 @@ def plan_moe_swiglu_grouped(dtypes, shapes: Shapes, attrs: Mapping[str, int], ta
     max_blocks = block_expert[0]
     inputs, outputs = _io(name, dtypes)
     return KernelPlan(
-        name, moe_swiglu_grouped_entry, inputs,
+        name, moe_swiglu_grouped_int8_entry if int8 else moe_swiglu_grouped_entry, inputs,
         (("n_slots", x[0] * top_k), ("hidden", hidden), ("inter", inter), ("max_blocks", max_blocks)), outputs,
         dict(TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg.swiglu_block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
              EVEN_K=hidden % block_k == 0, DOT_PRECISION=_dot_precision(dtypes[0]), INTERLEAVE=cfg.swiglu_interleave),
@@ -253,11 +322,15 @@ def plan_moe_swiglu_grouped(dtypes, shapes: Shapes, attrs: Mapping[str, int], ta
     )  # fmt: skip
 
 
-def plan_moe_down_grouped(dtypes, shapes: Shapes, attrs: Mapping[str, int], tactic: int = 1) -> KernelPlan:
-    name = "moe_down_grouped"
+def plan_moe_down_grouped(dtypes, shapes: Shapes, attrs: Mapping[str, int], tactic: int = 1,
+                          name: str = "moe_down_grouped") -> KernelPlan:
     check_call(PLUGINS[name], shapes, attrs)
-    h, w2, _, block_expert, topk_weights = shapes
+    int8 = name.endswith("_int8")
+    h, w2 = shapes[:2]
+    block_expert, topk_weights = shapes[-2:]
     e, inter, hidden = _grouped_dims(name, h, w2, gate=False)
+    if int8:
+        _check_scales(name, (("w2_scale", shapes[2]),), e, hidden)
     top_k = static(topk_weights[1], f"{name}: topk_weights dim 1 (top_k)")
     _check_top_k(name, top_k, e)
     bm = attrs["block_m"]
@@ -266,7 +339,7 @@ def plan_moe_down_grouped(dtypes, shapes: Shapes, attrs: Mapping[str, int], tact
     max_blocks = block_expert[0]
     inputs, outputs = _io(name, dtypes)
     return KernelPlan(
-        name, moe_down_grouped_entry, inputs,
+        name, moe_down_grouped_int8_entry if int8 else moe_down_grouped_entry, inputs,
         (("n_slots", topk_weights[0] * top_k), ("hidden", hidden), ("inter", inter), ("max_blocks", max_blocks)),
         outputs,
         dict(BLOCK_M=bm, BLOCK_N=cfg.down_block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m, EVEN_K=inter % block_k == 0,
@@ -302,12 +375,16 @@ def _t_pad(name: str, t: Dim) -> int:
     return max(16, next_pow2(n))
 
 
-def plan_moe_swiglu_decode(dtypes, shapes: Shapes, attrs: Mapping[str, int], tactic: int = 1) -> KernelPlan:
-    name = "moe_swiglu_decode"
+def plan_moe_swiglu_decode(dtypes, shapes: Shapes, attrs: Mapping[str, int], tactic: int = 1,
+                           name: str = "moe_swiglu_decode") -> KernelPlan:
     check_call(PLUGINS[name], shapes, attrs)
-    x, w1, w3, topk_ids = shapes
+    int8 = name.endswith("_int8")
+    x, w1, w3 = shapes[:3]
+    topk_ids = shapes[-1]
     e, inter, hidden = _grouped_dims(name, x, w1, gate=True)
     _check_w3(name, w1, w3)
+    if int8:
+        _check_scales(name, (("w1_scale", shapes[3]), ("w3_scale", shapes[4])), e, inter)
     top_k = static(topk_ids[1], f"{name}: topk_ids dim 1 (top_k)")
     _check_top_k(name, top_k, e)
     cfg = stage_config(name, tactic, top_k, e)
@@ -315,18 +392,22 @@ def plan_moe_swiglu_decode(dtypes, shapes: Shapes, attrs: Mapping[str, int], tac
     stages, block_k = _fit_smem(cfg.decode_stages, cfg.decode_block_k, (t_pad + 2 * cfg.decode_block_n) * dtypes[0].itemsize)
     inputs, outputs = _io(name, dtypes)
     return KernelPlan(
-        name, moe_swiglu_decode_entry, inputs, (("n_tokens", x[0]), ("hidden", hidden), ("inter", inter)), outputs,
+        name, moe_swiglu_decode_int8_entry if int8 else moe_swiglu_decode_entry, inputs, (("n_tokens", x[0]), ("hidden", hidden), ("inter", inter)), outputs,
         dict(NUM_EXPERTS=e, TOP_K=top_k, K_PAD=next_pow2(max(top_k, 2)), T_PAD=t_pad, BLOCK_N=cfg.decode_block_n,
              BLOCK_K=block_k, EVEN_K=hidden % block_k == 0, DOT_PRECISION=_dot_precision(dtypes[0])),
         grid=(cdiv(inter, cfg.decode_block_n), 1, 1), num_warps=cfg.decode_warps, num_stages=stages, tactic=tactic,
     )  # fmt: skip
 
 
-def plan_moe_down_combine_decode(dtypes, shapes: Shapes, attrs: Mapping[str, int], tactic: int = 1) -> KernelPlan:
-    name = "moe_down_combine_decode"
+def plan_moe_down_combine_decode(dtypes, shapes: Shapes, attrs: Mapping[str, int], tactic: int = 1,
+                                 name: str = "moe_down_combine_decode") -> KernelPlan:
     check_call(PLUGINS[name], shapes, attrs)
-    h, w2, topk_weights, topk_ids = shapes
+    int8 = name.endswith("_int8")
+    h, w2 = shapes[:2]
+    topk_weights, topk_ids = shapes[-2:]
     e, inter, hidden = _grouped_dims(name, h, w2, gate=False)
+    if int8:
+        _check_scales(name, (("w2_scale", shapes[2]),), e, hidden)
     top_k = _agree(name, "top_k", ("topk_weights dim 1", topk_weights[1]), ("topk_ids dim 1", topk_ids[1]))
     _check_top_k(name, top_k, e)
     cfg = stage_config(name, tactic, top_k, e)
@@ -337,7 +418,7 @@ def plan_moe_down_combine_decode(dtypes, shapes: Shapes, attrs: Mapping[str, int
     )
     inputs, outputs = _io(name, dtypes)
     return KernelPlan(
-        name, moe_down_combine_decode_entry, inputs, (("n_tokens", t), ("hidden", hidden), ("inter", inter)), outputs,
+        name, moe_down_combine_decode_int8_entry if int8 else moe_down_combine_decode_entry, inputs, (("n_tokens", t), ("hidden", hidden), ("inter", inter)), outputs,
         dict(NUM_EXPERTS=e, TOP_K=top_k, K_PAD=next_pow2(max(top_k, 2)), T_PAD=t_pad,
              BLOCK_N=cfg.decode_down_block_n, BLOCK_K=block_k, EVEN_K=inter % block_k == 0,
              DOT_PRECISION=_dot_precision(dtypes[0])),
@@ -355,6 +436,8 @@ PLANNERS = {
     "moe_swiglu_decode": plan_moe_swiglu_decode,
     "moe_down_combine_decode": plan_moe_down_combine_decode,
 }
+for _stage in ("moe_swiglu_grouped", "moe_down_grouped", "moe_swiglu_decode", "moe_down_combine_decode"):
+    PLANNERS[f"{_stage}_int8"] = partial(PLANNERS[_stage], name=f"{_stage}_int8")
 
 
 def _check_decode_profile(name: str, tokens: "object") -> None:
@@ -369,7 +452,8 @@ def _check_decode_profile(name: str, tokens: "object") -> None:
 
 
 def register() -> None:
-    """Register the seven MoE plugins with ``tensorrt.plugin`` (register, autotune, aot_impl). TensorRT >= 10.9."""
+    """Register the eleven MoE plugins (seven stages, four of them also over int8 experts) with ``tensorrt.plugin``
+    (register, autotune, aot_impl). TensorRT >= 10.9."""
     from typing import List, Tuple, Union
 
     import tensorrt.plugin as trtp
@@ -492,3 +576,67 @@ def register() -> None:
     @trtp.aot_impl("minimax::moe_down_combine_decode")
     def _down_dec_aot(h: TD, w2: TD, topk_weights: TD, topk_ids: TD, outputs: Tuple[TD], tactic: int) -> Aot:
         return _trt.aot("moe_down_combine_decode", (h, w2, topk_weights, topk_ids), {}, tactic)
+
+    # int8 experts (W8A16): the stages above with per-output-channel fp32 scales
+    @trtp.register("minimax::moe_swiglu_grouped_int8")
+    def _swiglu_q_desc(x: TD, w1: TD, w3: TD, w1_scale: TD, w3_scale: TD, sorted_slots: TD, block_expert: TD,
+                       top_k: int, block_m: int) -> TD:
+        return _trt.output_descs("moe_swiglu_grouped_int8", (x, w1, w3, w1_scale, w3_scale, sorted_slots, block_expert),
+                                 {"top_k": top_k, "block_m": block_m})
+
+    @trtp.autotune("minimax::moe_swiglu_grouped_int8")
+    def _swiglu_q_tune(x: TD, w1: TD, w3: TD, w1_scale: TD, w3_scale: TD, sorted_slots: TD, block_expert: TD,
+                       top_k: int, block_m: int, outputs: Tuple[TD]) -> Combos:
+        return _trt.combinations("moe_swiglu_grouped_int8", TACTICS["moe_swiglu_grouped_int8"])
+
+    @trtp.aot_impl("minimax::moe_swiglu_grouped_int8")
+    def _swiglu_q_aot(x: TD, w1: TD, w3: TD, w1_scale: TD, w3_scale: TD, sorted_slots: TD, block_expert: TD,
+                      top_k: int, block_m: int, outputs: Tuple[TD], tactic: int) -> Aot:
+        return _trt.aot("moe_swiglu_grouped_int8", (x, w1, w3, w1_scale, w3_scale, sorted_slots, block_expert),
+                        {"top_k": top_k, "block_m": block_m}, tactic)
+
+    @trtp.register("minimax::moe_down_grouped_int8")
+    def _down_q_desc(h: TD, w2: TD, w2_scale: TD, sorted_slots: TD, block_expert: TD, topk_weights: TD,
+                     block_m: int) -> TD:
+        return _trt.output_descs("moe_down_grouped_int8", (h, w2, w2_scale, sorted_slots, block_expert, topk_weights),
+                                 {"block_m": block_m})
+
+    @trtp.autotune("minimax::moe_down_grouped_int8")
+    def _down_q_tune(h: TD, w2: TD, w2_scale: TD, sorted_slots: TD, block_expert: TD, topk_weights: TD,
+                     block_m: int, outputs: Tuple[TD]) -> Combos:
+        return _trt.combinations("moe_down_grouped_int8", TACTICS["moe_down_grouped_int8"])
+
+    @trtp.aot_impl("minimax::moe_down_grouped_int8")
+    def _down_q_aot(h: TD, w2: TD, w2_scale: TD, sorted_slots: TD, block_expert: TD, topk_weights: TD,
+                    block_m: int, outputs: Tuple[TD], tactic: int) -> Aot:
+        return _trt.aot("moe_down_grouped_int8", (h, w2, w2_scale, sorted_slots, block_expert, topk_weights),
+                        {"block_m": block_m}, tactic)
+
+    @trtp.register("minimax::moe_swiglu_decode_int8")
+    def _swiglu_dec_q_desc(x: TD, w1: TD, w3: TD, w1_scale: TD, w3_scale: TD, topk_ids: TD) -> TD:
+        return _trt.output_descs("moe_swiglu_decode_int8", (x, w1, w3, w1_scale, w3_scale, topk_ids), {})
+
+    @trtp.autotune("minimax::moe_swiglu_decode_int8")
+    def _swiglu_dec_q_tune(x: TD, w1: TD, w3: TD, w1_scale: TD, w3_scale: TD, topk_ids: TD,
+                           outputs: Tuple[TD]) -> Combos:
+        _check_decode_profile("moe_swiglu_decode_int8", x)
+        return _trt.combinations("moe_swiglu_decode_int8", TACTICS["moe_swiglu_decode_int8"])
+
+    @trtp.aot_impl("minimax::moe_swiglu_decode_int8")
+    def _swiglu_dec_q_aot(x: TD, w1: TD, w3: TD, w1_scale: TD, w3_scale: TD, topk_ids: TD, outputs: Tuple[TD],
+                          tactic: int) -> Aot:
+        return _trt.aot("moe_swiglu_decode_int8", (x, w1, w3, w1_scale, w3_scale, topk_ids), {}, tactic)
+
+    @trtp.register("minimax::moe_down_combine_decode_int8")
+    def _down_dec_q_desc(h: TD, w2: TD, w2_scale: TD, topk_weights: TD, topk_ids: TD) -> TD:
+        return _trt.output_descs("moe_down_combine_decode_int8", (h, w2, w2_scale, topk_weights, topk_ids), {})
+
+    @trtp.autotune("minimax::moe_down_combine_decode_int8")
+    def _down_dec_q_tune(h: TD, w2: TD, w2_scale: TD, topk_weights: TD, topk_ids: TD, outputs: Tuple[TD]) -> Combos:
+        _check_decode_profile("moe_down_combine_decode_int8", topk_ids)
+        return _trt.combinations("moe_down_combine_decode_int8", TACTICS["moe_down_combine_decode_int8"])
+
+    @trtp.aot_impl("minimax::moe_down_combine_decode_int8")
+    def _down_dec_q_aot(h: TD, w2: TD, w2_scale: TD, topk_weights: TD, topk_ids: TD, outputs: Tuple[TD],
+                        tactic: int) -> Aot:
+        return _trt.aot("moe_down_combine_decode_int8", (h, w2, w2_scale, topk_weights, topk_ids), {}, tactic)

@@ -31,7 +31,7 @@ __all__ = ["KernelPlan", "Payload", "compile_plan", "TRITON_TYPES", "HIDDEN_PARA
 log = logging.getLogger(__name__)
 
 TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
-                torch.int64: "i64"}
+                torch.int64: "i64", torch.int8: "i8"}
 HIDDEN_PARAMS = 2  # Triton 3.6 (and 3.9): global_scratch, profile_scratch pointers after the visible params
 
 

@@ -16,12 +16,17 @@ NB = cdiv(R, block_m) row blocks):
 | moe_combine             | y_perm [R,hidden], inv_perm [S]                              | top_k               | y [T,hidden] |
 | moe_swiglu_decode       | x, w1, w3, topk_ids                                          | —                   | h [S,I] |
 | moe_down_combine_decode | h [S,I], w2, topk_weights, topk_ids                          | —                   | y [T,hidden] |
+| moe_swiglu_grouped_int8 | x, w1, w3 [E,I,hidden] i8, w1_scale, w3_scale [E,I] f32, sorted_slots, block_expert | top_k, block_m | h [R,I] |
+| moe_down_grouped_int8   | h, w2 [E,hidden,I] i8, w2_scale [E,hidden] f32, sorted_slots, block_expert, topk_weights | block_m | y_perm [R,hidden] |
+| moe_swiglu_decode_int8  | x, w1, w3 i8, w1_scale, w3_scale f32, topk_ids               | —                   | h [S,I] |
+| moe_down_combine_decode_int8 | h, w2 i8, w2_scale f32, topk_weights, topk_ids          | —                   | y [T,hidden] |
 | paged_kv_write          | k_cache, v_cache [P,KVH,PG,D], k, v [B,T,KVH,D], block_table [B,M] i32, positions [B] i64 | — | k_cache_out, v_cache_out (aliases of the inputs: in place) |
 | paged_attention_prefill | q [B,T,H,D], k_cache, v_cache, block_table, positions        | scale (float)       | o [B,T,H,D] |
 | paged_decode_split      | q [B,1,H,D], k_cache, v_cache, block_table, positions        | split, scale (float) | m, l [B*H,NS] f32, acc [B*H,NS,D] f32 |
 | paged_decode_merge      | q [B,1,H,D], m, l, acc, positions                            | split               | o [B,1,H,D] |
 
-(Paged attention: P pages of PG tokens, M pages per row, NS = cdiv(M * PG, split) splits; semantics in
+(The ``_int8`` MoE stages: the same kernels on int8 expert weights with one fp32 scale per output channel, applied
+to the fp32 sums: ``kernels/moe/naive.py``, "Quantized experts", experts-int8. Paged attention: P pages of PG tokens, M pages per row, NS = cdiv(M * PG, split) splits; semantics in
 ``kernels/attention/naive.py``, the decode partials in ``naive.paged_decode_partials``.)
 
 Shape rules take a list of input shapes whose dims are ints or TensorRT ``ShapeExpr``s (see ``algebra.py``) and
@@ -148,6 +153,19 @@ def _down_combine_decode_shapes(shapes, attrs):
     return ((shapes[2][0], shapes[1][1]),)  # [T, hidden]
 
 
+def _swiglu_grouped_int8_shapes(shapes, attrs):
+    return ((shapes[5][0], shapes[1][1]),)  # [R, I]
+
+
+def _swiglu_decode_int8_shapes(shapes, attrs):
+    t, k = shapes[5]
+    return ((t * k, shapes[1][1]),)  # [T * top_k, I]
+
+
+def _down_combine_decode_int8_shapes(shapes, attrs):
+    return ((shapes[3][0], shapes[1][1]),)  # [T, hidden]
+
+
 def _paged_write_shapes(shapes, attrs):
     return tuple(shapes[0]), tuple(shapes[1])  # the pools, written in place
 
@@ -168,7 +186,7 @@ def _decode_split_shapes(shapes, attrs):
 
 
 _LIGHTNING_DTYPES = tuple((d, d, d, f32, f32, d, f32) for d in FLOAT_DTYPES)
-i64 = torch.int64
+i64, i8 = torch.int64, torch.int8
 
 PLUGINS: dict[str, PluginSpec] = {
     s.name: s
@@ -253,6 +271,42 @@ PLUGINS: dict[str, PluginSpec] = {
             (),
             _down_combine_decode_shapes,
             tuple((d, d, f32, i32, d) for d in FLOAT_DTYPES),
+        ),
+        PluginSpec(
+            "moe_swiglu_grouped_int8",
+            ("x", "w1", "w3", "w1_scale", "w3_scale", "sorted_slots", "block_expert"),
+            (2, 3, 3, 2, 2, 1, 1),
+            ("h",),
+            ("top_k", "block_m"),
+            _swiglu_grouped_int8_shapes,
+            tuple((d, i8, i8, f32, f32, i32, i32, d) for d in FLOAT_DTYPES),
+        ),
+        PluginSpec(
+            "moe_down_grouped_int8",
+            ("h", "w2", "w2_scale", "sorted_slots", "block_expert", "topk_weights"),
+            (2, 3, 2, 1, 1, 2),
+            ("y_perm",),
+            ("block_m",),
+            _down_grouped_shapes,
+            tuple((d, i8, f32, i32, i32, f32, d) for d in FLOAT_DTYPES),
+        ),
+        PluginSpec(
+            "moe_swiglu_decode_int8",
+            ("x", "w1", "w3", "w1_scale", "w3_scale", "topk_ids"),
+            (2, 3, 3, 2, 2, 2),
+            ("h",),
+            (),
+            _swiglu_decode_int8_shapes,
+            tuple((d, i8, i8, f32, f32, i32, d) for d in FLOAT_DTYPES),
+        ),
+        PluginSpec(
+            "moe_down_combine_decode_int8",
+            ("h", "w2", "w2_scale", "topk_weights", "topk_ids"),
+            (2, 3, 2, 2, 2),
+            ("y",),
+            (),
+            _down_combine_decode_int8_shapes,
+            tuple((d, i8, f32, f32, i32, d) for d in FLOAT_DTYPES),
         ),
         PluginSpec(
             "paged_kv_write",

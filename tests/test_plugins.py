@@ -34,7 +34,7 @@ from plugins.spec import NAMESPACE, PLUGINS, align_sizes  # noqa: E402
 from tests.utils import rel_err  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-bf16, f16, f32, i32 = torch.bfloat16, torch.float16, torch.float32, torch.int32
+bf16, f16, f32, i32, i8 = torch.bfloat16, torch.float16, torch.float32, torch.int32, torch.int8
 
 # The contract shared with the ONNX lowering (brief B / issue 6): name -> (inputs, attributes, outputs).
 CONTRACT = {
@@ -51,6 +51,12 @@ CONTRACT = {
     "moe_combine": (("y_perm", "inv_perm"), ("top_k",), ("y",)),
     "moe_swiglu_decode": (("x", "w1", "w3", "topk_ids"), (), ("h",)),
     "moe_down_combine_decode": (("h", "w2", "topk_weights", "topk_ids"), (), ("y",)),
+    "moe_swiglu_grouped_int8": (("x", "w1", "w3", "w1_scale", "w3_scale", "sorted_slots", "block_expert"),
+                                ("top_k", "block_m"), ("h",)),
+    "moe_down_grouped_int8": (("h", "w2", "w2_scale", "sorted_slots", "block_expert", "topk_weights"), ("block_m",),
+                              ("y_perm",)),
+    "moe_swiglu_decode_int8": (("x", "w1", "w3", "w1_scale", "w3_scale", "topk_ids"), (), ("h",)),
+    "moe_down_combine_decode_int8": (("h", "w2", "w2_scale", "topk_weights", "topk_ids"), (), ("y",)),
     "paged_kv_write": (("k_cache", "v_cache", "k", "v", "block_table", "positions"), (), ("k_cache_out", "v_cache_out")),
     "paged_attention_prefill": (("q", "k_cache", "v_cache", "block_table", "positions"), (), ("o",)),
     "paged_decode_split": (("q", "k_cache", "v_cache", "block_table", "positions"), ("split",), ("m", "l", "acc")),
@@ -175,6 +181,53 @@ def check_grouped_stages(T, E, hidden, inter, top_k, block_m, dtype, device, tac
     assert (h[pad] == 0).all() and (y_perm[pad] == 0).all()  # padding rows of used blocks: written, zero
     y_ref = y_perm[inv].float().reshape(T, top_k, hidden).sum(1)
     assert rel_err(y, y_ref) < (1e-6 if dtype == f32 else 4e-3)
+
+
+def quantized_experts(w1, w3, w2):
+    """int8 experts (``naive.quantize_weight``): (q1, s1, q3, s3, q2, s2) and the weights they stand for (fp32)."""
+    qs = [t for w in (w1, w3, w2) for t in naive.quantize_weight(w, "experts-int8")]
+    return qs, [naive.dequantize_weight(qs[i], qs[i + 1]) for i in (0, 2, 4)]
+
+
+def check_grouped_stages_int8(T, E, hidden, inter, top_k, block_m, dtype, device, tactic, tol):
+    """The int8 grouped stages against fp32 references of their own inputs with the dequantized weights."""
+    x, router, w1, w3, w2 = moe_inputs(T, E, hidden, inter, dtype, device, seed=T + tactic)
+    (q1, s1, q3, s3, q2, s2), (d1, d3, d2) = quantized_experts(w1, w3, w2)
+    weights, ids = routing.moe_route_triton(x, router, top_k, block_t=16, use_dot=True)
+    align = routing.moe_align_triton(ids, E, block_m)
+    (h,) = driver.run("moe_swiglu_grouped_int8", [x, q1, q3, s1, s3, align.sorted_slots, align.block_expert],
+                      {"top_k": top_k, "block_m": block_m}, tactic)  # fmt: skip
+    (y_perm,) = driver.run("moe_down_grouped_int8", [h, q2, s2, align.sorted_slots, align.block_expert, weights],
+                           {"block_m": block_m}, tactic)  # fmt: skip
+    inv, flat_ids, flat_w = align.inv_perm.long(), ids.reshape(-1).long(), weights.reshape(-1)
+    checked = 0
+    for e in range(E):
+        s = (flat_ids == e).nonzero()[:, 0]
+        if s.numel() == 0:
+            continue
+        h_ref, _ = _expert_ref(x[s // top_k], d1, d3, d2, e)
+        assert rel_err(h[inv[s]], h_ref) < tol, (e, rel_err(h[inv[s]], h_ref))
+        y_ref = (h[inv[s]].float() @ d2[e].t()) * flat_w[s, None]
+        assert rel_err(y_perm[inv[s]], y_ref) < tol, (e, rel_err(y_perm[inv[s]], y_ref))
+        checked += 1
+    assert checked >= 2
+
+
+def check_decode_stages_int8(T, E, hidden, inter, top_k, dtype, device, tol):
+    x, router, w1, w3, w2 = moe_inputs(T, E, hidden, inter, dtype, device, seed=100 + T)
+    (q1, s1, q3, s3, q2, s2), (d1, d3, d2) = quantized_experts(w1, w3, w2)
+    weights, ids = naive.moe_route(x, router, top_k)
+    ids = ids.to(i32)
+    (h,) = driver.run("moe_swiglu_decode_int8", [x, q1, q3, s1, s3, ids])
+    (y,) = driver.run("moe_down_combine_decode_int8", [h, q2, s2, weights, ids])
+    y_ref = torch.zeros(T, hidden, device=device)
+    for t in range(T):
+        for j in range(top_k):
+            e = int(ids[t, j])
+            h_ref, _ = _expert_ref(x[t : t + 1], d1, d3, d2, e)
+            assert rel_err(h[t * top_k + j], h_ref[0]) < tol
+            y_ref[t] += weights[t, j] * (h[t * top_k + j].float() @ d2[e].t())
+    assert rel_err(y, y_ref) < tol
 
 
 def check_decode_stages(T, E, hidden, inter, top_k, dtype, device, tol):
@@ -370,6 +423,14 @@ CASES = {
     "moe_combine": ([f32, i32], [(R_, HID_), (S_,)], {"top_k": K_}),
     "moe_swiglu_decode": ([f32, f32, f32, i32], [(T_, HID_), (E_, I_, HID_), (E_, I_, HID_), (T_, K_)], {}),
     "moe_down_combine_decode": ([f32, f32, f32, i32], [(S_, I_), (E_, HID_, I_), (T_, K_), (T_, K_)], {}),
+    "moe_swiglu_grouped_int8": ([f32, i8, i8, f32, f32, i32, i32], [(T_, HID_), (E_, I_, HID_), (E_, I_, HID_),
+                                (E_, I_), (E_, I_), (R_,), (NB_,)], {"top_k": K_, "block_m": BM_}),
+    "moe_down_grouped_int8": ([f32, i8, f32, i32, i32, f32], [(R_, I_), (E_, HID_, I_), (E_, HID_), (R_,), (NB_,),
+                              (T_, K_)], {"block_m": BM_}),
+    "moe_swiglu_decode_int8": ([f32, i8, i8, f32, f32, i32], [(T_, HID_), (E_, I_, HID_), (E_, I_, HID_), (E_, I_),
+                               (E_, I_), (T_, K_)], {}),
+    "moe_down_combine_decode_int8": ([f32, i8, f32, f32, i32], [(S_, I_), (E_, HID_, I_), (E_, HID_), (T_, K_),
+                                     (T_, K_)], {}),
     # paged attention: B 2, T 13, H 4, KVH 2, D 16, pages of 64, M 8 per row (capacity 512), 19 pages
     "paged_kv_write": ([f32, f32, f32, f32, i32, torch.int64], [(19, 2, 64, 16)] * 2 + [(2, T_, 2, 16)] * 2
                        + [(2, 8), (2,)], {}),
@@ -390,6 +451,10 @@ DYNAMIC = {  # (input index, dim) of the token / batch dims a TensorRT profile l
     "moe_combine": [(0, 0), (1, 0)],
     "moe_swiglu_decode": [(0, 0), (3, 0)],
     "moe_down_combine_decode": [(0, 0), (2, 0), (3, 0)],
+    "moe_swiglu_grouped_int8": [(0, 0), (5, 0), (6, 0)],
+    "moe_down_grouped_int8": [(0, 0), (3, 0), (4, 0), (5, 0)],
+    "moe_swiglu_decode_int8": [(0, 0), (5, 0)],
+    "moe_down_combine_decode_int8": [(0, 0), (3, 0), (4, 0)],
     "paged_kv_write": [(2, 0), (2, 1), (3, 0), (3, 1), (4, 0), (5, 0)],
     "paged_attention_prefill": [(0, 0), (0, 1), (3, 0), (4, 0)],
     "paged_decode_split": [(0, 0), (3, 0), (4, 0)],
@@ -617,6 +682,27 @@ def test_entry_decode_stages(T):
     check_decode_stages(T, E_, HID_, I_, K_, f32, CPU, tol=1e-5)
 
 
+@pytest.mark.parametrize("tactic", [1, 2])
+def test_entry_grouped_stages_int8(tactic):
+    check_grouped_stages_int8(T_, E_, HID_, I_, K_, 16, f32, CPU, tactic, tol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_entry_decode_stages_int8(T):
+    check_decode_stages_int8(T, E_, HID_, I_, K_, f32, CPU, tol=1e-5)
+
+
+def test_int8_scale_shapes_are_checked():
+    dtypes, shapes, attrs = CASES["moe_swiglu_grouped_int8"]
+    bad = list(shapes)
+    bad[4] = (E_, I_ + 1)
+    with pytest.raises(ValueError, match=rf"moe_swiglu_grouped_int8: w3_scale must be \[E={E_}, {I_}\]"):
+        plugins.plan("moe_swiglu_grouped_int8", dtypes, bad, attrs)
+    dtypes, shapes, attrs = CASES["moe_down_combine_decode_int8"]
+    with pytest.raises(ValueError, match="not supported"):  # bf16 weights in an int8 stage
+        PLUGINS["moe_down_combine_decode_int8"].output_dtypes([f32, f32, f32, f32, i32])
+
+
 @pytest.mark.parametrize("decode", [False, True])
 def test_entry_chain_equals_reference(decode):
     check_chain(5 if decode else 21, E_, HID_, I_, K_, 16, f32, CPU, decode, tol=1e-5)
@@ -681,6 +767,8 @@ FLOAT_POS = {  # positions of the activation / weight tensors (the dtype that va
     "lightning_prefill": (0, 1, 2), "lightning_decode": (0, 1, 2), "moe_route": (0,), "moe_align": (),
     "moe_swiglu_grouped": (0, 1, 2), "moe_down_grouped": (0, 1), "moe_combine": (0,), "moe_swiglu_decode": (0, 1, 2),
     "moe_down_combine_decode": (0, 1), "paged_kv_write": (0, 1, 2, 3), "paged_attention_prefill": (0, 1, 2),
+    "moe_swiglu_grouped_int8": (0,), "moe_down_grouped_int8": (0,), "moe_swiglu_decode_int8": (0,),
+    "moe_down_combine_decode_int8": (0,),
     "paged_decode_split": (0, 1, 2), "paged_decode_merge": (0,),
 }  # fmt: skip
 H100_MAX_SHARED = 227 * 1024

@@ -132,20 +132,55 @@ def test_quantized_engine_from_a_checkpoint_equals_the_eager_quantized_model(qua
 
 
 def test_quantize_refused_where_not_built(tmp_path):
-    """ONNX / TensorRT have no node for quantized experts yet, and experts-fp8 has no CUDA kernels: refused before
-    any work, naming what is missing."""
+    """experts-fp8 has no CUDA kernels, ONNX node or TensorRT plugin yet, and VL engines are unquantized: refused
+    before any work, naming what is missing; experts-int8 is accepted by every backend."""
     from export import BuildSettings
     from export.engine_folder import EngineFolderError
     from export.exporting import check_quantization
 
     for backend in ("onnx", "tensorrt"):
-        with pytest.raises(EngineFolderError, match="only the aoti backend lowers quantized experts"):
-            check_quantization("experts-int8", BuildSettings(backend=backend))
+        with pytest.raises(EngineFolderError, match="experts-fp8: only the aoti backend lowers it"):
+            check_quantization("experts-fp8", BuildSettings(backend=backend))
+        check_quantization("experts-int8", BuildSettings(backend=backend))
     with pytest.raises(EngineFolderError, match="experts-fp8: its CUDA kernels"):
         check_quantization("experts-fp8", BuildSettings(device="cuda"))
     with pytest.raises(EngineFolderError, match="VL-01 engines are built unquantized"):
         check_quantization("experts-int8", BuildSettings(), vl=True)
     check_quantization("experts-fp8", BuildSettings(device="cpu"))  # the CPU reference runs it
     assert build.main(["--preset", "tiny", "--out", str(tmp_path / "e"), "--backend", "onnx", "--device", "cpu",
-                       "--quantize", "experts-int8"]) == 2
+                       "--quantize", "experts-fp8"]) == 2
     assert not (tmp_path / "e").exists()
+
+
+def test_onnx_folder_with_int8_experts_equals_the_eager_quantized_model(hf_checkpoint, tmp_path):
+    """The checkpoint converted into an ONNX folder with int8 experts (the meta-skeleton path: graphs with the
+    ``_int8`` plugin nodes, the converter quantizing into the external data), evaluated by ``onnx.reference`` with
+    the stages' references, equals the eager quantized model over a prefill chunk and decode steps."""
+    import onnx
+
+    from export.exporting import DecodeProgram, PrefillProgram
+    from export.onnx_reference import OnnxReferenceProgram
+    from runtime.backends import InPlaceProgram
+    from tests.test_onnx import SETTINGS as S
+    from tests.test_onnx import _run_steps
+
+    _, ckpt = hf_checkpoint
+    out = tmp_path / "onnx"
+    assert build.main(["--checkpoint", str(ckpt), "--out", str(out), "--backend", "onnx", "--device", "cpu",
+                       "--dtype", "fp32", "--max-batch", str(S.max_batch), "--max-input-len", str(S.max_input_len),
+                       "--max-seq-len", str(S.max_seq_len), "--page-size", str(S.page_size),
+                       "--quantize", "experts-int8"]) == 0
+    assert read_manifest(out)["quantization"] == "experts-int8"
+    for name, stages in (("prefill", {"moe_swiglu_grouped_int8", "moe_down_grouped_int8"}),
+                         ("decode", {"moe_swiglu_decode_int8", "moe_down_combine_decode_int8"})):
+        graph = onnx.load(str(out / f"{name}.onnx"), load_external_data=False).graph
+        ops = {n.op_type for n in graph.node if n.domain == "minimax"}
+        assert stages <= ops and not any(o.startswith("moe_") and o.endswith(("grouped", "decode")) for o in ops), ops
+        assert {t.data_type for t in graph.initializer if t.name.endswith("experts.w1")} == {onnx.TensorProto.INT8}
+    model = MiniMaxForCausalLM.from_pretrained(ckpt, dtype=torch.float32).quantize_experts_("experts-int8")
+    prefill, decode = OnnxReferenceProgram(out / "prefill.onnx"), OnnxReferenceProgram(out / "decode.onnx")
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    ours = _run_steps(prefill, decode, ids, 6, model.config)
+    ref = _run_steps(InPlaceProgram(PrefillProgram(model)), InPlaceProgram(DecodeProgram(model)), ids, 6, model.config)
+    report = logit_report(ours[0], ref[0])
+    assert report["max_abs"] < 2e-5 and report["top1"] == 1.0, report
