@@ -367,21 +367,16 @@ def build_engine(
 
 
 def check_quantization(quantization: str, settings: BuildSettings, vl: bool = False) -> None:
-    """Quantized experts (``build.py --quantize``): what is built so far. experts-int8: every backend (AOTInductor
-    runs ``minimax::moe_quantized``, Triton kernels on CUDA and the reference on the CPU; ONNX has its ``_int8``
-    plugin nodes and TensorRT their plugins, never run here). experts-fp8: the CPU reference only (its W8A8 CUDA
-    kernels, ONNX nodes and plugins are not written yet). VL-01 engines: unquantized."""
+    """Quantized experts (``build.py --quantize``): what is built so far. AOTInductor runs
+    ``minimax::moe_quantized`` in both modes (Triton kernels on CUDA, the reference on the CPU). experts-int8 also has
+    its ONNX plugin nodes and TensorRT plugins (never run here); experts-fp8 has neither yet. VL-01: unquantized."""
     if quantization == "none":
         return
     if vl:
         raise EngineFolderError(f"--quantize {quantization}: VL-01 engines are built unquantized so far")
-    if quantization == "experts-fp8":
-        if settings.backend != "aoti":
-            raise EngineFolderError("--quantize experts-fp8: only the aoti backend lowers it so far (no ONNX node or "
-                                    f"TensorRT plugin for fp8 experts yet); got backend {settings.backend!r}")
-        if settings.device == "cuda":
-            raise EngineFolderError("--quantize experts-fp8: its CUDA kernels (fp8 weights and activations, W8A8) are "
-                                    "not built yet; use experts-int8 on CUDA, or build experts-fp8 for the CPU")
+    if quantization == "experts-fp8" and settings.backend != "aoti":
+        raise EngineFolderError("--quantize experts-fp8: only the aoti backend lowers it so far (no ONNX node or "
+                                f"TensorRT plugin for fp8 experts yet); got backend {settings.backend!r}")
 
 
 def check_vl_settings(vl_config, settings: BuildSettings) -> None:

@@ -132,8 +132,8 @@ def test_quantized_engine_from_a_checkpoint_equals_the_eager_quantized_model(qua
 
 
 def test_quantize_refused_where_not_built(tmp_path):
-    """experts-fp8 has no CUDA kernels, ONNX node or TensorRT plugin yet, and VL engines are unquantized: refused
-    before any work, naming what is missing; experts-int8 is accepted by every backend."""
+    """experts-fp8 has no ONNX node or TensorRT plugin yet, and VL engines are unquantized: refused before any work,
+    naming what is missing; experts-int8 is accepted by every backend, experts-fp8 by AOTInductor on either device."""
     from export import BuildSettings
     from export.engine_folder import EngineFolderError
     from export.exporting import check_quantization
@@ -142,11 +142,10 @@ def test_quantize_refused_where_not_built(tmp_path):
         with pytest.raises(EngineFolderError, match="experts-fp8: only the aoti backend lowers it"):
             check_quantization("experts-fp8", BuildSettings(backend=backend))
         check_quantization("experts-int8", BuildSettings(backend=backend))
-    with pytest.raises(EngineFolderError, match="experts-fp8: its CUDA kernels"):
-        check_quantization("experts-fp8", BuildSettings(device="cuda"))
+    check_quantization("experts-fp8", BuildSettings(device="cuda"))
     with pytest.raises(EngineFolderError, match="VL-01 engines are built unquantized"):
         check_quantization("experts-int8", BuildSettings(), vl=True)
-    check_quantization("experts-fp8", BuildSettings(device="cpu"))  # the CPU reference runs it
+    check_quantization("experts-fp8", BuildSettings(device="cpu"))
     assert build.main(["--preset", "tiny", "--out", str(tmp_path / "e"), "--backend", "onnx", "--device", "cpu",
                        "--quantize", "experts-fp8"]) == 2
     assert not (tmp_path / "e").exists()
@@ -184,3 +183,20 @@ def test_onnx_folder_with_int8_experts_equals_the_eager_quantized_model(hf_check
     ref = _run_steps(InPlaceProgram(PrefillProgram(model)), InPlaceProgram(DecodeProgram(model)), ids, 6, model.config)
     report = logit_report(ours[0], ref[0])
     assert report["max_abs"] < 2e-5 and report["top1"] == 1.0, report
+
+
+def test_fp8_engine_from_the_random_preset_equals_the_eager_fp8_model(tmp_path):
+    """``build.py --preset tiny --quantize experts-fp8`` (AOTInductor, CPU): e4m3 weights in the safetensors shards
+    and the manifest, loaded back, generating what the eager model quantized the same way generates."""
+    out = tmp_path / "fp8"
+    assert build.main(["--preset", "tiny", "--out", str(out), "--device", "cpu", "--max-batch", "2",
+                       "--max-input-len", "8", "--max-seq-len", "32", "--page-size", "8",
+                       "--quantize", "experts-fp8"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["quantization"] == "experts-fp8"
+    assert manifest["weights"]["tensors"]["model.layers.0.block_sparse_moe.experts.w3"]["dtype"] == "float8_e4m3fn"
+    engine = Engine.load(out)
+    model = MiniMaxForCausalLM(MiniMaxConfig.preset("tiny")).init_random_weights(seed=0).eval()
+    eager = Engine.from_model(model.quantize_experts_("experts-fp8"), 2, 8, 32, page_size=8)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [3, 4]]
+    assert torch.equal(engine.generate(prompts, max_new_tokens=10), eager.generate(prompts, max_new_tokens=10))

@@ -146,18 +146,23 @@ def moe_forward_triton(
     config: MoeTritonConfig | None = None,
     poison: bool = False,
     scales: tuple[Tensor, Tensor, Tensor] | None = None,
+    mode: str = "experts-int8",
 ) -> Tensor:
     """Routed SwiGLU experts with Triton: x [T, hidden] -> y [T, hidden] (x.dtype, new contiguous tensor).
 
     router_weight [E, hidden] (any float dtype, used in fp32); w1, w3 [E, I, hidden]; w2 [E, hidden, I]
     (contiguous, the dtype of x, or converted while loading). ``config`` overrides ``default_config``;
     ``poison`` fills every buffer allocated here with NaN / garbage first (tests).
-    ``scales``: ``(s1, s3, s2)`` fp32 [E, out] when w1, w3, w2 are int8 (``experts-int8``, W8A16: the products run
-    in x's dtype on the int8 values, each output column scaled after its K loop; the pointer kernels only).
+    ``scales``: ``(s1, s3, s2)`` fp32 [E, out] when w1, w3, w2 are quantized (the pointer kernels only):
+    ``mode="experts-int8"`` (W8A16: the products run in x's dtype on the int8 values, each output column scaled
+    after its K loop) or ``"experts-fp8"`` (W8A8: x, and the SwiGLU output h before the down projection, are
+    quantized per row to e4m3 by ``grouped.quantize_rows_fp8``; fp8 x fp8 products, fp32 sums scaled by the row's
+    and the column's scale).
     """
     naive.check_moe_inputs(x, router_weight, w1, w3, w2, top_k)
+    fp8 = scales is not None and mode == "experts-fp8"
     if scales is not None:
-        naive.check_quantized_experts(w1, scales[0], w3, scales[1], w2, scales[2], "experts-int8")
+        naive.check_quantized_experts(w1, scales[0], w3, scales[1], w2, scales[2], mode)
         s13, s2 = (scales[0].contiguous(), scales[1].contiguous()), scales[2].contiguous()
     else:
         s13 = s2 = None
@@ -183,9 +188,20 @@ def moe_forward_triton(
         out_ids=_empty((T, top_k), torch.int32, dev, poison),
     )  # [T, top_k] fp32, int32
 
+    a_in, a_scale = x, None  # the SwiGLU GEMM's A operand (W8A8: x quantized per token)
+    if fp8:
+        a_in, a_scale = grouped.quantize_rows_fp8(
+            x, out=(_empty((T, hidden), torch.float8_e4m3fn, dev, False), _empty((T,), torch.float32, dev, poison)))
+
+    def down_input(h: Tensor) -> tuple[Tensor, Tensor | None]:
+        if not fp8:
+            return h, None
+        return grouped.quantize_rows_fp8(h, out=(_empty(tuple(h.shape), torch.float8_e4m3fn, dev, False),
+                                                 _empty((h.shape[0],), torch.float32, dev, poison)))
+
     if T <= cfg.decode_max_tokens:
         h = grouped.swiglu_decode(
-            x,
+            a_in,
             w1,
             w3,
             topk_ids,
@@ -195,7 +211,9 @@ def moe_forward_triton(
             num_stages=cfg.decode_stages,
             out=_empty((T * top_k, inter), x.dtype, dev, poison),
             scales=s13,
+            row_scale=a_scale,
         )  # [T * top_k, I]
+        h, h_scale = down_input(h)
         return grouped.down_combine_decode(
             h,
             w2,
@@ -208,6 +226,7 @@ def moe_forward_triton(
             num_stages=cfg.decode_down_stages,
             out=y,
             scale=s2,
+            row_scale=h_scale,
         )  # [T, hidden]
 
     bm = cfg.block_m
@@ -254,7 +273,7 @@ def moe_forward_triton(
         )  # [max_rows, I]
     else:
         h = grouped.swiglu_grouped(
-            x,
+            a_in,
             w1,
             w3,
             align.sorted_slots,
@@ -269,6 +288,7 @@ def moe_forward_triton(
             interleave=cfg.swiglu_interleave,
             out=_empty((max_rows, inter), x.dtype, dev, poison),
             scales=s13,
+            row_scale=a_scale,
         )  # [max_rows, I]
     if tma and cfg.down_tma:
         y_perm = grouped.down_grouped_tma(
@@ -288,6 +308,7 @@ def moe_forward_triton(
             out=_empty((max_rows, hidden), x.dtype, dev, poison),
         )  # [max_rows, hidden]
     else:
+        h, h_scale = down_input(h)
         y_perm = grouped.down_grouped(
             h,
             w2,
@@ -302,6 +323,7 @@ def moe_forward_triton(
             num_stages=cfg.down_stages,
             out=_empty((max_rows, hidden), x.dtype, dev, poison),
             scale=s2,
+            row_scale=h_scale,
         )  # [max_rows, hidden]
     return grouped.combine(y_perm, align.inv_perm, T, top_k, out_dtype=x.dtype, out=y)  # [T, hidden]
 

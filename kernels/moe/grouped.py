@@ -33,6 +33,15 @@ Decode path (few tokens; no alignment stage, no padding rows, every selected exp
 
 Scalar kernel arguments are integers (token/slot counts, dims); E, top_k and tile sizes are compile-time constants.
 Weights must be contiguous in the documented layouts.
+
+Quantized experts (``naive.py``, "Quantized experts"; the pointer kernels only, the TMA variants stay 16-bit): the
+four GEMM kernels take optional ``s1_ptr`` / ``s3_ptr`` / ``s2_ptr`` (fp32 [E, out] per-output-channel scales of
+int8 or e4m3 weights) and ``sa_ptr`` (fp32 per-row scales of an e4m3 A operand). Weights are loaded in their
+stored type and converted in registers to A's type (int8 -> bf16 is exact), the products accumulate in fp32, and
+the scales multiply the fp32 sums once per output column / row after the K loop. ``None`` (the default) compiles
+the unquantized specialisation, so the existing launches and the TensorRT entry kernels are unchanged. W8A8 needs
+A in e4m3: ``quantize_rows_fp8`` (one program per row) quantizes x before the SwiGLU GEMM and h before the down
+GEMM, rounding in fp32 arithmetic to the e4m3 grid (``_round_e4m3``) so that the store's conversion is exact.
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ __all__ = [
     "swiglu_grouped_tma",
     "down_grouped_tma",
     "tma_supported",
+    "quantize_rows_fp8",
 ]
 
 
@@ -89,8 +99,9 @@ def _swiglu_grouped_kernel(
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERLEAVE: tl.constexpr,
-    s1_ptr=None,  # [E, I] fp32 per-output-channel scales of int8 w1 (None: w1 in the activations' dtype)
+    s1_ptr=None,  # [E, I] fp32 per-output-channel scales of quantized w1 (None: w1 in the activations' dtype)
     s3_ptr=None,  # [E, I] fp32, with s1
+    sa_ptr=None,  # [T] fp32 per-token scales of fp8 x (W8A8; None: x as it is)
 ):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), max_blocks, tl.cdiv(inter, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -147,10 +158,14 @@ def _swiglu_grouped_kernel(
             a_ptrs += BLOCK_K
             b1_ptrs += BLOCK_K
             b3_ptrs += BLOCK_K
-    if s1_ptr is not None:  # int8 weights: one scale per output column, applied to the fp32 sums
+    if s1_ptr is not None:  # quantized weights: one scale per output column, applied to the fp32 sums
         s_off = expert.to(tl.int64) * inter + offs_n
         acc_gate = acc_gate * tl.load(s1_ptr + s_off, mask=n_mask, other=0.0)[None, :]
         acc_up = acc_up * tl.load(s3_ptr + s_off, mask=n_mask, other=0.0)[None, :]
+    if sa_ptr is not None:  # fp8 activations: one scale per token row
+        sa = tl.load(sa_ptr + token, mask=row_valid, other=0.0)
+        acc_gate = acc_gate * sa[:, None]
+        acc_up = acc_up * sa[:, None]
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up  # silu(gate) * up; padding rows give 0
     h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * inter + offs_n[None, :]
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=n_mask[None, :])
@@ -174,7 +189,8 @@ def _down_grouped_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    s2_ptr=None,  # [E, hidden] fp32 per-output-channel scales of int8 w2 (None: w2 in the activations' dtype)
+    s2_ptr=None,  # [E, hidden] fp32 per-output-channel scales of quantized w2 (None: w2 in the activations' dtype)
+    sa_ptr=None,  # [max_rows] fp32 per-row scales of fp8 h (W8A8; None: h as it is)
 ):
     pid_m, pid_n = _grouped_pid(tl.program_id(0), max_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -203,6 +219,8 @@ def _down_grouped_kernel(
         b_ptrs += BLOCK_K
     if s2_ptr is not None:
         acc = acc * tl.load(s2_ptr + expert.to(tl.int64) * hidden + offs_n, mask=n_mask, other=0.0)[None, :]
+    if sa_ptr is not None:
+        acc = acc * tl.load(sa_ptr + offs_m)[:, None]
     weight = tl.load(topk_weights_ptr + slot, mask=row_valid, other=0.0)  # routing weight of each row
     acc = acc * weight[:, None]
     y_ptrs = y_perm_ptr + offs_m.to(tl.int64)[:, None] * hidden + offs_n[None, :]
@@ -251,8 +269,9 @@ def _swiglu_decode_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    s1_ptr=None,  # [E, I] fp32 scales of int8 w1 (None: w1 in the activations' dtype)
+    s1_ptr=None,  # [E, I] fp32 scales of quantized w1 (None: w1 in the activations' dtype)
     s3_ptr=None,  # [E, I] fp32, with s1
+    sa_ptr=None,  # [T] fp32 per-token scales of fp8 x (W8A8)
 ):
     offs_t = tl.arange(0, T_PAD)
     offs_j = tl.arange(0, K_PAD)
@@ -294,6 +313,10 @@ def _swiglu_decode_kernel(
                 s_off = tl.cast(e, tl.int64) * inter + offs_n
                 acc_gate = acc_gate * tl.load(s1_ptr + s_off, mask=n_mask, other=0.0)[None, :]
                 acc_up = acc_up * tl.load(s3_ptr + s_off, mask=n_mask, other=0.0)[None, :]
+            if sa_ptr is not None:
+                sa = tl.load(sa_ptr + offs_t, mask=chosen, other=0.0)
+                acc_gate = acc_gate * sa[:, None]
+                acc_up = acc_up * sa[:, None]
             h = acc_gate * tl.sigmoid(acc_gate) * acc_up
             slot = offs_t * TOP_K + tl.sum(tl.where(match, offs_j[None, :], 0), axis=1)  # [T_PAD]
             h_ptrs = h_ptr + slot.to(tl.int64)[:, None] * inter + offs_n[None, :]
@@ -318,7 +341,8 @@ def _down_combine_decode_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    s2_ptr=None,  # [E, hidden] fp32 scales of int8 w2 (None: w2 in the activations' dtype)
+    s2_ptr=None,  # [E, hidden] fp32 scales of quantized w2 (None: w2 in the activations' dtype)
+    sa_ptr=None,  # [T * TOP_K] fp32 per-slot scales of fp8 h (W8A8)
 ):
     offs_t = tl.arange(0, T_PAD)
     offs_j = tl.arange(0, K_PAD)
@@ -354,9 +378,61 @@ def _down_combine_decode_kernel(
             if s2_ptr is not None:
                 s_row = tl.load(s2_ptr + tl.cast(e, tl.int64) * hidden + offs_n, mask=n_mask, other=0.0)
                 acc_e = acc_e * s_row[None, :]
+            if sa_ptr is not None:
+                acc_e = acc_e * tl.load(sa_ptr + slot, mask=chosen, other=0.0)[:, None]
             acc += acc_e * weight[:, None]
     y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * hidden + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _round_e4m3(v):
+    """fp32 values in [-448, 448] rounded to the nearest e4m3 value (ties to even), in fp32 arithmetic: the cast
+    that follows is then exact. (Triton's interpreter rounds fp32 -> e4m3 wrongly when rounding up crosses a power
+    of two, e.g. -31.6 -> -16; on the GPU the hardware conversion gives the same values as this.)"""
+    bits = v.to(tl.int32, bitcast=True)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # the binade's exponent; subnormals share 2^-6's spacing
+    ulp = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits: spacing 2^(e-3), exact
+    x = v / ulp  # exact (a power of two), |x| < 16
+    r = (x + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds x to an integer, ties to even
+    return r * ulp
+
+
+@triton.jit
+def _quantize_rows_fp8_kernel(
+    a_ptr,  # [R, K] activations
+    q_ptr,  # [R, K] float8_e4m3fn
+    s_ptr,  # [R] fp32
+    n_cols,
+    BLOCK: tl.constexpr,
+):
+    """W8A8 activations (``naive.quantize_rows_fp8``): one program per row; scale = absmax / 448 (1 for a zero
+    row), q = e4m3(a / scale)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, n_cols, BLOCK):
+        a = tl.load(a_ptr + row * n_cols + c0 + offs, mask=c0 + offs < n_cols, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(a))
+    m = tl.max(amax, axis=0)
+    scale = tl.where(m > 0, m / 448.0, 1.0)
+    tl.store(s_ptr + row, scale)
+    for c0 in range(0, n_cols, BLOCK):
+        mask = c0 + offs < n_cols
+        a = tl.load(a_ptr + row * n_cols + c0 + offs, mask=mask, other=0.0).to(tl.float32)
+        q = _round_e4m3(tl.minimum(tl.maximum(a / scale, -448.0), 448.0))
+        tl.store(q_ptr + row * n_cols + c0 + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_rows_fp8(a: Tensor, *, block: int = 1024, out: tuple[Tensor, Tensor] | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """``a [R, K]`` -> ``(q [R, K] float8_e4m3fn, scale [R] fp32)``, one launch of R programs."""
+    R, K = a.shape
+    q, scale = out if out is not None else (torch.empty((R, K), dtype=torch.float8_e4m3fn, device=a.device),
+                                            torch.empty((R,), dtype=torch.float32, device=a.device))
+    if R:
+        _quantize_rows_fp8_kernel[(R,)](a, q, scale, K, BLOCK=min(block, _next_pow2(K)))
+    return q, scale
 
 
 # ------------------------------------------------------------------------------------------------ TMA variants
@@ -544,11 +620,13 @@ def swiglu_grouped(
     interleave: bool = True,
     out: Tensor | None = None,
     scales: tuple[Tensor, Tensor] | None = None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
     """Stage 3: x [T, hidden], w1/w3 [E, I, hidden], alignment -> h [max_rows, I] (x.dtype, permuted rows).
 
     ``interleave``: one product against a [BLOCK_K, 2 BLOCK_N] tile of interleaved w1/w3 rows (else two products).
-    ``scales``: ``(s1, s3)`` [E, I] fp32 when w1/w3 are int8 (W8A16, ``naive.quantize_weight``).
+    ``scales``: ``(s1, s3)`` [E, I] fp32 when w1/w3 are quantized (``naive.quantize_weight``); ``row_scale``
+    [T] fp32 when x is fp8 (W8A8: pass ``out`` in the activations' dtype).
     """
     T, hidden = x.shape
     inter = w1.shape[1]
@@ -578,6 +656,7 @@ def swiglu_grouped(
         INTERLEAVE=interleave,
         s1_ptr=None if scales is None else scales[0],
         s3_ptr=None if scales is None else scales[1],
+        sa_ptr=row_scale,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -599,9 +678,10 @@ def down_grouped(
     num_stages: int = 3,
     out: Tensor | None = None,
     scale: Tensor | None = None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
     """Stage 4: h [rows, I], w2 [E, hidden, I] -> y_perm [rows, hidden] (h.dtype, weighted, permuted rows).
-    ``scale``: s2 [E, hidden] fp32 when w2 is int8."""
+    ``scale``: s2 [E, hidden] fp32 when w2 is quantized; ``row_scale`` [rows] when h is fp8 (pass ``out``)."""
     rows, inter = h.shape
     hidden = w2.shape[1]
     max_blocks = block_expert.shape[0]
@@ -626,6 +706,7 @@ def down_grouped(
         EVEN_K=inter % block_k == 0,
         DOT_PRECISION=_dot_precision(h),
         s2_ptr=scale,
+        sa_ptr=row_scale,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -664,9 +745,10 @@ def swiglu_decode(
     num_stages: int = 4,
     out: Tensor | None = None,
     scales: tuple[Tensor, Tensor] | None = None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
     """Decode SwiGLU: x [T, hidden], topk_ids [T, top_k] -> h [T * top_k, I] (x.dtype, slot order).
-    ``scales``: ``(s1, s3)`` [E, I] fp32 when w1/w3 are int8."""
+    ``scales``: ``(s1, s3)`` [E, I] fp32 when w1/w3 are quantized; ``row_scale`` [T] when x is fp8."""
     T, hidden = x.shape
     E, inter = w1.shape[0], w1.shape[1]
     top_k = topk_ids.shape[1]
@@ -692,6 +774,7 @@ def swiglu_decode(
         DOT_PRECISION=_dot_precision(x),
         s1_ptr=None if scales is None else scales[0],
         s3_ptr=None if scales is None else scales[1],
+        sa_ptr=row_scale,
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -711,9 +794,10 @@ def down_combine_decode(
     num_stages: int = 4,
     out: Tensor | None = None,
     scale: Tensor | None = None,
+    row_scale: Tensor | None = None,
 ) -> Tensor:
     """Decode down projection + combine: h [T * top_k, I] -> y [T, hidden] (out_dtype).
-    ``scale``: s2 [E, hidden] fp32 when w2 is int8."""
+    ``scale``: s2 [E, hidden] fp32 when w2 is quantized; ``row_scale`` [T * top_k] when h is fp8."""
     T, top_k = topk_ids.shape
     E, hidden, inter = w2.shape
     y = torch.empty((T, hidden), dtype=out_dtype, device=h.device) if out is None else out
@@ -737,6 +821,7 @@ def down_combine_decode(
         EVEN_K=inter % block_k == 0,
         DOT_PRECISION=_dot_precision(h),
         s2_ptr=scale,
+        sa_ptr=row_scale,
         num_warps=num_warps,
         num_stages=num_stages,
     )

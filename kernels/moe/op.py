@@ -22,8 +22,8 @@ strides of the real kernels. Triton is imported on the first CUDA call only.
 
 ``minimax::moe_quantized`` is the same block over quantized expert weights (``naive.py``'s "Quantized experts":
 weights int8 or float8_e4m3fn, one fp32 scale per output channel, ``mode`` "experts-int8" or "experts-fp8"), with
-the same three branches (``minimax::moe_quantized_reference`` off CUDA). On CUDA only experts-int8 has kernels
-(the pointer kernels with their scale epilogue); experts-fp8 runs the reference off CUDA and is refused on CUDA.
+the same three branches (``minimax::moe_quantized_reference`` off CUDA). On CUDA the pointer kernels take both
+modes: int8 weights with their scale epilogue (W8A16), or fp8 weights with activations quantized per row (W8A8).
 """
 
 from __future__ import annotations
@@ -65,12 +65,6 @@ def _moe_cuda(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tens
     return moe_forward_triton(x, router_weight, w1, w3, w2, top_k)  # new contiguous [T, hidden] in x.dtype
 
 
-def _fp8_on_cuda(mode: str) -> None:
-    if mode != "experts-int8":
-        raise NotImplementedError(f"minimax::moe_quantized: {mode} has no CUDA kernels yet (the W8A8 Triton kernels "
-                                  f"are not built); experts-int8 runs on CUDA, experts-fp8 on the CPU reference")
-
-
 @torch.library.custom_op("minimax::moe_quantized_reference", mutates_args=())
 def moe_quantized_reference(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor, w3: Tensor, s3: Tensor,
                             w2: Tensor, s2: Tensor, top_k: int, mode: str) -> Tensor:
@@ -91,16 +85,14 @@ def moe_quantized(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor, w3: 
     scales s1, s3 [E, I] and s2 [E, hidden] fp32 -> [T, hidden] in x.dtype."""
     if x.device.type != "cuda":
         return torch.ops.minimax.moe_quantized_reference(x, router_weight, w1, s1, w3, s3, w2, s2, top_k, mode)
-    _fp8_on_cuda(mode)
     from .traced import moe_forward_traceable
 
-    return moe_forward_traceable(x, router_weight, w1, w3, w2, top_k, scales=(s1, s3, s2))
+    return moe_forward_traceable(x, router_weight, w1, w3, w2, top_k, scales=(s1, s3, s2), mode=mode)
 
 
 @moe_quantized.register_kernel("cuda")
 def _moe_quantized_cuda(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor, w3: Tensor, s3: Tensor, w2: Tensor,
                         s2: Tensor, top_k: int, mode: str) -> Tensor:
-    _fp8_on_cuda(mode)
     from .dispatch import moe_forward_triton
 
-    return moe_forward_triton(x, router_weight, w1, w3, w2, top_k, scales=(s1, s3, s2))
+    return moe_forward_triton(x, router_weight, w1, w3, w2, top_k, scales=(s1, s3, s2), mode=mode)

@@ -96,12 +96,14 @@ def moe_forward_traceable(
     config: dispatch.MoeTritonConfig | None = None,
     decode_kernels: bool = True,
     scales: tuple[Tensor, Tensor, Tensor] | None = None,
+    mode: str = "experts-int8",
 ) -> Tensor:
     """Routed SwiGLU experts: x [T, hidden] -> y [T, hidden] (x.dtype, new contiguous tensor), T may be symbolic.
 
     Same contract as ``dispatch.moe_forward_triton``; kernels launched through ``wrap_triton``. ``config``
     overrides ``static_config`` (its TMA flags are ignored). ``decode_kernels``: allow the decode path (see the
-    module docstring). ``scales``: ``(s1, s3, s2)`` fp32 [E, out] of int8 expert weights (W8A16)."""
+    module docstring). ``scales``: ``(s1, s3, s2)`` fp32 [E, out] of quantized expert weights, ``mode``
+    "experts-int8" (W8A16) or "experts-fp8" (W8A8: x and h quantized per row first, as ``dispatch`` does)."""
     from torch.library import wrap_triton
 
     naive_shapes_ok = x.dim() == 2 and w1.dim() == 3 and w2.dim() == 3 and router_weight.dim() == 2
@@ -122,6 +124,20 @@ def moe_forward_traceable(
     y = torch.empty((T, hidden), dtype=x.dtype, device=dev)  # [T, hidden]
     if statically_known_true(T == 0):
         return y
+    fp8 = scales is not None and mode == "experts-fp8"
+
+    def rows_fp8(a: Tensor) -> tuple[Tensor, Tensor]:
+        """W8A8: ``a`` quantized per row (``grouped.quantize_rows_fp8``'s kernel)."""
+        R, K = a.shape
+        q = torch.empty((R, K), dtype=torch.float8_e4m3fn, device=dev)
+        scale = torch.empty((R,), dtype=torch.float32, device=dev)
+        wrap_triton(grouped._quantize_rows_fp8_kernel)[(R,)](a, q, scale, K, BLOCK=min(1024, grouped._next_pow2(K)))
+        return q, scale
+
+    a_in, a_kw = x, {}
+    if fp8:
+        a_in, a_scale = rows_fp8(x)
+        a_kw = {"sa_ptr": a_scale}
     precision = grouped._dot_precision(x)
     k_pad = grouped._next_pow2(max(top_k, 2))
 
@@ -143,17 +159,21 @@ def moe_forward_traceable(
         stages, block_k = grouped._fit_smem(cfg.decode_stages, cfg.decode_block_k,
                                             (t_pad + 2 * cfg.decode_block_n) * x.element_size())
         wrap_triton(grouped._swiglu_decode_kernel)[(_cdiv(inter, cfg.decode_block_n),)](
-            x, w1, w3, h, ids, T, hidden, inter,
+            a_in, w1, w3, h, ids, T, hidden, inter,
             NUM_EXPERTS=E, TOP_K=top_k, K_PAD=k_pad, T_PAD=t_pad, BLOCK_N=cfg.decode_block_n, BLOCK_K=block_k,
-            EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, **q13,
+            EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, **q13, **a_kw,
             num_warps=cfg.decode_warps, num_stages=stages,
         )  # fmt: skip
+        h_in, h_kw = h, {}
+        if fp8:
+            h_in, h_scale = rows_fp8(h)
+            h_kw = {"sa_ptr": h_scale}
         stages, block_k = grouped._fit_smem(cfg.decode_down_stages, cfg.decode_down_block_k,
                                             (t_pad + cfg.decode_down_block_n) * x.element_size())
         wrap_triton(grouped._down_combine_decode_kernel)[(_cdiv(hidden, cfg.decode_down_block_n),)](
-            h, w2, weights, ids, y, T, hidden, inter,
+            h_in, w2, weights, ids, y, T, hidden, inter,
             NUM_EXPERTS=E, TOP_K=top_k, K_PAD=k_pad, T_PAD=t_pad, BLOCK_N=cfg.decode_down_block_n, BLOCK_K=block_k,
-            EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, **q2,
+            EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, **q2, **h_kw,
             num_warps=cfg.decode_down_warps, num_stages=stages,
         )  # fmt: skip
         return y
@@ -177,18 +197,23 @@ def moe_forward_traceable(
     stages, block_k = grouped._fit_smem(cfg.swiglu_stages, cfg.swiglu_block_k,
                                         (bm + 2 * cfg.swiglu_block_n) * x.element_size())
     wrap_triton(grouped._swiglu_grouped_kernel)[(max_blocks * _cdiv(inter, cfg.swiglu_block_n),)](
-        x, w1, w3, h, sorted_slots, block_expert, n_slots, hidden, inter, max_blocks,
+        a_in, w1, w3, h, sorted_slots, block_expert, n_slots, hidden, inter, max_blocks,
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg.swiglu_block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-        EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, INTERLEAVE=cfg.swiglu_interleave, **q13,
+        EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, INTERLEAVE=cfg.swiglu_interleave, **q13, **a_kw,
         num_warps=cfg.swiglu_warps, num_stages=stages,
     )  # fmt: skip
 
+    h_in, h_kw = h, {}
+    if fp8:
+        h_in, h_scale = rows_fp8(h)
+        h_kw = {"sa_ptr": h_scale}
     y_perm = torch.empty((max_rows, hidden), dtype=x.dtype, device=dev)  # [max_rows, hidden]
     stages, block_k = grouped._fit_smem(cfg.down_stages, cfg.down_block_k, (bm + cfg.down_block_n) * x.element_size())
     wrap_triton(grouped._down_grouped_kernel)[(max_blocks * _cdiv(hidden, cfg.down_block_n),)](
-        h, w2, y_perm, sorted_slots, block_expert, weights, n_slots, hidden, inter, max_blocks,
+        h_in, w2, y_perm, sorted_slots, block_expert, weights, n_slots, hidden, inter, max_blocks,
         BLOCK_M=bm, BLOCK_N=cfg.down_block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-        EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, **q2, num_warps=cfg.down_warps, num_stages=stages,
+        EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, **q2, **h_kw, num_warps=cfg.down_warps,
+        num_stages=stages,
     )  # fmt: skip
 
     block_t, block_h = 4, min(1024, grouped._next_pow2(hidden))  # grouped.combine defaults
