@@ -15,7 +15,9 @@ from tests.test_plugins import (
     check_align,
     check_chain,
     check_decode_stages,
+    check_decode_stages_int8,
     check_grouped_stages,
+    check_grouped_stages_int8,
     check_lightning_decode,
     check_lightning_prefill,
     check_paged_decode,
@@ -71,6 +73,17 @@ def test_gpu_grouped_stages_bf16(T, tactic):
 @pytest.mark.parametrize("T", [1, 5, 16])
 def test_gpu_decode_stages_bf16(T):
     check_decode_stages(T, E, HIDDEN, INTER, TOP_K, bf16, CUDA, tol=1e-2)
+
+
+@pytest.mark.parametrize("T", [37, 1029])
+@pytest.mark.parametrize("tactic", [1, 4])
+def test_gpu_grouped_stages_int8(T, tactic):
+    check_grouped_stages_int8(T, E, HIDDEN, INTER, TOP_K, 64, bf16, CUDA, tactic, tol=1e-2)
+
+
+@pytest.mark.parametrize("T", [1, 16])
+def test_gpu_decode_stages_int8(T):
+    check_decode_stages_int8(T, E, HIDDEN, INTER, TOP_K, bf16, CUDA, tol=1e-2)
 
 
 @pytest.mark.parametrize("T,decode", [(37, False), (1029, False), (1, True), (16, True)])
