@@ -11,6 +11,8 @@ Op level (hidden 6144, 32 experts of I = 9216, top-2, bf16 activations, router f
     bandwidth measured in the same run (the convention of ``benchmarks/moe.py``); target <= 1.2x that floor;
   * prefill, T = 16384: int8 and fp8 against our bf16 MoE (targets: int8 no slower than 1.1x, fp8 >= 1.4x faster);
     eager launches (the pointer kernels for the quantized modes, bf16 with its default TMA kernels);
+  * fp8 twice: with fp32 accumulation of the fp8 products (the default, promoted every K tile) and with Hopper's
+    fast accumulation (``fp8_fast_accum``, Triton's own default on sm_90), each against the reference;
   * ceilings: copy bandwidth, a bf16 8192^3 matmul and an fp8 e4m3 one (``torch._scaled_mm``, per-tensor scales).
 Model level (``--model-layers``, default 2): minimax-text-01 cut to that many real-width layers, random bf16
 weights, experts quantized to int8, AOTInductor prefill/decode compiled here (``benchmarks.decode``); decode at B = 1
@@ -79,8 +81,10 @@ def _graph_or_plain(fn, cuda: bool) -> float | str:
 @torch.no_grad()
 def op_level(dims: tuple[int, int, int, int], tokens: list[int], prefill_tokens: list[int], copy_tbps: float | None,
              device: str) -> list[dict[str, Any]]:
+    import dataclasses
+
     from kernels.moe import naive
-    from kernels.moe.dispatch import moe_forward_triton
+    from kernels.moe.dispatch import default_config, moe_forward_triton
 
     hidden, inter, E, top_k = dims
     cuda = device == "cuda"
@@ -98,31 +102,37 @@ def op_level(dims: tuple[int, int, int, int], tokens: list[int], prefill_tokens:
         int8 = lambda: moe_forward_triton(x, router, q1, q3, q2, top_k, scales=(s1, s3, s2))  # noqa: E731
         fp8 = lambda: moe_forward_triton(x, router, f1, f3, f2, top_k, scales=(t1, t3, t2),  # noqa: E731
                                          mode="experts-fp8")
+        fast_cfg = dataclasses.replace(default_config(T, top_k, E, torch.device(device)), fp8_fast_accum=True)
+        fp8_fast = lambda: moe_forward_triton(x, router, f1, f3, f2, top_k, scales=(t1, t3, t2),  # noqa: E731
+                                              mode="experts-fp8", config=fast_cfg)
         bf16 = lambda: moe_forward_triton(x, router, w1, w3, w2, top_k)  # noqa: E731
         row: dict[str, Any] = {"T": T}
         if T <= 16:
             for label, fn, qs, mode in (("int8", int8, (q1, s1, q3, s3, q2, s2), "experts-int8"),
-                                        ("fp8", fp8, (f1, t1, f3, t3, f2, t2), "experts-fp8")):
+                                        ("fp8", fp8, (f1, t1, f3, t3, f2, t2), "experts-fp8"),
+                                        ("fp8_fast", fp8_fast, (f1, t1, f3, t3, f2, t2), "experts-fp8")):
                 ref = naive.moe_forward_quantized(x, router, *qs, top_k, mode).float()
                 row[f"{label}_rel_vs_quantized_reference"] = float((fn().float() - ref).norm() / ref.norm())
         if T in tokens:  # decode: graph replay, against the bytes of the selected experts
             row["int8_ms"], row["fp8_ms"] = _graph_or_plain(int8, cuda), _graph_or_plain(fp8, cuda)
-            row["bf16_ms"] = _graph_or_plain(bf16, cuda)
+            row["fp8_fast_ms"], row["bf16_ms"] = _graph_or_plain(fp8_fast, cuda), _graph_or_plain(bf16, cuda)
             ids = naive.moe_route(x, router, top_k)[1]
             n_sel = int(torch.unique(ids).numel())
             sel_bytes = n_sel * (3 * inter * hidden * 1 + (2 * inter + hidden) * 4)
             row.update(distinct_experts=n_sel, selected_int8_bytes=sel_bytes)
             if copy_tbps:
                 row["read_selected_int8_ms"] = sel_bytes / (copy_tbps * 1e12) * 1e3
-                for label in ("int8", "fp8"):
+                for label in ("int8", "fp8", "fp8_fast"):
                     if isinstance(row[f"{label}_ms"], float):
                         row[f"{label}_over_read"] = row[f"{label}_ms"] / row["read_selected_int8_ms"]
         else:  # prefill: eager launches
             row["int8_ms"], row["fp8_ms"], row["bf16_ms"] = timer(int8), timer(fp8), timer(bf16)
+            row["fp8_fast_ms"] = timer(fp8_fast)
             row["int8_over_bf16"] = row["int8_ms"] / row["bf16_ms"]
             row["fp8_speedup_vs_bf16"] = row["bf16_ms"] / row["fp8_ms"]
+            row["fp8_fast_speedup_vs_bf16"] = row["bf16_ms"] / row["fp8_fast_ms"]
             row["flops"] = 6 * T * top_k * hidden * inter
-            for label in ("int8", "fp8", "bf16"):
+            for label in ("int8", "fp8", "fp8_fast", "bf16"):
                 row[f"{label}_tflops"] = row["flops"] / (row[f"{label}_ms"] * 1e-3) / 1e12
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)

@@ -161,7 +161,7 @@ def moe_forward_traceable(
         wrap_triton(grouped._swiglu_decode_kernel)[(_cdiv(inter, cfg.decode_block_n),)](
             a_in, w1, w3, h, ids, T, hidden, inter,
             NUM_EXPERTS=E, TOP_K=top_k, K_PAD=k_pad, T_PAD=t_pad, BLOCK_N=cfg.decode_block_n, BLOCK_K=block_k,
-            EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, **q13, **a_kw,
+            EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, **q13, **a_kw, FP8_PRECISE=not cfg.fp8_fast_accum,
             num_warps=cfg.decode_warps, num_stages=stages,
         )  # fmt: skip
         h_in, h_kw = h, {}
@@ -173,7 +173,7 @@ def moe_forward_traceable(
         wrap_triton(grouped._down_combine_decode_kernel)[(_cdiv(hidden, cfg.decode_down_block_n),)](
             h_in, w2, weights, ids, y, T, hidden, inter,
             NUM_EXPERTS=E, TOP_K=top_k, K_PAD=k_pad, T_PAD=t_pad, BLOCK_N=cfg.decode_down_block_n, BLOCK_K=block_k,
-            EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, **q2, **h_kw,
+            EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, **q2, **h_kw, FP8_PRECISE=not cfg.fp8_fast_accum,
             num_warps=cfg.decode_down_warps, num_stages=stages,
         )  # fmt: skip
         return y
@@ -200,6 +200,7 @@ def moe_forward_traceable(
         a_in, w1, w3, h, sorted_slots, block_expert, n_slots, hidden, inter, max_blocks,
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=cfg.swiglu_block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
         EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, INTERLEAVE=cfg.swiglu_interleave, **q13, **a_kw,
+        FP8_PRECISE=not cfg.fp8_fast_accum,
         num_warps=cfg.swiglu_warps, num_stages=stages,
     )  # fmt: skip
 
@@ -212,7 +213,8 @@ def moe_forward_traceable(
     wrap_triton(grouped._down_grouped_kernel)[(max_blocks * _cdiv(hidden, cfg.down_block_n),)](
         h_in, w2, y_perm, sorted_slots, block_expert, weights, n_slots, hidden, inter, max_blocks,
         BLOCK_M=bm, BLOCK_N=cfg.down_block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-        EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, **q2, **h_kw, num_warps=cfg.down_warps,
+        EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, **q2, **h_kw, FP8_PRECISE=not cfg.fp8_fast_accum,
+        num_warps=cfg.down_warps,
         num_stages=stages,
     )  # fmt: skip
 
