@@ -292,3 +292,47 @@ def test_gpu_fp8_minimax_bf16(T):
     got = moe_forward_triton(x, router, q1, q3, q2, 2, poison=True, scales=(s1, s3, s2), mode="experts-fp8")
     want = naive.moe_forward_quantized(x, router, q1, s1, q3, s3, q2, s2, 2, "experts-fp8")
     assert rel_err(got, want) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------ PTX for sm_90
+
+_PTX_SCRIPT = r"""
+import json, sys, triton
+from triton.backends.compiler import GPUTarget
+from kernels.moe import grouped
+out = {}
+for precise in (True, False):
+    sig = {"x_ptr": "*fp8e4nv", "w1_ptr": "*fp8e4nv", "w3_ptr": "*fp8e4nv", "h_ptr": "*bf16", "sorted_slots_ptr": "*i32",
+           "block_expert_ptr": "*i32", "n_slots": "i32", "hidden": "i32", "inter": "i32", "max_blocks": "i32",
+           "TOP_K": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+           "GROUP_M": "constexpr", "EVEN_K": "constexpr", "DOT_PRECISION": "constexpr", "INTERLEAVE": "constexpr",
+           "s1_ptr": "*fp32", "s3_ptr": "*fp32", "sa_ptr": "*fp32", "FP8_PRECISE": "constexpr"}
+    constexprs = {"TOP_K": 2, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "EVEN_K": True,
+                  "DOT_PRECISION": "tf32", "INTERLEAVE": False, "FP8_PRECISE": precise}
+    src = triton.compiler.ASTSource(fn=grouped._swiglu_grouped_kernel, signature=sig, constexprs=constexprs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+    out[str(precise)] = k.asm["ptx"]
+json.dump(out, sys.stdout)
+"""
+
+
+def test_fp8_swiglu_kernel_compiles_to_fp8_wgmma_for_sm90_and_promotes_when_precise():
+    """Without a GPU: the W8A8 SwiGLU kernel compiled for sm_90 (Triton generates PTX without a device) uses e4m3
+    warp-group MMAs, and FP8_PRECISE changes the code (the fp32 promotion of the partial sums after each K tile)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    r = subprocess.run([sys.executable, "-c", _PTX_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ptx = json.loads(r.stdout)
+    for p in ptx.values():
+        assert "wgmma.mma_async" in p and "e4m3" in p
+    precise, fast = ptx["True"], ptx["False"]
+    assert precise != fast
+    assert precise.count("add.f32") > fast.count("add.f32")  # the promoted partial sums are added on the CUDA cores
