@@ -139,6 +139,53 @@ def op_level(dims: tuple[int, int, int, int], tokens: list[int], prefill_tokens:
     return rows
 
 
+QUANT_DECODE_CANDIDATES = [  # (block_n, block_k, num_warps, num_stages): the bf16 sweep's, then wider K tiles
+    (16, 256, 4, 4), (16, 128, 2, 4), (32, 128, 4, 3), (32, 128, 2, 4), (16, 128, 2, 6), (32, 64, 2, 6),
+    (64, 128, 4, 3), (16, 512, 4, 4), (32, 256, 4, 4), (16, 256, 2, 6), (64, 256, 4, 3), (32, 512, 8, 3),
+]
+
+
+@torch.no_grad()
+def sweep_decode(dims: tuple[int, int, int, int], tokens: list[int]) -> list[dict[str, Any]]:
+    """The decode kernels' tiles with 1-byte weights (int8 and fp8), each stage alone from a CUDA graph; the bf16
+    tiles of ``dispatch.default_config`` were tuned for 2-byte weights."""
+    from benchmarks.moe import _graph_ms
+    from kernels.moe import grouped, naive, routing
+
+    hidden, inter, E, top_k = dims
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ws = [torch.empty(E, inter, hidden, device="cuda", dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
+          for _ in range(2)] + [torch.empty(E, hidden, inter, device="cuda", dtype=torch.bfloat16).normal_(0, 0.02,
+                                                                                                          generator=g)]
+    router = torch.randn(E, hidden, device="cuda", generator=g) * 0.02
+    rows = []
+    for mode in ("experts-int8", "experts-fp8"):
+        (q1, s1), (q3, s3), (q2, s2) = (naive.quantize_weight(w, mode) for w in ws)
+        for T in tokens:
+            x = torch.randn(T, hidden, device="cuda", generator=g).bfloat16()
+            w, ids = routing.moe_route_triton(x, router, top_k)
+            a, a_scale = (x, None) if mode == "experts-int8" else grouped.quantize_rows_fp8(x)
+            for bn, bk, warps, stages in QUANT_DECODE_CANDIDATES:
+                kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+                row: dict[str, Any] = {"mode": mode, "T": T, **kw}
+                try:
+                    h = torch.empty(T * top_k, inter, device="cuda", dtype=x.dtype)
+                    swiglu = lambda: grouped.swiglu_decode(a, q1, q3, ids, out=h, scales=(s1, s3),  # noqa: E731
+                                                           row_scale=a_scale, **kw)
+                    row["swiglu_ms"] = _graph_ms(swiglu)
+                    swiglu()
+                    hq, h_scale = (h, None) if mode == "experts-int8" else grouped.quantize_rows_fp8(h)
+                    row["down_ms"] = _graph_ms(lambda: grouped.down_combine_decode(
+                        hq, q2, w, ids, out_dtype=x.dtype, scale=s2, row_scale=h_scale, **kw))
+                except Exception as exc:  # noqa: BLE001 - a tile set that does not compile is a result
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(row)
+                print("  sweep decode", row, flush=True)
+        del q1, q3, q2
+        torch.cuda.empty_cache()
+    return rows
+
+
 def _int8_floor_bytes(config) -> dict[str, int]:
     from benchmarks.decode import weight_bytes_per_token
 
@@ -234,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-layers", type=int, default=2, help="layers of the decode slice (0: skip)")
     p.add_argument("--accuracy-layers", type=int, default=4, help="layers of the accuracy slice (0: skip)")
     p.add_argument("--accuracy-tokens", type=int, default=256)
+    p.add_argument("--sweep", action="store_true", help="also sweep the decode tiles with 1-byte weights (T = 1, 16)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -251,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fp8 matmul: {payload['ceilings']['matmul_fp8_tflops']}", flush=True)
         copy_tbps = payload["ceilings"]["copy_tbps"]
         payload["op"] = op_level((6144, 9216, 32, 2), [1, 2, 4, 8, 16], [16384], copy_tbps, "cuda")
+        if args.sweep:
+            payload["sweep_decode"] = sweep_decode((6144, 9216, 32, 2), [1, 16])
         if args.model_layers:
             payload["model"] = model_level(args.model_layers, copy_tbps)
         if args.accuracy_layers:
