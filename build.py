@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MiniMax-VL-01: most image tiles one call of the vision program encodes (default: the largest "
                         "image's, thumbnail + 18 = 19 for the released grids)")
     p.add_argument("--quantize", choices=["none", "experts-int8", "experts-fp8"], default="none",
-                   help="expert weights: none (the --dtype), experts-int8 (int8 per output channel, W8A16) or "
-                        "experts-fp8 (e4m3 per output channel, fp8 activations: CPU only so far); the router, "
-                        "attention and LM head are unchanged (default none)")
+                   help="expert weights: none (the --dtype), experts-int8 (int8 per output channel, W8A16; every "
+                        "backend) or experts-fp8 (e4m3 per output channel, fp8 activations per row, W8A8; aoti only "
+                        "so far); the router, attention and LM head are unchanged (default none)")
     p.add_argument("--shard-mb", type=int, default=2048,
                    help="size of the engine folder's weight shards in MB (AOTInductor; default 2048)")
     p.add_argument("--overwrite", action="store_true",

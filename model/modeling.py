@@ -212,7 +212,8 @@ class QuantizedExperts(nn.Module):
         def frozen(*shape: int, dtype: torch.dtype) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
-        self.w1, self.w3, self.w2 = frozen(E, I, hidden, dtype=q), frozen(E, I, hidden, dtype=q), frozen(E, hidden, I, dtype=q)
+        self.w1, self.w3 = frozen(E, I, hidden, dtype=q), frozen(E, I, hidden, dtype=q)
+        self.w2 = frozen(E, hidden, I, dtype=q)
         self.w1_scale, self.w3_scale = frozen(E, I, dtype=torch.float32), frozen(E, I, dtype=torch.float32)
         self.w2_scale = frozen(E, hidden, dtype=torch.float32)
 
