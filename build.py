@@ -193,7 +193,7 @@ def _build(args: argparse.Namespace) -> int:
             check_lowering(settings)
             from export.exporting import check_quantization
 
-            check_quantization(args.quantize, settings, vl=vl_config is not None)
+            check_quantization(args.quantize, settings)
             # the output folder: refused unless absent or an engine folder with --overwrite; locked until the end
             stack.enter_context(reserve_destination(args.out, overwrite=args.overwrite))
         except (ConfigError, EngineFolderError) as e:
@@ -222,8 +222,7 @@ def _build(args: argparse.Namespace) -> int:
                 validate(args.checkpoint, settings.torch_dtype)  # names and shapes, before any work
                 with torch.device("meta"):
                     model = model_class(model_config, dtype=settings.torch_dtype)
-                if vl_config is None:
-                    model.quantize_experts_(args.quantize)  # still weightless: the converter quantizes
+                text_model(model).quantize_experts_(args.quantize)  # still weightless: the converter quantizes
                 if backend == "aoti":
                     model = model.to_empty(device=device)
                     text_model(model).model.reset_buffers()
@@ -234,25 +233,20 @@ def _build(args: argparse.Namespace) -> int:
                         from export.onnx_lowering import RoutingWriter
 
                         writer = RoutingWriter(folder, layouts)
-                        if vl_config is None:
-                            convert(args.checkpoint, writer, settings.torch_dtype, quantize=args.quantize)
-                        else:
-                            convert(args.checkpoint, writer, settings.torch_dtype)
+                        convert(args.checkpoint, writer, settings.torch_dtype, quantize=args.quantize)
                         writer.close()
                         return None, writer.sha256
                     from export.weights import ShardWriter
 
                     writer = ShardWriter(folder, shard_bytes=args.shard_mb << 20)
-                    if vl_config is None:
-                        convert(args.checkpoint, writer, settings.torch_dtype, quantize=args.quantize)
-                    else:
-                        convert(args.checkpoint, writer, settings.torch_dtype)
+                    convert(args.checkpoint, writer, settings.torch_dtype, quantize=args.quantize)
                     return writer.close(), writer.sha256
             elif args.checkpoint and vl_config is not None:
                 # TensorRT: the plans are built from graphs with their weights (as Text-01's)
                 log.info("loading %s (MiniMax-VL-01, %s, %s)", args.checkpoint, settings.dtype, device)
                 model = MiniMaxVLForConditionalGeneration.from_pretrained(args.checkpoint, dtype=settings.torch_dtype,
                                                                           device=device)
+                model.language_model.quantize_experts_(args.quantize)
             elif args.checkpoint:
                 log.info("loading %s (%s, %s)", args.checkpoint, settings.dtype, device)
                 model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=settings.torch_dtype, device=device)
@@ -262,6 +256,7 @@ def _build(args: argparse.Namespace) -> int:
                 with torch.device(device):
                     model = MiniMaxVLForConditionalGeneration(vl_config, dtype=settings.torch_dtype)
                     model.init_random_weights(seed=0)
+                model.language_model.quantize_experts_(args.quantize)
             else:
                 log.info("building a random-weight %r model (%s, %s)", args.preset, settings.dtype, device)
                 with torch.device(device):

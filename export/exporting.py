@@ -278,7 +278,7 @@ def build_engine(
         raise EngineFolderError(f"max_tiles {settings.max_tiles}: a text model has no vision program (max_tiles 0)")
     check_lowering(settings)
     quantization = text_model(model).quantization
-    check_quantization(quantization, settings, vl=vl)
+    check_quantization(quantization, settings)
     if model.dtype != settings.torch_dtype:  # (a VL model's dtype is its weights', as the text model's)
         raise ValueError(f"model weights are {model.dtype}, the build asks for {settings.dtype}")
     model.eval()
@@ -366,14 +366,13 @@ def build_engine(
     return manifest
 
 
-def check_quantization(quantization: str, settings: BuildSettings, vl: bool = False) -> None:
+def check_quantization(quantization: str, settings: BuildSettings) -> None:
     """Quantized experts (``build.py --quantize``): what is built so far. AOTInductor runs
     ``minimax::moe_quantized`` in both modes (Triton kernels on CUDA, the reference on the CPU). experts-int8 also has
-    its ONNX plugin nodes and TensorRT plugins (never run here); experts-fp8 has neither yet. VL-01: unquantized."""
+    its ONNX plugin nodes and TensorRT plugins (never run here); experts-fp8 has neither yet. VL-01 engines quantize
+    their language model's experts (the vision tower and projector are unchanged)."""
     if quantization == "none":
         return
-    if vl:
-        raise EngineFolderError(f"--quantize {quantization}: VL-01 engines are built unquantized so far")
     if quantization == "experts-fp8" and settings.backend != "aoti":
         raise EngineFolderError("--quantize experts-fp8: only the aoti backend lowers it so far (no ONNX node or "
                                 f"TensorRT plugin for fp8 experts yet); got backend {settings.backend!r}")

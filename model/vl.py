@@ -765,13 +765,17 @@ def validate_vl_checkpoint(path: str | Path, dtype: torch.dtype = torch.bfloat16
     return _prepare_vl(MiniMaxVLForConditionalGeneration, path, dtype)[1]
 
 
-def convert_vl_checkpoint(path: str | Path, writer, dtype: torch.dtype = torch.bfloat16) -> MiniMaxVLConfig:
+def convert_vl_checkpoint(path: str | Path, writer, dtype: torch.dtype = torch.bfloat16, quantize: str = "none"
+                          ) -> MiniMaxVLConfig:
     """``model.loading.convert_checkpoint`` for MiniMax-VL-01: the checkpoint streamed one tensor at a time into
     an engine folder's weights (``writer``: ``export.weights.ShardWriter``) under the VL model's names, experts
-    as parts, the text model's derived buffers added; the model is never built. Returns the config."""
+    as parts, the text model's derived buffers added; the model is never built. ``quantize``: the language
+    model's experts quantized while streaming (the vision tower and projector unchanged). Returns the config."""
     from .loading import derived_buffers, stream_converted
 
     root, config, skeleton, plan, by_shard = _prepare_vl(MiniMaxVLForConditionalGeneration, path, dtype)
+    skeleton.language_model.quantize_experts_(quantize)
+    plan = vl_checkpoint_key_plan(skeleton)
     buffers = {f"language_model.{k}": v for k, v in derived_buffers(config.text).items()}
     stream_converted(writer, skeleton, root, by_shard, plan, buffers)
     return config

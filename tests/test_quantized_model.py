@@ -132,8 +132,8 @@ def test_quantized_engine_from_a_checkpoint_equals_the_eager_quantized_model(qua
 
 
 def test_quantize_refused_where_not_built(tmp_path):
-    """experts-fp8 has no ONNX node or TensorRT plugin yet, and VL engines are unquantized: refused before any work,
-    naming what is missing; experts-int8 is accepted by every backend, experts-fp8 by AOTInductor on either device."""
+    """experts-fp8 has no ONNX node or TensorRT plugin yet: refused before any work, naming what is missing;
+    experts-int8 is accepted by every backend, experts-fp8 by AOTInductor on either device."""
     from export import BuildSettings
     from export.engine_folder import EngineFolderError
     from export.exporting import check_quantization
@@ -143,8 +143,6 @@ def test_quantize_refused_where_not_built(tmp_path):
             check_quantization("experts-fp8", BuildSettings(backend=backend))
         check_quantization("experts-int8", BuildSettings(backend=backend))
     check_quantization("experts-fp8", BuildSettings(device="cuda"))
-    with pytest.raises(EngineFolderError, match="VL-01 engines are built unquantized"):
-        check_quantization("experts-int8", BuildSettings(), vl=True)
     check_quantization("experts-fp8", BuildSettings(device="cpu"))
     assert build.main(["--preset", "tiny", "--out", str(tmp_path / "e"), "--backend", "onnx", "--device", "cpu",
                        "--quantize", "experts-fp8"]) == 2

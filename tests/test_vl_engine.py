@@ -561,3 +561,30 @@ def test_onnx_vision_graph_with_weights_inside_equals_the_skeleton_one(vl, vl_on
     a = reference_evaluator(tmp_path / "vision.onnx").run(None, feeds)[0]
     b = reference_evaluator(folder / "vision.onnx").run(None, feeds)[0]
     assert rel_err(torch.from_numpy(a), torch.from_numpy(b)) < 1e-6
+
+
+def test_vl_engine_with_int8_experts_equals_the_eager_quantized_vl_model(vl, tmp_path):
+    """``build.py --checkpoint <VL> --quantize experts-int8``: the language model's experts quantized while the
+    checkpoint streams (the vision tower and projector as they are), the engine generating with images exactly what
+    the eager VL model with the same quantization generates."""
+    from export import read_manifest
+
+    _, _, ckpt, _ = vl
+    out = tmp_path / "int8"
+    assert build.main(["--checkpoint", str(ckpt), "--out", str(out), "--backend", "aoti", "--device", "cpu",
+                       "--dtype", "fp32", "--max-batch", "2", "--max-input-len", str(MAX_INPUT_LEN),
+                       "--max-seq-len", str(MAX_SEQ_LEN), "--page-size", "16", "--quantize", "experts-int8"]) == 0
+    manifest = read_manifest(out)
+    assert manifest["quantization"] == "experts-int8"
+    tensors = manifest["weights"]["tensors"]
+    assert tensors["language_model.model.layers.0.block_sparse_moe.experts.w1.0"]["dtype"] == "int8"
+    assert any(name.startswith("vision_tower.") and t["dtype"] == "float32" for name, t in tensors.items())
+    model = MiniMaxVLForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+    model.language_model.quantize_experts_("experts-int8")
+    engine = Engine.load(out)
+    tiles, layouts = _tiles(model.config, SIZES[:2], seed=3)
+    rows = _prompts(model.config, layouts, seed=3)
+    images = [[(tiles[0], SIZES[0]), (tiles[1], SIZES[1])]]
+    got = engine.generate(rows, max_new_tokens=6, images=images)
+    eager = Engine.from_model(model, 2, MAX_INPUT_LEN, MAX_SEQ_LEN, page_size=16)
+    assert torch.equal(got, eager.generate(rows, max_new_tokens=6, images=images))
