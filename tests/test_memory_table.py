@@ -23,3 +23,17 @@ def test_weights_by_mode():
     rows = {(r["mode"], r["gpus"]): r for r in memory_table.table(reserve_gib=5.0)}
     assert rows[("none", 8)]["H100/H800 80 GB"] == 0  # 914.7 GB of bf16 weights: more than 8 x 80 GB
     assert rows[("experts-int8", 8)]["H100/H800 80 GB"] > 2_000_000  # the published 8 x H800 setup: 2M tokens fit
+
+
+def test_parallel_plan_arithmetic():
+    """benchmarks/parallel_plan.py: tensor parallel reads 1/N of both selected experts per token and rank; expert
+    parallel reads whole experts on the busiest rank (one, or both with probability (E/N - 1)/(E - 1))."""
+    from benchmarks import parallel_plan
+
+    config = MiniMaxConfig.preset("minimax-text-01")
+    one_expert = 3 * 6144 * 9216
+    tp = parallel_plan.weight_bytes_per_token(config, 8, 1, expert_parallel=False)
+    ep = parallel_plan.weight_bytes_per_token(config, 8, 1, expert_parallel=True)
+    assert tp["experts"] == 80 * 2 * one_expert / 8
+    assert abs(ep["experts"] - 80 * (1 + 3 / 31) * one_expert) < 1
+    assert tp["lm_head"] == 200064 * 6144 * 4 / 8

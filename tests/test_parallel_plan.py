@@ -1,0 +1,187 @@
+"""The parallel plan (``model/parallel.py``, issue 16): every tensor of the model is placed, the ranks' slices
+partition each split tensor exactly, and the algebra the plan relies on holds (per-head slices of the fused
+projections, partial sums of the row-split projections, the MoE split by intermediate channels or by experts, the
+RMSNorm over heads from per-rank sums of squares, the vocabulary split); illegal world sizes are refused by name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.moe import naive
+from model import MiniMaxConfig, MiniMaxForCausalLM
+from model.parallel import ParallelPlan, ParallelPlanError
+
+TINY = MiniMaxConfig.preset("tiny")  # 6 heads, 2 KV heads, I 48, 4 experts, vocab 512
+WIDE = dataclasses.replace(TINY, num_attention_heads=8, num_key_value_heads=8, num_local_experts=8,
+                           intermediate_size=32)  # every split at 2 and 4 ranks
+
+
+def _model(config):
+    model = MiniMaxForCausalLM(config).init_random_weights(seed=0, std=0.1)
+    model.model.reset_buffers()
+    return model
+
+
+@pytest.mark.parametrize("config,n,ep", [(TINY, 2, False), (TINY, 2, True), (WIDE, 4, False), (WIDE, 4, True),
+                                         (WIDE, 8, True)])
+@pytest.mark.parametrize("quantize", ["none", "experts-int8"])
+def test_ranks_partition_every_tensor(config, n, ep, quantize):
+    model = _model(config).quantize_experts_(quantize)
+    plan = ParallelPlan(config, n, expert_parallel=ep)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        shards = [plan.shard(name, tuple(t.shape), r) for r in range(n)]
+        if shards[0].dim is None:
+            assert all(s.dim is None for s in shards), name
+            continue
+        dim = shards[0].dim
+        pieces = [t.narrow(dim, s.start, s.stop - s.start) for s in shards]
+        assert torch.equal(torch.cat(pieces, dim), t), name  # in rank order, no gap, no overlap
+
+
+def test_world_sizes_that_do_not_split_are_refused_by_name():
+    with pytest.raises(ParallelPlanError, match=r"num_attention_heads = 6 does not split over 4 ranks"):
+        ParallelPlan(TINY, 4)
+    with pytest.raises(ParallelPlanError, match=r"num_local_experts = 4 does not split over 8 ranks \(expert"):
+        ParallelPlan(dataclasses.replace(TINY, num_attention_heads=8, num_key_value_heads=8), 8, expert_parallel=True)
+    with pytest.raises(ParallelPlanError, match="intermediate_size = 48 does not split over 32"):
+        ParallelPlan(dataclasses.replace(WIDE, num_attention_heads=32, num_key_value_heads=32, intermediate_size=48,
+                                         vocab_size=512), 32)
+    with pytest.raises(ParallelPlanError, match="world size must be a positive integer"):
+        ParallelPlan(TINY, 0)
+    plan = ParallelPlan(TINY, 2)
+    with pytest.raises(ParallelPlanError, match="rank 2 is outside the world of 2"):
+        plan.heads(2)
+    with pytest.raises(ParallelPlanError, match="model.layers.0.mystery.weight: no rule"):
+        plan.shard("model.layers.0.mystery.weight", (4, 4), 0)
+
+
+@torch.no_grad()
+def test_lightning_algebra_heads_split():
+    """Per-head slices of qkv_proj and output_gate give the rank's heads exactly; the RMSNorm over all heads from
+    the ranks' sums of squares (one all-reduce) and the partial sums of out_proj (one all-reduce) give the layer."""
+    n = 2
+    model = _model(TINY)
+    attn = model.model.layers[0].self_attn
+    plan = ParallelPlan(TINY, n)
+    B, T, H, D = 2, 5, TINY.num_attention_heads, TINY.head_dim
+    x = torch.randn(B, T, TINY.hidden_size, generator=torch.Generator().manual_seed(1))
+    full = F.silu(attn.qkv_proj(x)).view(B, T, H, 3 * D)
+    o = torch.randn(B, T, H * D, generator=torch.Generator().manual_seed(2))  # stands for the attention output
+    eps = attn.norm.eps
+    want = attn.out_proj(torch.sigmoid(attn.output_gate(x)) * attn.norm(o))
+    parts, squares = [], []
+    for r in range(n):
+        s = plan.shard("model.layers.0.self_attn.qkv_proj.weight", tuple(attn.qkv_proj.weight.shape), r)
+        heads = plan.heads(r)
+        mine = F.silu(F.linear(x, attn.qkv_proj.weight[s.start:s.stop])).view(B, T, len(heads), 3 * D)
+        assert torch.equal(mine, full[:, :, heads.start:heads.stop])
+        c = plan.shard("model.layers.0.self_attn.norm.weight", (H * D,), r)
+        squares.append(o[..., c.start:c.stop].float().pow(2).sum(-1, keepdim=True))
+    mean_square = sum(squares) / (H * D)  # the all-reduce of the per-rank sums
+    for r in range(n):
+        c = plan.shard("model.layers.0.self_attn.norm.weight", (H * D,), r)
+        normed = o[..., c.start:c.stop] * torch.rsqrt(mean_square + eps) * attn.norm.weight[c.start:c.stop]
+        gate = torch.sigmoid(F.linear(x, attn.output_gate.weight[c.start:c.stop]))
+        cols = plan.shard("model.layers.0.self_attn.out_proj.weight", tuple(attn.out_proj.weight.shape), r)
+        parts.append(F.linear(gate * normed, attn.out_proj.weight[:, cols.start:cols.stop]))
+    assert torch.allclose(sum(parts), want, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_softmax_projections_split_with_their_kv_heads():
+    n = 2
+    model = _model(TINY)
+    attn = model.model.layers[3].self_attn  # full attention
+    plan = ParallelPlan(TINY, n)
+    D, H, KVH = TINY.head_dim, TINY.num_attention_heads, TINY.num_key_value_heads
+    group = H // KVH
+    x = torch.randn(3, TINY.hidden_size, generator=torch.Generator().manual_seed(3))
+    for r in range(n):
+        heads, kv = plan.heads(r), plan.kv_heads(r)
+        assert heads.start // group == kv.start and heads.stop // group == kv.stop  # GQA groups stay whole
+        q = plan.shard("model.layers.3.self_attn.q_proj.weight", tuple(attn.q_proj.weight.shape), r)
+        k = plan.shard("model.layers.3.self_attn.k_proj.weight", tuple(attn.k_proj.weight.shape), r)
+        assert torch.equal(F.linear(x, attn.q_proj.weight[q.start:q.stop]),
+                           attn.q_proj(x)[:, heads.start * D:heads.stop * D])
+        assert torch.equal(F.linear(x, attn.k_proj.weight[k.start:k.stop]), attn.k_proj(x)[:, kv.start * D:kv.stop * D])
+    o = torch.randn(3, H * D, generator=torch.Generator().manual_seed(4))
+    parts = [F.linear(o[:, s.start:s.stop], attn.o_proj.weight[:, s.start:s.stop])
+             for s in (plan.shard("model.layers.3.self_attn.o_proj.weight", tuple(attn.o_proj.weight.shape), r)
+                       for r in range(n))]
+    assert torch.allclose(sum(parts), attn.o_proj(o), atol=1e-5)
+
+
+@pytest.mark.parametrize("ep", [False, True])
+@pytest.mark.parametrize("quantize", ["none", "experts-int8"])
+@torch.no_grad()
+def test_moe_split_sums_to_the_block(ep, quantize):
+    """Tensor parallel (each expert's I split) or expert parallel (experts split, routing done once on every rank):
+    the ranks' outputs sum to the whole block (the one all-reduce), unquantized and with int8 experts."""
+    n = 4
+    model = _model(WIDE).quantize_experts_(quantize)
+    moe = model.model.layers[0].block_sparse_moe
+    plan = ParallelPlan(WIDE, n, expert_parallel=ep)
+    x = torch.randn(9, WIDE.hidden_size, generator=torch.Generator().manual_seed(5))
+    weights, ids = naive.moe_route(x, moe.gate.weight, WIDE.num_experts_per_tok)
+    e = moe.experts
+    names = ("w1", "w3", "w2")
+    if quantize == "none":
+        full = {k: getattr(e, k) for k in names}
+    else:
+        full = {k: naive.dequantize_weight(getattr(e, k), getattr(e, f"{k}_scale")) for k in names}
+    want = naive.moe_experts(x, weights, ids, full["w1"], full["w3"], full["w2"])
+    prefix = "model.layers.0.block_sparse_moe.experts."
+    total = torch.zeros_like(want)
+    for r in range(n):
+        part = {}
+        for k in names:
+            t = getattr(e, k)
+            s = plan.shard(prefix + k, tuple(t.shape), r)
+            piece = t.narrow(s.dim, s.start, s.stop - s.start)
+            if quantize != "none":
+                sc = getattr(e, f"{k}_scale")
+                ss = plan.shard(prefix + k + "_scale", tuple(sc.shape), r)
+                sc = sc if ss.dim is None else sc.narrow(ss.dim, ss.start, ss.stop - ss.start)
+                piece = naive.dequantize_weight(piece, sc)
+            part[k] = piece
+        if ep:
+            mine = plan.experts(r)
+            local = torch.where((ids >= mine.start) & (ids < mine.stop), ids - mine.start, -1)
+            total += naive.moe_experts(x, weights, local, part["w1"], part["w3"], part["w2"])
+        else:
+            total += naive.moe_experts(x, weights, ids, part["w1"], part["w3"], part["w2"])
+    assert torch.allclose(total, want, atol=1e-5, rtol=1e-5)
+
+
+def test_vocab_split_embedding_and_lm_head():
+    n = 2
+    model = _model(TINY)
+    plan = ParallelPlan(TINY, n)
+    ids = torch.tensor([[0, 255, 256, 511, 7]])
+    emb = model.model.embed_tokens.weight
+    looked = torch.zeros(1, 5, TINY.hidden_size)
+    logits = []
+    h = torch.randn(1, 5, TINY.hidden_size, generator=torch.Generator().manual_seed(6))
+    for r in range(n):
+        v = plan.vocab(r)
+        mine = (ids >= v.start) & (ids < v.stop)
+        rows = emb[v.start:v.stop][(ids - v.start).clamp(0, len(v) - 1)]
+        looked += torch.where(mine[..., None], rows, torch.zeros(()))  # the all-reduce of the lookups
+        logits.append(F.linear(h, model.lm_head.weight[v.start:v.stop]))
+    assert torch.equal(looked, emb[ids])
+    assert torch.allclose(torch.cat(logits, -1), F.linear(h, model.lm_head.weight), atol=1e-6)  # the all-gather
+
+
+def test_collectives_of_text01_at_8_ranks():
+    config = MiniMaxConfig.preset("minimax-text-01")
+    plan = ParallelPlan(config, 8)
+    by_where = {c.where: c for c in plan.collectives()}
+    assert by_where["attention output projection (partial sums)"].count == 80
+    assert by_where["lightning RMSNorm mean square (heads split)"].count == 70
+    assert by_where["LM head (vocab-split logits, fp32)"].elements_per_token == 200064 // 8
+    assert sum(c.count for c in plan.collectives()) == 1 + 70 + 80 + 80 + 1
+    assert ParallelPlan(config, 1).collectives() == []
