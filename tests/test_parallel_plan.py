@@ -185,3 +185,69 @@ def test_collectives_of_text01_at_8_ranks():
     assert by_where["LM head (vocab-split logits, fp32)"].elements_per_token == 200064 // 8
     assert sum(c.count for c in plan.collectives()) == 1 + 70 + 80 + 80 + 1
     assert ParallelPlan(config, 1).collectives() == []
+
+
+_COLLECTIVES_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+
+class Rank(torch.nn.Module):
+    # a row-split projection (all-reduce of partial sums) and a vocab-split head (all-gather of the logits)
+    def __init__(self, w, head):
+        super().__init__()
+        self.w, self.head = torch.nn.Parameter(w), torch.nn.Parameter(head)
+
+    def forward(self, x):
+        y = funcol.all_reduce(x @ self.w, "sum", dist.group.WORLD)
+        return funcol.all_gather_tensor((y @ self.head.t()).contiguous(), 1, dist.group.WORLD)
+
+
+def main(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    w, head, x = torch.randn(8, 6, generator=g), torch.randn(10, 6, generator=g), torch.randn(3, 8, generator=g)
+    rows, vocab = 8 // world, 10 // world
+    model = Rank(w[rank * rows:(rank + 1) * rows], head[rank * vocab:(rank + 1) * vocab]).eval()
+    with torch.no_grad():
+        ep = torch.export.export(model, (x[:, rank * rows:(rank + 1) * rows],))
+        targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+        pkg = torch._inductor.aoti_compile_and_package(ep, package_path=f"{out}/rank{rank}.pt2")
+        got = torch._inductor.aoti_load_package(pkg)(x[:, rank * rows:(rank + 1) * rows])
+    want = (x @ w) @ head.t()
+    ok = got.shape == want.shape and torch.allclose(got, want, atol=1e-5)  # ranks' logits side by side
+    with open(f"{out}/rank{rank}.txt", "w") as f:
+        f.write(f"{ok} {sorted(targets)}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+    mp.spawn(main, args=(2, int(sys.argv[1]), sys.argv[2]), nprocs=2)
+"""
+
+
+def test_functional_collectives_survive_export_and_aotinductor_over_gloo(tmp_path):
+    """The design's premise (issue 16): per-rank programs whose collectives are ``torch.ops._c10d_functional``
+    nodes that torch.export keeps and an AOTInductor CPU package runs, here over gloo with 2 processes: an
+    all-reduce of a row-split projection's partial sums and an all-gather of vocab-split logits equal the unsplit
+    computation on every rank."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "collectives.py"
+    script.write_text(_COLLECTIVES_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], cwd=root, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        ok, *targets = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
+        assert ok == "True", targets
+        assert "_c10d_functional.all_reduce.default" in targets[0] and "all_gather_into_tensor" in targets[0]
