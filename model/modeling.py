@@ -78,10 +78,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.tp = None  # tensor parallel (model/parallel.py): the channels are split, the mean is all-reduced
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.tp is None:
+            mean_square = xf.pow(2).mean(-1, keepdim=True)
+        else:
+            mean_square = self.tp.all_reduce(xf.pow(2).sum(-1, keepdim=True)) / (xf.shape[-1] * self.tp.world_size)
+        xf = xf * torch.rsqrt(mean_square + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
@@ -269,14 +274,20 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.block_sparse_moe = SparseMoE(config, dtype=dtype)
+        self.tp = None  # tensor parallel (model/parallel.py): the attention and MoE outputs are partial sums
 
     def forward(self, x: Tensor, ctx: _StepContext, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
         # Post-norm: the residual branch carries the *normed* input, scaled by alpha (DeepNorm).
         h = self.input_layernorm(x)
         attn, state = self.self_attn(h, ctx, state)
+        if self.tp is not None:
+            attn = self.tp.all_reduce(attn)
         y = self.attn_alpha * h + self.attn_beta * attn
         h = self.post_attention_layernorm(y)
-        return self.mlp_alpha * h + self.mlp_beta * self.block_sparse_moe(h), state
+        moe = self.block_sparse_moe(h)
+        if self.tp is not None:
+            moe = self.tp.all_reduce(moe)
+        return self.mlp_alpha * h + self.mlp_beta * moe, state
 
 
 class MiniMaxModel(nn.Module):
@@ -289,6 +300,17 @@ class MiniMaxModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i, dtype=dtype) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dtype)
         self.register_buffer("inv_freq", torch.empty(config.rotary_dim // 2, dtype=torch.float32), persistent=False)
+        self.tp = None  # tensor parallel (model/parallel.py): the embedding rows are split over the vocabulary
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """The ids' embeddings; split over the vocabulary, each rank looks up its rows and the sum is all-reduced."""
+        if self.tp is None:
+            return self.embed_tokens(input_ids)
+        rows = self.embed_tokens.weight.shape[0]
+        local = input_ids - self.tp.vocab_start
+        mine = (local >= 0) & (local < rows)
+        h = self.embed_tokens(local.clamp(0, rows - 1)) * mine[..., None].to(self.embed_tokens.weight.dtype)
+        return self.tp.all_reduce(h)
 
     def reset_buffers(self) -> None:
         """(Re)compute the derived buffers (RoPE frequencies, decay rates) on the weights' device."""
@@ -303,7 +325,7 @@ class MiniMaxModel(nn.Module):
     def forward(
         self, input_ids: Tensor, state: MiniMaxState, positions: Tensor, decode: bool
     ) -> tuple[Tensor, MiniMaxState]:
-        return self.forward_embeddings(self.embed_tokens(input_ids), state, positions, decode)
+        return self.forward_embeddings(self.embed(input_ids), state, positions, decode)
 
     def forward_embeddings(
         self, h: Tensor, state: MiniMaxState, positions: Tensor, decode: bool
@@ -339,6 +361,7 @@ class MiniMaxForCausalLM(nn.Module):
         self.dtype = dtype
         self.model = MiniMaxModel(config, dtype=dtype)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=torch.float32)
+        self.tp = None  # tensor parallel (model/parallel.py, ``tensor_parallel_model``)
         if self.lm_head.weight.device.type != "meta":
             self.model.reset_buffers()
             self.log_kernel_choice()
@@ -399,7 +422,10 @@ class MiniMaxForCausalLM(nn.Module):
         return self
 
     def _logits(self, h: Tensor) -> Tensor:
-        return F.linear(h.float(), self.lm_head.weight)  # fp32 LM head -> fp32 logits [B, T, V]
+        logits = F.linear(h.float(), self.lm_head.weight)  # fp32 LM head -> fp32 logits [B, T, V]
+        if self.tp is not None:  # split over the vocabulary: the ranks' [B, T, V / N] side by side
+            logits = self.tp.all_gather(logits, -1)
+        return logits
 
     def new_state(
         self, batch_size: int, max_seq_len: int, device: torch.device | str | None = None, page_size: int = 256

@@ -23,12 +23,16 @@ Tensor parallel (Megatron layout; activations [T, hidden] replicated on every ra
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
+import torch
+
 from .config import LIGHTNING, MiniMaxConfig
 
-__all__ = ["ParallelPlan", "Shard", "Collective", "ParallelPlanError"]
+__all__ = ["ParallelPlan", "Shard", "Collective", "ParallelPlanError", "TensorParallel", "tensor_parallel_model",
+           "local_config"]
 
 
 class ParallelPlanError(ValueError):
@@ -147,3 +151,67 @@ class ParallelPlan:
             Collective("LM head (vocab-split logits, fp32)", "all_gather", c.vocab_size // self.world_size, 4, 1),
         ]
         return out if self.world_size > 1 else []
+
+
+# ------------------------------------------------------------------------------------------------ the rank's model
+
+
+class TensorParallel:
+    """One rank's collectives, as functional collectives (``torch.distributed._functional_collectives``: eager
+    calls and ``torch.export`` graphs alike; an AOTInductor package runs them, tests/test_parallel_plan.py)."""
+
+    def __init__(self, plan: ParallelPlan, rank: int, group=None):
+        import torch.distributed as dist
+
+        self.plan, self.rank = plan, rank
+        self.world_size = plan.world_size
+        self.group = group if group is not None else dist.group.WORLD
+        self.vocab_start = plan.vocab(rank).start
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_reduce(t, "sum", self.group)
+
+    def all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_gather_tensor(t.contiguous(), dim % t.dim(), self.group)
+
+
+def local_config(plan: ParallelPlan) -> MiniMaxConfig:
+    """The config of one rank's slice under tensor parallelism: heads, KV heads, I and the vocabulary divided."""
+    c, n = plan.config, plan.world_size
+    return dataclasses.replace(c, num_attention_heads=c.num_attention_heads // n,
+                               num_key_value_heads=c.num_key_value_heads // n,
+                               intermediate_size=c.intermediate_size // n, vocab_size=c.vocab_size // n)
+
+
+@torch.no_grad()
+def tensor_parallel_model(model, plan: ParallelPlan, rank: int, group=None):
+    """Rank ``rank``'s ``MiniMaxForCausalLM`` under tensor parallelism (``plan``), from the whole ``model``: every
+    tensor narrowed as ``plan.shard`` says (quantized experts and their scales too), the collectives set where the
+    math needs them (embedding, attention and MoE outputs, the lightning RMSNorm, the LM head). Called on every
+    rank of ``group`` (default: the world) with the same model; its forward returns the full logits on each rank.
+    Expert parallelism has a plan but no model yet."""
+    from .modeling import MiniMaxForCausalLM
+
+    if plan.expert_parallel:
+        raise NotImplementedError("tensor_parallel_model: expert parallelism is planned (ParallelPlan) but not built")
+    with torch.device("meta"):
+        local = MiniMaxForCausalLM(local_config(plan), dtype=model.dtype)
+        local.quantize_experts_(model.quantization)
+    device = model.lm_head.weight.device
+    local = local.to_empty(device=device)
+    full = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, t in [*local.named_parameters(), *local.named_buffers()]:
+        src = full[name]
+        s = plan.shard(name, tuple(src.shape), rank)
+        t.copy_(src if s.dim is None else src.narrow(s.dim, s.start, s.stop - s.start))
+    tp = TensorParallel(plan, rank, group)
+    local.tp = local.model.tp = tp
+    for layer in local.model.layers:
+        layer.tp = tp
+        if layer.is_lightning:
+            layer.self_attn.norm.tp = tp
+    return local.eval()
