@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU session script of 2026-12-04: one device call runs one or more steps, writing logs and JSON under $OUT.
+#   bash benchmarks/gpu_session.sh STEP...   (steps: vision vltests serving long attention quant suite)
+# serving needs fastapi / starlette / uvicorn / pydantic / pydantic-core / annotated-types / typing-inspection /
+# opentelemetry-api carried as wheels in .whl/ (the device README's recipe); every step bounds itself with timeout.
+export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
+export PYTHONPATH=.
+T0=$(date +%s)
+git_rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee $OUT/device.txt
+for step in "$@"; do
+  echo "== $step at $(( $(date +%s) - T0 )) s"
+  case $step in
+    vision)
+      timeout 330 python -m benchmarks.vision --ttft --profile --out $OUT/vision.json 2>&1 | grep -v -E "warn|return cls.__new__" | tee $OUT/vision.log ;;
+    vltests)
+      timeout 240 python -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/test_vl_gpu.py 2>&1 | tail -15 | tee $OUT/vltests.log ;;
+    serving)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+      PYTHONPATH=/tmp/site:. timeout 560 python -m benchmarks.serving --slice 2 --max-batch 64 --reliability 1000 \
+        --concurrency 64 --load 300 --rate 30 --prompt-range 128,8192 --output-range 16,512 --prefix-ttft 8192 \
+        --token-budget 2048 --out $OUT/serving.json 2>&1 | grep -v -E "warn|return cls.__new__" | tee $OUT/serving.log ;;
+    long)
+      timeout 560 python -m benchmarks.long_context --skip-sweep --prefill-lengths 32768 --decode-held 1048576 \
+        --out $OUT/long.json 2>&1 | grep -v -E "warn|return cls.__new__" | tee $OUT/long.log ;;
+    attention)
+      timeout 440 python -m benchmarks.attention --page-size 256 --out $OUT/attention.json 2>&1 | grep -v -E "warn|return cls.__new__|UserWarning|scaled_dot_product" | tee $OUT/attention.log ;;
+    quant)  # the quantized-experts GPU tests, then the whole benchmark with the decode-tile sweep
+      timeout 120 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe_quant.py tests/test_plugins_gpu.py -k "fp8 or int8" 2>&1 | grep -v -E "Warning|warnings.warn|^  " | tail -12 | tee $OUT/quant_tests.log
+      timeout 460 python -m benchmarks.moe_quant --sweep --out $OUT/moe_quant.json 2>&1 | grep -v -E "Warning|warn" | tee $OUT/moe_quant.log ;;
+    suite)
+      run_shard() { local n=$1; shift; local s=$(date +%s)
+        timeout 330 python -m pytest -m gpu -q -rfEs -p no:cacheprovider "$@" > $OUT/suite_$n.txt 2>&1
+        echo "rc=$? t=$(( $(date +%s) - s ))" >> $OUT/suite_$n.txt; }
+      run_shard a tests/test_attention_triton.py & run_shard b tests/test_runtime_gpu.py &
+      run_shard c tests/test_aoti_triton.py & run_shard d tests/test_gpu_model.py &
+      run_shard e tests/test_lightning_triton.py tests/test_moe_triton.py tests/test_plugins_gpu.py tests/test_vl_gpu.py &
+      wait
+      for f in $OUT/suite_*.txt; do echo "== $f"; grep -v -i warn $f | tail -6; done
+      (for f in $OUT/suite_*.txt; do echo "== shard $(basename $f .txt)"; grep -v -E "Warning|warnings.warn|return cls.__new__|^  " $f; done) > $OUT/suite.log; rm $OUT/suite_*.txt ;;
+  esac
+done
+echo "== done at $(( $(date +%s) - T0 )) s, tree $git_rev"
