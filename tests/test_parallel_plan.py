@@ -323,3 +323,73 @@ def test_tensor_parallel_model_over_gloo_equals_the_single_process_model(world, 
         err, shape = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
         assert float(err) < 2e-5, (rank, err)  # measured ~2e-6 (fp32 summation order); logits of order 3
         assert shape == str((3 * 16 * heads, 64)), shape
+
+
+_TP_AOTI_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+from export import BuildSettings, export_programs
+from model import MiniMaxConfig, MiniMaxForCausalLM
+from model.parallel import ParallelPlan, tensor_parallel_model
+
+
+def main(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    config = MiniMaxConfig.preset("tiny")
+    full = MiniMaxForCausalLM(config).init_random_weights(seed=0, std=0.1).eval()
+    local = tensor_parallel_model(full, ParallelPlan(config, world), rank)
+    settings = BuildSettings(backend="aoti", device="cpu", dtype="float32", max_batch=2, max_input_len=8,
+                             max_seq_len=32, page_size=8)
+    programs, ops = {}, set()
+    for name, ep in export_programs(local, settings).items():
+        ops |= {str(n.target) for n in ep.graph.nodes if n.op == "call_function" and "c10d" in str(n.target)}
+        pkg = torch._inductor.aoti_compile_and_package(ep, package_path=f"{out}/{name}{rank}.pt2")
+        programs[name] = torch._inductor.aoti_load_package(pkg)
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    ours, ref = local.new_state(2, 32, page_size=8), full.new_state(2, 32, page_size=8)
+    errs = []
+    with torch.no_grad():
+        got = programs["prefill"](ids, torch.zeros(2, dtype=torch.long), ours.block_table, ours.flatten())
+        want, ref = full.prefill(ids, ref)
+        errs.append(float((got[:, -1] - want[:, -1]).abs().max()))
+        tok = want[:, -1:].argmax(-1)
+        for i in range(3):
+            pos = torch.full((2,), 8 + i)
+            got = programs["decode"](tok, pos, ours.block_table, ours.flatten())
+            want, ref = full.decode(tok, pos, ref)
+            errs.append(float((got[:, -1] - want[:, -1]).abs().max()))
+            tok = want[:, -1:].argmax(-1)
+    with open(f"{out}/rank{rank}.txt", "w") as f:
+        f.write(f"{max(errs)} {sorted(ops)}")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+    mp.spawn(main, args=(2, int(sys.argv[1]), sys.argv[2]), nprocs=2)
+"""
+
+
+def test_tensor_parallel_programs_export_and_run_as_aotinductor_packages_over_gloo(tmp_path):
+    """Each rank's prefill and decode programs (``export.export_programs`` of its ``tensor_parallel_model``) keep
+    their collectives through torch.export, compile with AOTInductor (CPU) and, run over gloo with the rank's state
+    in place, give the single-process model's logits over a prefill chunk and three decode steps."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "tp_aoti.py"
+    script.write_text(_TP_AOTI_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], cwd=root, capture_output=True,
+                       text=True, timeout=900, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        err, ops = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
+        assert float(err) < 2e-5, (rank, err)
+        assert "all_reduce" in ops and "all_gather_into_tensor" in ops, ops
