@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from benchmarks.common import environment, measure_ceilings, write_json
+from benchmarks.common import environment, measure_ceilings, time_ms_interleaved, write_json
 
 H, KVH, D = 64, 8, 128
 
@@ -61,21 +61,8 @@ def sweep_case(name: str, B: int, L: int, splits, tiles, page_size: int = 256) -
     for key, fn in fns.items():
         if key != "cudnn":
             row[key + "_rel"] = _rel(fn(), ref)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(5):
-        for key, fn in fns.items():
-            for _ in range(2):
-                fn()
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(10):
-                fn()
-            b.record()
-            torch.cuda.synchronize()
-            times[key].append(a.elapsed_time(b) / 10)
-    for key, ts in times.items():
-        row[key + "_ms"] = sorted(ts)[len(ts) // 2]
+    for key, ms in time_ms_interleaved(fns, calls=10, rounds=5, warmup=2).items():
+        row[key + "_ms"] = ms
     print(name, {k: round(row[k + "_ms"], 4) for k in ("cudnn", "default", "op_checked")}, flush=True)
     return row
 

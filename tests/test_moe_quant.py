@@ -146,13 +146,18 @@ def test_quantized_inputs_are_checked():
 # ------------------------------------------------------------------------------------------------ Triton, W8A16
 
 
-def _int8_case(T, E, hidden, inter, seed=0, dtype=torch.float32):
+def _case(mode, T, E, hidden, inter, seed=0, dtype=torch.float32):
+    """x [T, hidden], router [E, hidden] and the experts quantized in ``mode``: (q1, s1, q3, s3, q2, s2)."""
     w1, w3, w2 = _weights(E, inter, hidden, seed)
-    q1, s1, q3, s3, q2, s2 = (t.to(DEVICE) for t in _quantized((w1, w3, w2), "experts-int8"))
+    qs = tuple(t.to(DEVICE) for t in _quantized((w1, w3, w2), mode))
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(T, hidden, generator=g).to(DEVICE, dtype)
     router = torch.randn(E, hidden, generator=g).to(DEVICE)
-    return x, router, (q1, s1, q3, s3, q2, s2)
+    return x, router, qs
+
+
+def _int8_case(*args, **kwargs):
+    return _case("experts-int8", *args, **kwargs)
 
 
 @pytest.mark.parametrize("path", ["decode", "grouped", "grouped_two_products"])
@@ -228,13 +233,8 @@ def test_op_off_cuda_is_the_reference_and_passes_opcheck(mode):
 # ------------------------------------------------------------------------------------------------ Triton, W8A8
 
 
-def _fp8_case(T, E, hidden, inter, seed=0, dtype=torch.float32):
-    w1, w3, w2 = _weights(E, inter, hidden, seed)
-    qs = tuple(t.to(DEVICE) for t in _quantized((w1, w3, w2), "experts-fp8"))
-    g = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(T, hidden, generator=g).to(DEVICE, dtype)
-    router = torch.randn(E, hidden, generator=g).to(DEVICE)
-    return x, router, qs
+def _fp8_case(*args, **kwargs):
+    return _case("experts-fp8", *args, **kwargs)
 
 
 def test_triton_quantize_rows_fp8_equals_the_definition():

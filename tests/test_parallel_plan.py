@@ -187,6 +187,26 @@ def test_collectives_of_text01_at_8_ranks():
     assert ParallelPlan(config, 1).collectives() == []
 
 
+def _run_ranks(tmp_path, script: str, *args) -> None:
+    """Run ``script`` (which spawns its gloo ranks) as ``script PORT OUT *args`` from the repository root, with a
+    free local port and ``tmp_path`` as the ranks' output folder; fails with the script's stderr."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "ranks.py"
+    path.write_text(script)
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(path), str(port), str(tmp_path), *map(str, args)], cwd=root,
+                       capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 _COLLECTIVES_SCRIPT = r"""
 import os, sys, torch, torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -233,20 +253,7 @@ def test_functional_collectives_survive_export_and_aotinductor_over_gloo(tmp_pat
     nodes that torch.export keeps and an AOTInductor CPU package runs, here over gloo with 2 processes: an
     all-reduce of a row-split projection's partial sums and an all-gather of vocab-split logits equal the unsplit
     computation on every rank."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "collectives.py"
-    script.write_text(_COLLECTIVES_SCRIPT)
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], cwd=root, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    _run_ranks(tmp_path, _COLLECTIVES_SCRIPT)
     for rank in range(2):
         ok, *targets = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
         assert ok == "True", targets
@@ -293,8 +300,8 @@ def main(rank, world, port, out, config_name, quantize):
 
 if __name__ == "__main__":
     import torch.multiprocessing as mp
-    mp.spawn(main, args=(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]),
-             nprocs=int(sys.argv[1]))
+    world = int(sys.argv[3])
+    mp.spawn(main, args=(world, int(sys.argv[1]), sys.argv[2], sys.argv[4], sys.argv[5]), nprocs=world)
 """
 
 
@@ -303,21 +310,7 @@ if __name__ == "__main__":
 def test_tensor_parallel_model_over_gloo_equals_the_single_process_model(world, config_name, quantize, tmp_path):
     """Every rank of a gloo world runs its slice of the model (``tensor_parallel_model``) over a prefill and four
     decode steps and gets the single-process model's logits (fp32), with 1 / world of the attention weights."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "tp.py"
-    script.write_text(_TP_SCRIPT)
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(script), str(world), str(port), str(tmp_path), config_name, quantize],
-                       cwd=root, capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
-                                                                                   "PYTHONPATH": str(root)})
-    assert r.returncode == 0, r.stderr[-3000:]
+    _run_ranks(tmp_path, _TP_SCRIPT, world, config_name, quantize)
     heads = (6 if config_name == "tiny" else 8) // world
     for rank in range(world):
         err, shape = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
@@ -375,20 +368,7 @@ def test_tensor_parallel_programs_export_and_run_as_aotinductor_packages_over_gl
     """Each rank's prefill and decode programs (``export.export_programs`` of its ``tensor_parallel_model``) keep
     their collectives through torch.export, compile with AOTInductor (CPU) and, run over gloo with the rank's state
     in place, give the single-process model's logits over a prefill chunk and three decode steps."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    script = tmp_path / "tp_aoti.py"
-    script.write_text(_TP_AOTI_SCRIPT)
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], cwd=root, capture_output=True,
-                       text=True, timeout=900, env={**__import__("os").environ, "PYTHONPATH": str(root)})
-    assert r.returncode == 0, r.stderr[-3000:]
+    _run_ranks(tmp_path, _TP_AOTI_SCRIPT)
     for rank in range(2):
         err, ops = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
         assert float(err) < 2e-5, (rank, err)
