@@ -216,6 +216,51 @@ def test_traced_int8_matches_quantized_reference(T, path):
     assert rel_err(got, want) < FP32_TOL
 
 
+@pytest.mark.parametrize("mode", [None, *naive.QUANT_MODES])
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_traced_launches_name_every_kernel_parameter(path, mode, monkeypatch):
+    """``wrap_triton``'s signature analysis (Inductor's lowering of user Triton kernels) does not fill parameter
+    defaults: a launch that leaves out an optional pointer (``s1_ptr=None``) fails to compile in AOTInductor
+    ("Incorrect number of arguments passed to kernel"). Every traced launch must name every parameter."""
+    import torch.library
+
+    from kernels.moe.traced import moe_forward_traceable, static_config
+
+    real = torch.library.wrap_triton
+    launched = []
+
+    def checking_wrap(kernel):
+        wrapped = real(kernel)
+
+        class _Grid:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    named = len(args) + sum(k in kernel.arg_names for k in kwargs)
+                    assert named == len(kernel.arg_names), (kernel.__name__, sorted(
+                        set(kernel.arg_names[len(args):]) - set(kwargs)))
+                    launched.append(kernel.__name__)
+                    return wrapped[grid](*args, **kwargs)
+
+                return launch
+
+        return _Grid()
+
+    monkeypatch.setattr(torch.library, "wrap_triton", checking_wrap)
+    T = 3 if path == "decode" else 9
+    x, router, qs = _case(mode or "experts-int8", T, 4, 32, 48, seed=2)
+    decode = path == "decode"
+    cfg = static_config(T, 2, 4, torch.device(DEVICE), decode_kernels=decode)
+    if mode is None:
+        w1, w3, w2 = _weights(4, 48, 32, seed=2)
+        moe_forward_traceable(x, router, w1.to(DEVICE), w3.to(DEVICE), w2.to(DEVICE), 2, config=cfg,
+                              decode_kernels=decode)
+    else:
+        q1, s1, q3, s3, q2, s2 = qs
+        moe_forward_traceable(x, router, q1, q3, q2, 2, config=cfg, decode_kernels=decode, scales=(s1, s3, s2),
+                              mode=mode)
+    assert ("_swiglu_decode_kernel" in launched) == decode and len(launched) >= 3
+
+
 @pytest.mark.parametrize("mode", naive.QUANT_MODES)
 def test_op_off_cuda_is_the_reference_and_passes_opcheck(mode):
     import kernels  # noqa: F401  (registers the ops)

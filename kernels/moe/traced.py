@@ -119,8 +119,10 @@ def moe_forward_traceable(
     router_weight = router_weight.contiguous()
     w1, w3, w2 = w1.contiguous(), w3.contiguous(), w2.contiguous()
     # int8 weights: the scale pointers of the pointer kernels (None: the kernels' unquantized specialisation)
-    q13 = {} if scales is None else {"s1_ptr": scales[0].contiguous(), "s3_ptr": scales[1].contiguous()}
-    q2 = {} if scales is None else {"s2_ptr": scales[2].contiguous()}
+    # Every kernel parameter is passed, None included: wrap_triton's signature analysis does not fill defaults
+    q13 = {"s1_ptr": None, "s3_ptr": None} if scales is None else {
+        "s1_ptr": scales[0].contiguous(), "s3_ptr": scales[1].contiguous()}
+    q2 = {"s2_ptr": None if scales is None else scales[2].contiguous()}
     y = torch.empty((T, hidden), dtype=x.dtype, device=dev)  # [T, hidden]
     if statically_known_true(T == 0):
         return y
@@ -134,7 +136,7 @@ def moe_forward_traceable(
         wrap_triton(grouped._quantize_rows_fp8_kernel)[(R,)](a, q, scale, K, BLOCK=min(1024, grouped._next_pow2(K)))
         return q, scale
 
-    a_in, a_kw = x, {}
+    a_in, a_kw = x, {"sa_ptr": None}
     if fp8:
         a_in, a_scale = rows_fp8(x)
         a_kw = {"sa_ptr": a_scale}
@@ -164,7 +166,7 @@ def moe_forward_traceable(
             EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, **q13, **a_kw, FP8_PRECISE=not cfg.fp8_fast_accum,
             num_warps=cfg.decode_warps, num_stages=stages,
         )  # fmt: skip
-        h_in, h_kw = h, {}
+        h_in, h_kw = h, {"sa_ptr": None}
         if fp8:
             h_in, h_scale = rows_fp8(h)
             h_kw = {"sa_ptr": h_scale}
@@ -204,7 +206,7 @@ def moe_forward_traceable(
         num_warps=cfg.swiglu_warps, num_stages=stages,
     )  # fmt: skip
 
-    h_in, h_kw = h, {}
+    h_in, h_kw = h, {"sa_ptr": None}
     if fp8:
         h_in, h_scale = rows_fp8(h)
         h_kw = {"sa_ptr": h_scale}
