@@ -67,8 +67,23 @@ class MoeTritonConfig:
     fp8_fast_accum: bool = False
 
 
-def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.device) -> MoeTritonConfig:
-    """Tiles by problem size. On CPU (``TRITON_INTERPRET=1``) small tiles keep the interpreter fast."""
+# Decode tiles for 1-byte expert weights: the fastest of ``benchmarks/moe_quant.py --sweep`` on an H200 (2026-12-04;
+# hidden 6144, E 32 x I 9216, top-2, bf16 activations; each stage alone from a CUDA graph, at T = 1 and 16).
+# int8: SwiGLU 0.078 / 0.697 ms, down 0.053 / 0.497 ms (bf16's tiles: 0.117 / 1.149 and 0.058 / 0.518).
+# fp8: SwiGLU 0.066 / 0.572 ms, down 0.040 / 0.380 ms (bf16's tiles: 0.070 / 0.652 and 0.043 / 0.386).
+_QUANT_DECODE_TILES = {
+    "experts-int8": dict(decode_block_n=32, decode_block_k=128, decode_warps=4, decode_stages=3,
+                         decode_down_block_n=32, decode_down_block_k=256, decode_down_warps=4, decode_down_stages=4),
+    "experts-fp8": dict(decode_block_n=32, decode_block_k=256, decode_warps=4, decode_stages=4,
+                        decode_down_block_n=16, decode_down_block_k=256, decode_down_warps=2, decode_down_stages=6),
+}  # fmt: skip
+
+
+def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.device,
+                   mode: str | None = None) -> MoeTritonConfig:
+    """Tiles by problem size. On CPU (``TRITON_INTERPRET=1``) small tiles keep the interpreter fast. ``mode``: the
+    experts' quantization ("experts-int8" / "experts-fp8"; None: weights in the activations' dtype), which picks
+    the decode tiles on CUDA."""
     if device.type != "cuda":
         return MoeTritonConfig(
             route_block_t=16 if n_tokens > 16 else 1,
@@ -89,11 +104,10 @@ def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.de
     # Tiles below: the fastest of the sweep of ``benchmarks/moe.py --sweep`` on an H100 (2026-11-26; hidden 6144,
     # E 32 x I 9216, top-2, bf16), see README.md. Classes that were not measured keep reasoned defaults.
     if n_tokens <= 16:  # decode: FMA router (one token per program), selected-expert kernels
-        return MoeTritonConfig(
-            route_block_t=1, route_block_k=512, route_warps=8, route_dot=False,
+        tiles = _QUANT_DECODE_TILES.get(mode, dict(
             decode_block_n=64, decode_block_k=128, decode_warps=4, decode_stages=3,
-            decode_down_block_n=16, decode_down_block_k=128, decode_down_warps=2, decode_down_stages=6,
-        )  # fmt: skip
+            decode_down_block_n=16, decode_down_block_k=128, decode_down_warps=2, decode_down_stages=6))
+        return MoeTritonConfig(route_block_t=1, route_block_k=512, route_warps=8, route_dot=False, **tiles)
     if rows_per_expert >= 128:
         # compute-bound: 128-row blocks; TMA kernels (x rows permuted first so that both operands of the SwiGLU GEMM
         # are TMA tiles; gate and up as two N = 128 products); persistent down projection with N = 256 tiles.
@@ -172,7 +186,7 @@ def moe_forward_triton(
     T, hidden = x.shape
     E, inter = w1.shape[0], w1.shape[1]
     dev = x.device
-    cfg = default_config(T, top_k, E, dev) if config is None else config
+    cfg = default_config(T, top_k, E, dev, None if scales is None else mode) if config is None else config
     x = x.contiguous()
     w1, w3, w2 = w1.contiguous(), w3.contiguous(), w2.contiguous()
     y = _empty((T, hidden), x.dtype, dev, poison)

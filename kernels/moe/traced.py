@@ -55,32 +55,35 @@ def _upper_bound(n) -> int | None:
 
 
 def static_config(
-    n_tokens, top_k: int, num_experts: int, device: torch.device, decode_kernels: bool = True
+    n_tokens, top_k: int, num_experts: int, device: torch.device, decode_kernels: bool = True,
+    mode: str | None = None,
 ) -> dispatch.MoeTritonConfig:
     """``dispatch.default_config`` decided from what is statically known about ``n_tokens`` (int or SymInt).
 
     Never adds a guard: each threshold is tested with ``statically_known_true`` or on the range's upper bound (a
     symbolic T with an upper bound above 16 gets the tiles of that bound); the TMA flags are cleared (pointer
-    kernels, see the module docstring). ``decode_kernels=False``: the decode class is never chosen (T <= 16 gets
-    the grouped tiles of the smallest class, and ``decode_max_tokens = 0``)."""
+    kernels, see the module docstring); ``mode`` as in ``dispatch.default_config``. ``decode_kernels=False``: the
+    decode class is never chosen (T <= 16 gets the grouped tiles of the smallest class, and ``decode_max_tokens =
+    0``)."""
     upper = _upper_bound(n_tokens)
     if isinstance(n_tokens, int):  # concrete size: the eager choice
-        cfg = dispatch.default_config(n_tokens if decode_kernels else max(n_tokens, 17), top_k, num_experts, device)
+        cfg = dispatch.default_config(n_tokens if decode_kernels else max(n_tokens, 17), top_k, num_experts, device,
+                                      mode)
     elif decode_kernels and statically_known_true(n_tokens <= 16):
-        cfg = dispatch.default_config(16, top_k, num_experts, device)
+        cfg = dispatch.default_config(16, top_k, num_experts, device, mode)
     elif upper is not None and upper > 16:
         # The tiles of the range's largest size: a prefill program spends its time in full chunks (a long prompt is
         # all full chunks but the first), and any tiles give the same result (only the padding changes). Choosing
         # from the lower bound instead gave every 8K-token chunk the 17-token tiles (16-row blocks: the expert
         # weights read once per 16 rows), 2.5x slower than eager at 32K tokens on the H200 (docs/benchmarks.md).
-        cfg = dispatch.default_config(upper, top_k, num_experts, device)
+        cfg = dispatch.default_config(upper, top_k, num_experts, device, mode)
     else:
         # smallest T that surely falls in each class of default_config: rows_per_expert = T * top_k / E
-        cfg = dispatch.default_config(17, top_k, num_experts, device)  # few rows per expert (any T > 16)
+        cfg = dispatch.default_config(17, top_k, num_experts, device, mode)  # few rows per expert (any T > 16)
         for rows in (64, 128, 512):
             t_min = max(17, _cdiv(rows * num_experts, top_k))  # T >= t_min  =>  rows_per_expert >= rows
             if statically_known_true(n_tokens >= t_min):
-                cfg = dispatch.default_config(t_min, top_k, num_experts, device)
+                cfg = dispatch.default_config(t_min, top_k, num_experts, device, mode)
     cfg = dataclasses.replace(cfg, swiglu_tma=False, down_tma=False, swiglu_permute=False)
     return cfg if decode_kernels else dataclasses.replace(cfg, decode_max_tokens=0)
 
@@ -114,7 +117,8 @@ def moe_forward_traceable(
     T, hidden = x.shape
     E, inter = w1.shape[0], w1.shape[1]
     dev = x.device
-    cfg = static_config(T, top_k, E, dev, decode_kernels) if config is None else config
+    cfg = static_config(T, top_k, E, dev, decode_kernels, None if scales is None else mode) if config is None \
+        else config
     x = x.contiguous()
     router_weight = router_weight.contiguous()
     w1, w3, w2 = w1.contiguous(), w3.contiguous(), w2.contiguous()
