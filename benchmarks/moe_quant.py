@@ -21,7 +21,9 @@ embedding row and fp32 LM head as in ``benchmarks.decode.weight_bytes_per_token`
 bytes and scales in place of their bf16 bytes); target <= 1.15x; the bf16 engine on the same weights as the peer.
 Accuracy (``--accuracy-layers``, default 4): a real-width slice with random weights, eager on the GPU, bf16 experts
 against int8 experts on the same prompt: a prefill of ``--accuracy-tokens`` (default 256) and 64 greedy steps of
-the bf16 model fed to both; KL(bf16 || int8) and top-1 agreement of the logits over all those positions.
+the bf16 model fed to both; KL(bf16 || int8) and top-1 agreement of the logits over all those positions, and the same
+against a control: the bf16 experts perturbed by Gaussian noise of the int8 rounding error's RMS (a random model's
+sensitivity to any perturbation of that size, not int8's own error).
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def op_level(dims: tuple[int, int, int, int], tokens: list[int], prefill_tokens:
         int8 = lambda: moe_forward_triton(x, router, q1, q3, q2, top_k, scales=(s1, s3, s2))  # noqa: E731
         fp8 = lambda: moe_forward_triton(x, router, f1, f3, f2, top_k, scales=(t1, t3, t2),  # noqa: E731
                                          mode="experts-fp8")
-        fast_cfg = dataclasses.replace(default_config(T, top_k, E, torch.device(device)), fp8_fast_accum=True)
+        fast_cfg = dataclasses.replace(default_config(T, top_k, E, torch.device(device), "experts-fp8"),
+                                       fp8_fast_accum=True)
         fp8_fast = lambda: moe_forward_triton(x, router, f1, f3, f2, top_k, scales=(t1, t3, t2),  # noqa: E731
                                               mode="experts-fp8", config=fast_cfg)
         bf16 = lambda: moe_forward_triton(x, router, w1, w3, w2, top_k)  # noqa: E731
@@ -240,13 +243,24 @@ def model_level(layers: int, copy_tbps: float) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def accuracy(layers: int, tokens: int, device: str, preset: str = "minimax-text-01", steps: int = 64) -> dict[str, Any]:
+def accuracy(layers: int, tokens: int, device: str, preset: str = "minimax-text-01", steps: int = 64,
+             cpu_hidden: int = 0) -> dict[str, Any]:
     from benchmarks.decode import random_model, reduced_config
     from tests.utils import logit_report
 
     if device == "cuda":
         config = reduced_config(preset, layers)
         model = random_model(config, torch.bfloat16, device)
+    elif cpu_hidden:  # fp32 on the CPU: minimax-text-01's first 4 layers at hidden cpu_hidden, 8 experts of 2048
+        import dataclasses
+
+        from model import MiniMaxConfig, MiniMaxForCausalLM
+
+        base = MiniMaxConfig.preset(preset)
+        config = dataclasses.replace(base, num_hidden_layers=4, layer_types=base.layer_types[:4],
+                                     hidden_size=cpu_hidden, intermediate_size=2048, num_local_experts=8,
+                                     vocab_size=32000, eos_token_id=None)
+        model = MiniMaxForCausalLM(config).init_random_weights(seed=1, std=0.02).eval()
     else:
         from model import MiniMaxConfig, MiniMaxForCausalLM
 
@@ -268,11 +282,42 @@ def accuracy(layers: int, tokens: int, device: str, preset: str = "minimax-text-
         return torch.cat(out), chosen
 
     ref, chosen = run(model, None)  # the bf16 model's greedy continuation, fed to both
-    model.quantize_experts_("experts-int8")
+    from model import MiniMaxForCausalLM
+    from model.modeling import QuantizedExperts
+
+    bf16_report = None
+    if device == "cpu" and cpu_hidden:  # a second control on the fp32 slice: every weight rounded to bf16
+        bf16 = MiniMaxForCausalLM(config, dtype=torch.bfloat16)
+        for (name, p), (name_ref, p_ref) in zip(bf16.named_parameters(), model.named_parameters(), strict=True):
+            assert name == name_ref
+            p.data.copy_(p_ref)
+        bf16_report = logit_report(run(bf16.eval(), chosen)[0], ref)
+        del bf16
+
+    # int8 experts, made now from the unperturbed weights, swapped in after the control below
+    moes = [layer.block_sparse_moe for layer in model.model.layers]
+    quantized = [QuantizedExperts.from_experts(moe.experts, config, "experts-int8") for moe in moes]
+    # Control: the same model with every expert weight perturbed by Gaussian noise of the int8 rounding error's RMS
+    # (scale / sqrt(12) per output channel). Random-weight models at real width amplify any perturbation (bf16
+    # against fp32 gave KL 1.4e-3 on a hidden-6144 CPU slice); the control says how much of int8's figure is that.
+    g = torch.Generator(device=device).manual_seed(3)
+    for moe, q in zip(moes, quantized):
+        for name in ("w1", "w3", "w2"):
+            w, scale = getattr(moe.experts, name), getattr(q, f"{name}_scale")
+            noise = torch.empty(w.shape, device=device, dtype=torch.float32).normal_(generator=g)
+            w.add_((noise * (scale.unsqueeze(-1) / 12**0.5)).to(w.dtype))
+            del noise
+    control, _ = run(model, chosen)
+    for moe, q in zip(moes, quantized):
+        moe.experts = q
     got, _ = run(model, chosen)
     report = logit_report(got, ref)
-    result = {"layers": layers if device == "cuda" else "tiny", "positions": tokens + steps, **report}
-    print(f"accuracy int8 vs bf16: {result}", flush=True)
+    result = {"layers": layers if device == "cuda" else f"4 at hidden {cpu_hidden}" if cpu_hidden else "tiny",
+              "positions": tokens + steps, **report,
+              "control_equal_rms_noise": logit_report(control, ref)}
+    if bf16_report is not None:
+        result["control_bf16_weights"] = bf16_report
+    print(f"accuracy int8 vs {'bf16' if device == 'cuda' else 'fp32'}: {result}", flush=True)
     return result
 
 
@@ -285,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accuracy-tokens", type=int, default=256)
     p.add_argument("--sweep", action="store_true", help="also sweep the decode tiles with 1-byte weights (T = 1, 16)")
     p.add_argument("--skip-op", action="store_true", help="skip the op-level timings (GPU)")
+    p.add_argument("--cpu-hidden", type=int, default=0,
+                   help="with --smoke: the accuracy part only, on a 4-layer fp32 slice of this width (8 experts of "
+                        "2048; e.g. 6144, ~6 GB, a few minutes)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -309,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             payload["model"] = model_level(args.model_layers, copy_tbps)
         if args.accuracy_layers:
             payload["accuracy"] = accuracy(args.accuracy_layers, args.accuracy_tokens, "cuda")
+    elif args.cpu_hidden:
+        payload["accuracy"] = accuracy(0, 96, "cpu", steps=16, cpu_hidden=args.cpu_hidden)
     else:
         payload["op"] = op_level((64, 96, 8, 2), [1, 4], [40], None, "cpu")
         payload["accuracy"] = accuracy(0, 24, "cpu", steps=4)
