@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert weights: none (the --dtype), experts-int8 (int8 per output channel, W8A16; every "
                         "backend) or experts-fp8 (e4m3 per output channel, fp8 activations per row, W8A8; aoti only "
                         "so far); the router, attention and LM head are unchanged (default none)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="build one engine per rank for N GPUs / processes (heads, experts' intermediate dimension and "
+                        "vocabulary split; rank folders rank0/ ... under one manifest; run with torchrun "
+                        "--nproc-per-node N -m runtime ENGINE_DIR; aoti only; default 1)")
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="split whole experts across the ranks instead of each expert's intermediate dimension "
+                        "(planned: refused until built)")
     p.add_argument("--shard-mb", type=int, default=2048,
                    help="size of the engine folder's weight shards in MB (AOTInductor; default 2048)")
     p.add_argument("--overwrite", action="store_true",
@@ -157,7 +164,15 @@ def _build(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         log.error("--device cuda: no CUDA device is available here")
         return 2
-    backend = choose_backend(args.backend, device)
+    parallel = args.tensor_parallel != 1 or args.expert_parallel
+    if args.tensor_parallel < 1:
+        log.error("--tensor-parallel must be >= 1, got %d", args.tensor_parallel)
+        return 2
+    if parallel and args.backend in ("tensorrt", "onnx"):
+        log.error("--tensor-parallel: only the aoti backend builds per-rank engines so far (TensorRT per-rank "
+                  "engines with NCCL collectives are not built); got --backend %s", args.backend)
+        return 2
+    backend = "aoti" if parallel else choose_backend(args.backend, device)
     with contextlib.ExitStack() as stack:
         try:  # everything cheap is checked before weights are read
             vl_config = None
@@ -194,6 +209,20 @@ def _build(args: argparse.Namespace) -> int:
             from export.exporting import check_quantization
 
             check_quantization(args.quantize, settings)
+            plan = None
+            if parallel:
+                from model.parallel import ParallelPlan, ParallelPlanError
+
+                if vl_config is not None:
+                    raise EngineFolderError("--tensor-parallel: MiniMax-VL-01 engines are single-rank so far (the "
+                                            "vision tower is not split)")
+                if args.expert_parallel:
+                    raise EngineFolderError("--expert-parallel: expert parallelism is planned (model/parallel.py) but "
+                                            "not built in the model; use --tensor-parallel alone")
+                try:
+                    plan = ParallelPlan(config, args.tensor_parallel)
+                except ParallelPlanError as e:
+                    raise EngineFolderError(f"--tensor-parallel {args.tensor_parallel}: {e}") from None
             # the output folder: refused unless absent or an engine folder with --overwrite; locked until the end
             stack.enter_context(reserve_destination(args.out, overwrite=args.overwrite))
         except (ConfigError, EngineFolderError) as e:
@@ -223,7 +252,7 @@ def _build(args: argparse.Namespace) -> int:
                 with torch.device("meta"):
                     model = model_class(model_config, dtype=settings.torch_dtype)
                 text_model(model).quantize_experts_(args.quantize)  # still weightless: the converter quantizes
-                if backend == "aoti":
+                if backend == "aoti" and plan is None:  # (parallel: each rank's skeleton is allocated alone)
                     model = model.to_empty(device=device)
                     text_model(model).model.reset_buffers()
                 model.eval()
@@ -267,7 +296,10 @@ def _build(args: argparse.Namespace) -> int:
             return 2
         log.info("weights ready in %.1fs", time.perf_counter() - start)
         try:
-            build_engine(model, settings, args.out, overwrite=args.overwrite, weights_writer=weights_writer)
+            if plan is not None:
+                _build_parallel(args, model, plan, settings, weights_writer)
+            else:
+                build_engine(model, settings, args.out, overwrite=args.overwrite, weights_writer=weights_writer)
         except (EngineFolderError, CheckpointError) as e:
             log.error("build failed, nothing written to %s: %s", args.out, e)
             return 2
@@ -276,6 +308,35 @@ def _build(args: argparse.Namespace) -> int:
             return 1
     log.info("built %s in %.1fs", args.out, time.perf_counter() - start)
     return 0
+
+
+def _build_parallel(args: argparse.Namespace, model, plan, settings, weights_writer) -> None:
+    """``--tensor-parallel N``: one engine folder per rank (``export.parallel``). From a checkpoint the ranks'
+    programs are exported from per-rank skeletons and the checkpoint is streamed once per rank into the rank's
+    weights (``RankWriter`` keeps the rank's slice of each tensor); from a preset, the random model is split."""
+    import torch
+
+    from export.parallel import RankWriter, build_parallel_engine
+    from model.parallel import rank_skeleton, tensor_parallel_model
+
+    if weights_writer is None:  # the model holds its weights (a preset): each rank takes its slice of them
+        rank_model = lambda rank: tensor_parallel_model(model, plan, rank)  # noqa: E731
+        rank_weights = None
+    else:
+        def rank_model(rank):
+            return rank_skeleton(plan.config, plan, rank, settings.torch_dtype, args.quantize,
+                                 torch.device(settings.device))
+
+        def rank_weights(rank, folder):
+            from export.weights import ShardWriter
+            from model.loading import convert_checkpoint
+
+            log.info("rank %d: converting %s into its weights", rank, args.checkpoint)
+            writer = RankWriter(ShardWriter(folder, shard_bytes=args.shard_mb << 20), plan, rank)
+            convert_checkpoint(args.checkpoint, writer, settings.torch_dtype, quantize=args.quantize)
+            return writer.close(), writer.sha256
+
+    build_parallel_engine(rank_model, plan, settings, args.out, overwrite=args.overwrite, weights_writer=rank_weights)
 
 
 if __name__ == "__main__":

@@ -509,6 +509,19 @@ def _validate(path: Path, manifest: Any) -> None:
     """Types and structure of every field a reader uses (not the files: see ``read_manifest``)."""
     if not isinstance(manifest, dict):
         raise EngineFolderError(f"{path}: the manifest must be a JSON object, got {type(manifest).__name__}")
+    par = manifest.get("parallel")
+    if isinstance(par, dict) and "ranks" in par:  # the top of a parallel folder (export.parallel)
+        n = par.get("world_size")
+        raise EngineFolderError(f"{path.parent}: a tensor-parallel engine of {n} ranks (one engine folder per rank): "
+                                f"run it with `torchrun --nproc-per-node {n} -m runtime {path.parent} ...` "
+                                "(runtime.parallel)")
+    if par is not None:  # a rank's folder of a parallel engine
+        ok = (isinstance(par, dict) and _is_int(par.get("world_size")) and par["world_size"] >= 1
+              and _is_int(par.get("rank")) and 0 <= par["rank"] < par["world_size"]
+              and isinstance(par.get("group_name"), str) and isinstance(par.get("expert_parallel"), bool))
+        if not ok:
+            raise EngineFolderError(f"{path}: malformed parallel entry {par!r} (world_size, rank in "
+                                    "[0, world_size), group_name, expert_parallel)"[:400])
     version = manifest.get("format_version")
     if version != FORMAT_VERSION or not _is_int(version):
         raise EngineFolderError(

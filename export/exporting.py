@@ -258,6 +258,7 @@ def without_weights(ep: torch.export.ExportedProgram) -> torch.export.ExportedPr
 def build_engine(
     model: MiniMaxForCausalLM, settings: BuildSettings, out_dir: str | Path, overwrite: bool = False,
     weights_writer: Callable[[Path], tuple[dict[str, Any], str]] | None = None,
+    parallel: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Export, lower and write a complete engine folder to ``out_dir``; return its manifest.
 
@@ -266,7 +267,8 @@ def build_engine(
     skeleton the programs are exported from and its tensor values are never read. For ONNX the skeleton is on the
     meta device, its graphs reference one shared ``weights.onnx.data`` (a VL model's vision graph its own file),
     and ``weights_writer(folder, {data file: layout}) -> (None, sha256)`` fills them in the graphs' layouts
-    (``onnx_lowering.RoutingWriter``)."""
+    (``onnx_lowering.RoutingWriter``). ``parallel``: the ``parallel`` entry of a rank's folder (``export.parallel``;
+    ``model`` is then that rank's model)."""
     vl = is_vl(model)
     config = text_model(model).config
     settings.validate(config.max_position_embeddings)
@@ -360,6 +362,8 @@ def build_engine(
                                   "max_image_tokens": max_image_tokens(model.config, settings.max_tiles)}
         if weights is not None:
             manifest["weights"] = weights
+        if parallel is not None:
+            manifest["parallel"] = parallel
         manifest = write_manifest(folder, manifest)
         timings["manifest_s"] = time.perf_counter() - start
     logger.info("engine written to %s (%s)", out_dir, ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

@@ -32,7 +32,7 @@ import torch
 from .config import LIGHTNING, MiniMaxConfig
 
 __all__ = ["ParallelPlan", "Shard", "Collective", "ParallelPlanError", "TensorParallel", "tensor_parallel_model",
-           "local_config"]
+           "local_config", "rank_skeleton", "rank_tensor"]
 
 
 class ParallelPlanError(ValueError):
@@ -174,9 +174,20 @@ class TensorParallel:
         return funcol.all_reduce(t, "sum", self.group)
 
     def all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The ranks' equal slices of ``dim`` side by side. On CPU tensors (gloo) as an all-reduce of the slice
+        written into zeros: in an AOTInductor CPU program, gloo's all-gather work is destroyed on gloo's worker
+        thread holding Python-owned tensors, which needs the GIL that the caller holds for the whole program call
+        (a deadlock within a few steps, docs/parallel.md); all-reduce works do not. CUDA tensors take the
+        all-gather (NCCL)."""
         import torch.distributed._functional_collectives as funcol
 
-        return funcol.all_gather_tensor(t.contiguous(), dim % t.dim(), self.group)
+        dim = dim % t.dim()
+        if t.device.type == "cpu":
+            n, size = self.world_size, t.shape[dim]
+            full = t.new_zeros((*t.shape[:dim], n * size, *t.shape[dim + 1:]))
+            full = full.slice_scatter(t, dim, self.rank * size, (self.rank + 1) * size)
+            return funcol.all_reduce(full, "sum", self.group)
+        return funcol.all_gather_tensor(t.contiguous(), dim, self.group)
 
 
 def local_config(plan: ParallelPlan) -> MiniMaxConfig:
@@ -187,27 +198,24 @@ def local_config(plan: ParallelPlan) -> MiniMaxConfig:
                                intermediate_size=c.intermediate_size // n, vocab_size=c.vocab_size // n)
 
 
-@torch.no_grad()
-def tensor_parallel_model(model, plan: ParallelPlan, rank: int, group=None):
-    """Rank ``rank``'s ``MiniMaxForCausalLM`` under tensor parallelism (``plan``), from the whole ``model``: every
-    tensor narrowed as ``plan.shard`` says (quantized experts and their scales too), the collectives set where the
-    math needs them (embedding, attention and MoE outputs, the lightning RMSNorm, the LM head). Called on every
-    rank of ``group`` (default: the world) with the same model; its forward returns the full logits on each rank.
-    Expert parallelism has a plan but no model yet."""
+def rank_skeleton(config: MiniMaxConfig, plan: ParallelPlan, rank: int, dtype: torch.dtype | None = None,
+                  quantization: str = "none", device: torch.device | str = "meta", group=None):
+    """Rank ``rank``'s ``MiniMaxForCausalLM`` under ``plan`` with its collectives set and its tensors allocated on
+    ``device`` but not filled (the meta device: none allocated): what a per-rank program is exported from when its
+    weights are written apart (``build.py --tensor-parallel`` from a checkpoint). ``group``: the process group
+    (default: the world; a fake one at build time, see ``export.parallel``)."""
     from .modeling import MiniMaxForCausalLM
 
     if plan.expert_parallel:
-        raise NotImplementedError("tensor_parallel_model: expert parallelism is planned (ParallelPlan) but not built")
+        raise NotImplementedError("expert parallelism is planned (ParallelPlan) but not built in the model; "
+                                  "use tensor parallelism (the experts' intermediate dimension split)")
+    if plan.config != config:
+        raise ParallelPlanError("rank_skeleton: the plan was made for another config")
     with torch.device("meta"):
-        local = MiniMaxForCausalLM(local_config(plan), dtype=model.dtype)
-        local.quantize_experts_(model.quantization)
-    device = model.lm_head.weight.device
-    local = local.to_empty(device=device)
-    full = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    for name, t in [*local.named_parameters(), *local.named_buffers()]:
-        src = full[name]
-        s = plan.shard(name, tuple(src.shape), rank)
-        t.copy_(src if s.dim is None else src.narrow(s.dim, s.start, s.stop - s.start))
+        local = MiniMaxForCausalLM(local_config(plan), dtype=dtype)
+        local.quantize_experts_(quantization)
+    if torch.device(device).type != "meta":
+        local = local.to_empty(device=device)
     tp = TensorParallel(plan, rank, group)
     local.tp = local.model.tp = tp
     for layer in local.model.layers:
@@ -215,3 +223,24 @@ def tensor_parallel_model(model, plan: ParallelPlan, rank: int, group=None):
         if layer.is_lightning:
             layer.self_attn.norm.tp = tp
     return local.eval()
+
+
+def rank_tensor(plan: ParallelPlan, name: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    """The slice of the full ``tensor`` named ``name`` that ``rank`` holds (a view; ``plan.shard``)."""
+    s = plan.shard(name, tuple(tensor.shape), rank)
+    return tensor if s.dim is None else tensor.narrow(s.dim, s.start, s.stop - s.start)
+
+
+@torch.no_grad()
+def tensor_parallel_model(model, plan: ParallelPlan, rank: int, group=None):
+    """Rank ``rank``'s ``MiniMaxForCausalLM`` under tensor parallelism (``plan``), from the whole ``model``: every
+    tensor narrowed as ``plan.shard`` says (quantized experts and their scales too), the collectives set where the
+    math needs them (embedding, attention and MoE outputs, the lightning RMSNorm, the LM head). Called on every
+    rank of ``group`` (default: the world) with the same model; its forward returns the full logits on each rank.
+    Expert parallelism has a plan but no model yet."""
+    local = rank_skeleton(model.config, plan, rank, model.dtype, model.quantization,
+                          model.lm_head.weight.device, group)
+    full = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, t in [*local.named_parameters(), *local.named_buffers()]:
+        t.copy_(rank_tensor(plan, name, full[name], rank))
+    return local

@@ -4,6 +4,7 @@ Examples:
     python -m runtime engines/tiny --prompt-ids 5,6,7 --max-new-tokens 16
     python -m runtime engines/text01 --tokenizer /models/MiniMax-Text-01 --prompt "Hello" --temperature 0.7 --top-p 0.9
     python -m runtime engines/vl01 --tokenizer /models/MiniMax-VL-01 --image photo.jpg --prompt "Describe the image."
+    torchrun --nproc-per-node 8 -m runtime engines/text01-tp8 --prompt-ids 5,6,7   # build.py --tensor-parallel 8
 
 The tokenizer is a Hugging Face tokenizer read from a local folder (``AutoTokenizer.from_pretrained(DIR)``);
 without ``--tokenizer`` the prompt must be given as ids and the new ids are printed. Text (or ids) is printed as
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(f"--tokenizer {args.tokenizer}: folder not found (a local Hugging Face tokenizer folder)")
     if not Path(args.engine_dir).is_dir():
         return refuse(f"{args.engine_dir}: folder not found: not an engine folder")
+    from export.parallel import is_parallel_folder
+
+    if is_parallel_folder(args.engine_dir):
+        return _parallel_main(args, refuse)
 
     tokenizer = None
     if args.tokenizer:
@@ -194,11 +199,18 @@ def main(argv: list[str] | None = None) -> int:
     except RequestError as e:
         return refuse(str(e))
 
-    out = sys.stdout
+    _print_stream(steps, tokenizer, args.prompt, eos)
+    _print_stats(engine, ids)
+    return 0
+
+
+def _print_stream(steps, tokenizer, prompt: str | None, eos: int | None, out=None) -> list[int]:
+    """Print the tokens of ``steps`` as they come (ids, or text through ``tokenizer``); stop at ``eos``."""
+    out = sys.stdout if out is None else out
     generated: list[int] = []
     printed = ""
     if tokenizer is not None:
-        out.write(args.prompt)
+        out.write(prompt)
     for token in steps:
         t = int(token[0])
         if eos is not None and t == eos:
@@ -214,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
                 printed = text
         out.flush()
     out.write("\n")
+    return generated
+
+
+def _print_stats(engine, ids: list[int]) -> None:
     s = engine.stats
     decode = (f"decode {s.decode_tokens_per_s:.1f} tokens/s ({s.decode_ms_per_step:.2f} ms/step)" if s.decode_steps
               else "no decode step (the first new token comes from the prefill)")
@@ -223,7 +239,90 @@ def main(argv: list[str] | None = None) -> int:
         f"peak memory {_peak_memory(engine.device)}",
         file=sys.stderr,
     )
-    return 0
+
+
+class _Quiet:
+    """Where the ranks other than 0 print the tokens: nowhere."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _parallel_main(args: argparse.Namespace, refuse) -> int:
+    """A tensor-parallel engine folder (``runtime.parallel``): every rank runs this under torchrun; rank 0 reads
+    the prompt and prints, the others follow its request."""
+    from export.engine_folder import EngineFolderError
+
+    from .engine import RequestError
+    from .parallel import (RankLostError, check_agreement, gather_status, join_world, leave_world, load_rank_engine,
+                           share_request)
+
+    if args.image:
+        return refuse("--image: tensor-parallel engines are text-only so far (VL-01 engines are single-rank)")
+    try:
+        rank, world, manifest = join_world(args.engine_dir)
+    except EngineFolderError as e:
+        return refuse(str(e))
+    try:
+        request, tokenizer = None, None
+        if rank == 0:  # rank 0 owns the request: tokenizer, prompt, sampling
+            request = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                       "seed": args.seed, "max_new_tokens": args.max_new_tokens, "eos": args.eos_token_id}
+            try:
+                if args.prompt is not None:
+                    if args.tokenizer is None:
+                        raise ValueError("--prompt needs --tokenizer DIR (or give --prompt-ids)")
+                    from transformers import AutoTokenizer
+
+                    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+                    request["ids"] = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
+                    if request["eos"] is None:
+                        request["eos"] = tokenizer.eos_token_id
+                else:
+                    request["ids"] = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+                if not request["ids"]:
+                    raise ValueError("the prompt is empty (--prompt-ids gave no id, or --prompt no token)")
+            except Exception as e:  # noqa: BLE001 - any failure here is rank 0's refusal, shared with the others
+                request = {"error": f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)}
+        request = share_request(request, rank)
+        if "error" in request:
+            return refuse(request["error"]) if rank == 0 else 2
+        # every rank loads its engine; a rank that cannot is reported to all, so that none waits for it
+        status, engine = "ok", None
+        try:
+            engine = load_rank_engine(args.engine_dir, rank, device=args.device)
+        except (EngineFolderError, ValueError, RuntimeError, OSError) as e:
+            status = f"rank {rank}: {e}"
+        bad = [m for m in gather_status(status) if m != "ok"]
+        if bad:
+            return refuse(bad[0]) if rank == 0 else 2
+        eos = request["eos"] if request["eos"] is not None else engine.config.eos_token_id
+        if eos is not None and not 0 <= eos < engine.vocab_size:
+            eos = None
+        try:
+            steps = engine.stream([request["ids"]], max_new_tokens=request["max_new_tokens"],
+                                  temperature=request["temperature"], top_k=request["top_k"], top_p=request["top_p"],
+                                  eos_token_id=eos, seed=request["seed"])
+        except RequestError as e:
+            return refuse(str(e)) if rank == 0 else 2
+        try:
+            generated = _print_stream(steps, tokenizer if rank == 0 else None, args.prompt, eos,
+                                      out=None if rank == 0 else _Quiet())
+        except RuntimeError as e:  # a collective inside a step: peer gone or timed out
+            raise RankLostError(f"rank {rank} of {world}: a step failed (another rank died or did not arrive "
+                                f"within the process group's timeout): {str(e).splitlines()[0][:300]}") from e
+        check_agreement(generated, rank)
+        if rank == 0:
+            _print_stats(engine, request["ids"])
+        return 0
+    except RankLostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        leave_world()
 
 
 if __name__ == "__main__":
