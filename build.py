@@ -312,31 +312,33 @@ def _build(args: argparse.Namespace) -> int:
 
 def _build_parallel(args: argparse.Namespace, model, plan, settings, weights_writer) -> None:
     """``--tensor-parallel N``: one engine folder per rank (``export.parallel``). From a checkpoint the ranks'
-    programs are exported from per-rank skeletons and the checkpoint is streamed once per rank into the rank's
-    weights (``RankWriter`` keeps the rank's slice of each tensor); from a preset, the random model is split."""
+    programs are exported from per-rank skeletons and the checkpoint is streamed once into every rank's weights
+    (``RankWriter`` keeps the rank's slice of each tensor; peak memory: one shard per rank plus one tensor); from
+    a preset, the random model is split."""
     import torch
 
-    from export.parallel import RankWriter, build_parallel_engine
+    from export.parallel import FanOut, RankWriter, build_parallel_engine
     from model.parallel import rank_skeleton, tensor_parallel_model
 
     if weights_writer is None:  # the model holds its weights (a preset): each rank takes its slice of them
         rank_model = lambda rank: tensor_parallel_model(model, plan, rank)  # noqa: E731
-        rank_weights = None
+        convert_weights = None
     else:
         def rank_model(rank):
             return rank_skeleton(plan.config, plan, rank, settings.torch_dtype, args.quantize,
                                  torch.device(settings.device))
 
-        def rank_weights(rank, folder):
+        def convert_weights(folders):  # one pass over the checkpoint, every rank's slice written as it streams
             from export.weights import ShardWriter
             from model.loading import convert_checkpoint
 
-            log.info("rank %d: converting %s into its weights", rank, args.checkpoint)
-            writer = RankWriter(ShardWriter(folder, shard_bytes=args.shard_mb << 20), plan, rank)
-            convert_checkpoint(args.checkpoint, writer, settings.torch_dtype, quantize=args.quantize)
-            return writer.close(), writer.sha256
+            writers = [RankWriter(ShardWriter(f, shard_bytes=args.shard_mb << 20), plan, r)
+                       for r, f in enumerate(folders)]
+            convert_checkpoint(args.checkpoint, FanOut(writers), settings.torch_dtype, quantize=args.quantize)
+            return [(w.close(), w.sha256) for w in writers]
 
-    build_parallel_engine(rank_model, plan, settings, args.out, overwrite=args.overwrite, weights_writer=rank_weights)
+    build_parallel_engine(rank_model, plan, settings, args.out, overwrite=args.overwrite,
+                          convert_weights=convert_weights)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ import torch
 
 from .engine_folder import (FORMAT_VERSION, MANIFEST_NAME, BuildSettings, EngineFolderError, read_manifest,
                             sha256_file, staged_folder)
+from .progress import progress as progress_note
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GROUP_NAME", "RankWriter", "fake_world", "build_parallel_engine", "is_parallel_folder",
+__all__ = ["GROUP_NAME", "RankWriter", "FanOut", "fake_world", "build_parallel_engine", "is_parallel_folder",
            "read_parallel_manifest"]
 
 GROUP_NAME = "0"  # the default process group's name in torch.distributed: what the rank programs are compiled with
@@ -92,16 +93,38 @@ class RankWriter:
         return self.inner.sha256
 
 
+class FanOut:
+    """One weights writer that hands every tensor to several (``RankWriter`` s): one pass over a checkpoint fills
+    every rank's weights."""
+
+    def __init__(self, writers: list):
+        self.writers = writers
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        for w in self.writers:
+            w.add(name, tensor)
+
+    def add_part(self, name: str, index: int, count: int, tensor: torch.Tensor) -> None:
+        for w in self.writers:
+            w.add_part(name, index, count, tensor)
+
+
 def build_parallel_engine(
     rank_model: Callable[[int], torch.nn.Module], plan, settings: BuildSettings, out_dir: str | Path,
-    overwrite: bool = False, weights_writer: Callable[[int, Path], tuple[dict[str, Any], str]] | None = None,
+    overwrite: bool = False,
+    convert_weights: Callable[[list[Path]], list[tuple[dict[str, Any], str]]] | None = None,
 ) -> dict[str, Any]:
     """Write a parallel engine folder: for each rank, ``rank_model(rank)`` (called inside that rank's fake world:
-    ``model.parallel.tensor_parallel_model`` of a full model, or ``rank_skeleton`` when ``weights_writer(rank,
-    folder)`` writes the rank's weights, e.g. a checkpoint streamed through ``RankWriter``) built into
-    ``rank<r>/`` by ``exporting.build_engine``; then the folder's manifest. All in a staging folder moved into place
-    at the end (nothing half-written on failure). Returns the folder's manifest."""
+    ``model.parallel.tensor_parallel_model`` of a full model, or ``rank_skeleton`` when the weights come apart)
+    built into ``rank<r>/`` by ``exporting.build_engine``; then the folder's manifest. ``convert_weights(folders)
+    -> [(weights entry, sha256)] per rank`` writes every rank's weights first, in one pass (e.g. a checkpoint
+    streamed through ``FanOut`` of ``RankWriter`` s into ``folders[r]/weights``); each rank's build then takes its
+    shards (moved, not copied). All in one staging folder moved into place at the end (nothing half-written on
+    failure). Returns the folder's manifest."""
+    import shutil
+
     from .exporting import build_engine
+    from .weights import WEIGHTS_DIR
 
     if settings.backend != "aoti":
         raise EngineFolderError(f"--tensor-parallel: only the aoti backend builds per-rank engines so far (TensorRT "
@@ -112,12 +135,25 @@ def build_parallel_engine(
     ranks = [f"rank{r}" for r in range(n)]
     start = time.perf_counter()
     with staged_folder(out_dir, overwrite=overwrite) as folder:
+        converted = None
+        if convert_weights is not None:
+            pending = [folder / f".weights-{rk}" for rk in ranks]
+            with progress_note(f"converting the weights of {n} ranks"):
+                converted = convert_weights(pending)
+            if len(converted) != n:
+                raise EngineFolderError(f"convert_weights returned {len(converted)} entries for {n} ranks")
+
+        def take_weights(rank_folder: Path, r: int) -> tuple[dict[str, Any], str]:
+            shutil.move(str(folder / f".weights-{ranks[r]}" / WEIGHTS_DIR), str(rank_folder / WEIGHTS_DIR))
+            (folder / f".weights-{ranks[r]}").rmdir()
+            return converted[r]
+
         rank_manifests = []
         for r in range(n):
             logger.info("rank %d of %d: exporting and compiling its programs", r, n)
             with fake_world(r, n):
                 model = rank_model(r)
-                writer = None if weights_writer is None else (lambda f, r=r: weights_writer(r, f))
+                writer = None if converted is None else (lambda f, r=r: take_weights(f, r))
                 rank_manifests.append(build_engine(
                     model, settings, folder / ranks[r], weights_writer=writer,
                     parallel={"world_size": n, "rank": r, "expert_parallel": plan.expert_parallel,

@@ -216,6 +216,14 @@ def rank_skeleton(config: MiniMaxConfig, plan: ParallelPlan, rank: int, dtype: t
         local.quantize_experts_(quantization)
     if torch.device(device).type != "meta":
         local = local.to_empty(device=device)
+        # the derived buffers (decay rates, RoPE frequencies) are the full model's, cut to the rank (a decay rate
+        # depends on the head's index among all heads): exported programs may take them as constants
+        from .loading import derived_buffers
+
+        buffers = dict(local.named_buffers())
+        with torch.no_grad():
+            for name, t in derived_buffers(config).items():
+                buffers[name].copy_(rank_tensor(plan, name, t, rank))
     tp = TensorParallel(plan, rank, group)
     local.tp = local.model.tp = tp
     for layer in local.model.layers:

@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,46 +41,79 @@ def _torchrun(folder: Path, nproc: int, *flags: str, timeout: int = 300) -> subp
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
-def _single_process_greedy(max_new_tokens: int) -> list[int]:
-    """The preset's random model (build.py's seed) in one process, through the eager engine."""
-    from model import MiniMaxConfig, MiniMaxForCausalLM
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A random checkpoint in the official layout (4 heads, 2 KV heads, 5 experts of I = 40) whose vocabulary
+    (132) splits over 2 ranks."""
+    from tests.conftest import make_hf_model
+
+    path = tmp_path_factory.mktemp("tp_ckpt")
+    make_hf_model(seed=1, vocab_size=132).save_pretrained(path, max_shard_size="100KB")
+    return path
+
+
+def _single_process_greedy(checkpoint: Path, max_new_tokens: int) -> list[int]:
+    """The checkpoint's model in one process, through the eager engine."""
+    from model import MiniMaxForCausalLM
     from runtime import Engine
 
-    model = MiniMaxForCausalLM(MiniMaxConfig.preset("tiny")).init_random_weights(seed=0).eval()
+    model = MiniMaxForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     engine = Engine.from_model(model, max_batch=2, max_input_len=8, max_seq_len=32, page_size=8)
     return [int(t[0]) for t in engine.stream([PROMPT], max_new_tokens=max_new_tokens)]
 
 
 @pytest.fixture(scope="module")
-def tp2(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tp") / "tiny-tp2"
-    assert build.main(["--preset", "tiny", "--out", str(out), "--tensor-parallel", "2", *BUILD_FLAGS]) == 0
+def tp2(checkpoint, tmp_path_factory) -> Path:
+    """``build.py --checkpoint ... --tensor-parallel 2``: per-rank skeletons, the checkpoint streamed once into both
+    ranks' weights."""
+    out = tmp_path_factory.mktemp("tp") / "tp2"
+    assert build.main(["--checkpoint", str(checkpoint), "--out", str(out), "--tensor-parallel", "2",
+                       "--shard-mb", "1", *BUILD_FLAGS]) == 0
     return out
 
 
-def test_folder_layout_and_manifests(tp2):
-    """One manifest for the folder (world, ranks, the full config) and an engine folder per rank holding its slice."""
+def _rank_model(full, rank: int):
+    from export.parallel import fake_world
+    from model.parallel import ParallelPlan, tensor_parallel_model
+
+    with fake_world(rank, 2):
+        return tensor_parallel_model(full, ParallelPlan(full.config, 2), rank)
+
+
+def test_folder_layout_manifests_and_weights(tp2, checkpoint):
+    """One manifest for the folder (world, ranks, the full config) and an engine folder per rank holding its
+    slice: its config, and weights equal to ``tensor_parallel_model`` of the loaded model tensor for tensor."""
     from export.parallel import read_parallel_manifest
+    from export.weights import load_weights
+    from model import MiniMaxForCausalLM
+    from runtime import Engine
 
-    top, rank1 = read_parallel_manifest(tp2, rank=1)
+    top, _ = read_parallel_manifest(tp2)
     assert top["parallel"]["world_size"] == 2 and top["parallel"]["ranks"] == ["rank0", "rank1"]
-    assert top["model_config"]["num_attention_heads"] == 6 and top["model_config"]["vocab_size"] == 512
-    assert rank1["parallel"] == {"world_size": 2, "rank": 1, "expert_parallel": False, "group_name": "0"}
-    # the rank's slice: 3 of 6 heads, 1 of 2 KV heads, half of I and of the vocabulary
-    c = rank1["model_config"]
-    assert (c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"], c["vocab_size"]) == \
-        (3, 1, 24, 256)
+    assert top["model_config"]["num_attention_heads"] == 4 and top["model_config"]["vocab_size"] == 132
+    full = MiniMaxForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    for rank in range(2):
+        _, sub = read_parallel_manifest(tp2, rank=rank)
+        assert sub["parallel"] == {"world_size": 2, "rank": rank, "expert_parallel": False, "group_name": "0"}
+        c = sub["model_config"]  # the rank's slice: 2 of 4 heads, 1 of 2 KV heads, half of I and of the vocabulary
+        assert (c["num_attention_heads"], c["num_key_value_heads"], c["intermediate_size"], c["vocab_size"]) == \
+            (2, 1, 20, 66)
+        got = load_weights(tp2 / f"rank{rank}", sub["weights"], torch.device("cpu"))
+        local = _rank_model(full, rank)
+        want = {**dict(local.named_parameters()), **dict(local.named_buffers())}
+        assert set(got) == set(want)
+        for name, t in want.items():
+            assert torch.equal(got[name], t.detach()), (rank, name)
+    assert sorted(p.name for p in tp2.iterdir()) == ["manifest.json", "rank0", "rank1"]
     with pytest.raises(EngineFolderError, match="tensor-parallel engine of 2 ranks.*torchrun --nproc-per-node 2"):
-        from runtime import Engine
-
         Engine.load(tp2)
 
 
-def test_torchrun_greedy_generation_equals_the_single_process_model(tp2):
+def test_torchrun_greedy_generation_equals_the_single_process_model(tp2, checkpoint):
     r = _torchrun(tp2, 2, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr[-3000:]
     got = [int(t) for t in r.stdout.strip().splitlines()[-1].split(",")]
-    assert got == _single_process_greedy(8)
+    assert got == _single_process_greedy(checkpoint, 8)
 
 
 def test_torchrun_sampling_without_a_seed_agrees_across_ranks(tp2):
@@ -128,28 +160,23 @@ def test_build_refuses_what_it_cannot_split(flags, message, tmp_path, caplog):
     assert not (tmp_path / "e").exists()
 
 
-def test_checkpoint_streamed_per_rank_equals_the_split_model(tmp_path):
-    """``RankWriter``: the checkpoint converter's tensors, each cut to the rank's slice as it streams (experts as
-    stacked parts, int8 with their scales), equal ``tensor_parallel_model`` of the loaded model, tensor for
-    tensor (a checkpoint in the official layout with a vocabulary that splits: 132)."""
-    from tests.conftest import make_hf_model
-
-    from export.parallel import RankWriter, fake_world
+def test_int8_checkpoint_streamed_once_for_all_ranks_equals_the_split_model(checkpoint, tmp_path):
+    """``FanOut`` of ``RankWriter`` s: one pass of the checkpoint converter with int8 experts, each tensor cut to
+    each rank's slice as it streams (experts as stacked parts with their scales), equals ``tensor_parallel_model``
+    of the loaded, quantized model, tensor for tensor."""
+    from export.parallel import FanOut, RankWriter
     from export.weights import ShardWriter, load_weights
     from model import MiniMaxForCausalLM
     from model.loading import convert_checkpoint
-    from model.parallel import ParallelPlan, tensor_parallel_model
+    from model.parallel import ParallelPlan
 
-    ckpt = tmp_path / "ckpt"
-    make_hf_model(seed=1, vocab_size=132).save_pretrained(ckpt, max_shard_size="100KB")
-    full = MiniMaxForCausalLM.from_pretrained(ckpt, dtype=torch.float32).quantize_experts_("experts-int8")
+    full = MiniMaxForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).quantize_experts_("experts-int8")
     plan = ParallelPlan(full.config, 2)
-    for rank in range(2):
-        writer = RankWriter(ShardWriter(tmp_path / f"r{rank}", shard_bytes=100_000), plan, rank)
-        convert_checkpoint(ckpt, writer, torch.float32, quantize="experts-int8")
+    writers = [RankWriter(ShardWriter(tmp_path / f"r{rank}", shard_bytes=100_000), plan, rank) for rank in range(2)]
+    convert_checkpoint(checkpoint, FanOut(writers), torch.float32, quantize="experts-int8")
+    for rank, writer in enumerate(writers):
         got = load_weights(tmp_path / f"r{rank}", writer.close(), torch.device("cpu"))
-        with fake_world(rank, 2):
-            local = tensor_parallel_model(full, plan, rank)
+        local = _rank_model(full, rank)
         want = {**dict(local.named_parameters()), **dict(local.named_buffers())}
         assert set(got) == set(want)
         for name, t in want.items():
