@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU session script of 2026-12-04: one device call runs one or more steps, writing logs and JSON under $OUT.
-#   bash benchmarks/gpu_session.sh STEP...   (steps: vision vltests serving long attention quant suite)
+# The GPU session script (2026-12-04): one device call runs one or more steps, writing logs and JSON under $OUT.
+#   bash benchmarks/gpu_session.sh STEP...   (steps: vision vltests serving long attention quant quantacc parallel suite)
 # serving needs fastapi / starlette / uvicorn / pydantic / pydantic-core / annotated-types / typing-inspection /
 # opentelemetry-api carried as wheels in .whl/ (the device README's recipe); every step bounds itself with timeout.
 export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
@@ -28,6 +28,11 @@ for step in "$@"; do
     quant)  # the quantized-experts GPU tests, then the whole benchmark with the decode-tile sweep
       timeout 120 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe_quant.py tests/test_plugins_gpu.py -k "fp8 or int8" 2>&1 | grep -v -E "Warning|warnings.warn|^  " | tail -12 | tee $OUT/quant_tests.log
       timeout 460 python -m benchmarks.moe_quant --sweep --out $OUT/moe_quant.json 2>&1 | grep -v -E "Warning|warn" | tee $OUT/moe_quant.log ;;
+    quantacc)  # the 4-layer accuracy run with its equal-RMS noise control (op level and decode skipped)
+      timeout 400 python -m benchmarks.moe_quant --skip-op --model-layers 0 --out $OUT/moe_quant_accuracy.json 2>&1 | grep -v -E "Warning|warn" | tee $OUT/moe_quant_accuracy.log ;;
+    parallel)  # one rank's shapes under TP 8 vs the single-GPU shapes; a 2-rank CUDA folder compiles (fake world)
+      timeout 420 python -m benchmarks.parallel_shapes --out $OUT/parallel_shapes.json 2>&1 | grep -v -E "Warning|warn|return cls" | tee $OUT/parallel_shapes.log
+      timeout 150 python build.py --preset tiny --device cuda --dtype bf16 --tensor-parallel 2 --max-batch 2 --max-input-len 8 --max-seq-len 64 --page-size 16 --out /tmp/tp2cuda 2>&1 | tail -3 | tee $OUT/parallel_build.log ;;
     suite)
       run_shard() { local n=$1; shift; local s=$(date +%s)
         timeout 330 python -m pytest -m gpu -q -rfEs -p no:cacheprovider "$@" > $OUT/suite_$n.txt 2>&1
