@@ -301,6 +301,15 @@ class Engine:
         """
         folder = Path(engine_dir)
         manifest = read_manifest(folder, verify_files=verify_files, hash_weights=False)  # weights: hashed as loaded
+        if "parallel" in manifest:  # one rank of a tensor-parallel folder: its programs need the world
+            import torch.distributed as dist
+
+            par = manifest["parallel"]
+            if not dist.is_initialized() or dist.get_world_size() != par["world_size"] \
+                    or dist.get_rank() != par["rank"]:
+                raise EngineFolderError(
+                    f"{folder}: rank {par['rank']} of a {par['world_size']}-rank tensor-parallel engine; run the "
+                    f"parent folder with `torchrun --nproc-per-node {par['world_size']} -m runtime {folder.parent}`")
         built_for = manifest["device"]
         if built_for == "cuda" and not torch.cuda.is_available():
             raise EngineFolderError(f"{folder}: engine was built for 'cuda' but no CUDA device is available here")

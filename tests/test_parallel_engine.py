@@ -107,6 +107,8 @@ def test_folder_layout_manifests_and_weights(tp2, checkpoint):
     assert sorted(p.name for p in tp2.iterdir()) == ["manifest.json", "rank0", "rank1"]
     with pytest.raises(EngineFolderError, match="tensor-parallel engine of 2 ranks.*torchrun --nproc-per-node 2"):
         Engine.load(tp2)
+    with pytest.raises(EngineFolderError, match="rank 1 of a 2-rank tensor-parallel engine; run the parent folder"):
+        Engine.load(tp2 / "rank1")  # outside a world of 2
 
 
 def test_torchrun_greedy_generation_equals_the_single_process_model(tp2, checkpoint):
