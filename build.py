@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "vocabulary split; rank folders rank0/ ... under one manifest; run with torchrun "
                         "--nproc-per-node N -m runtime ENGINE_DIR; aoti only; default 1)")
     p.add_argument("--expert-parallel", action="store_true",
-                   help="split whole experts across the ranks instead of each expert's intermediate dimension "
-                        "(planned: refused until built)")
+                   help="with --tensor-parallel N: split whole experts across the ranks instead of each expert's "
+                        "intermediate dimension (CPU engines only so far: no CUDA kernels for it yet)")
     p.add_argument("--shard-mb", type=int, default=2048,
                    help="size of the engine folder's weight shards in MB (AOTInductor; default 2048)")
     p.add_argument("--overwrite", action="store_true",
@@ -216,13 +216,14 @@ def _build(args: argparse.Namespace) -> int:
                 if vl_config is not None:
                     raise EngineFolderError("--tensor-parallel: MiniMax-VL-01 engines are single-rank so far (the "
                                             "vision tower is not split)")
-                if args.expert_parallel:
-                    raise EngineFolderError("--expert-parallel: expert parallelism is planned (model/parallel.py) but "
-                                            "not built in the model; use --tensor-parallel alone")
+                if args.expert_parallel and device == "cuda":
+                    raise EngineFolderError("--expert-parallel: the expert-parallel MoE has reference kernels only "
+                                            "(CPU engines); its CUDA kernels are not built")
                 try:
-                    plan = ParallelPlan(config, args.tensor_parallel)
+                    plan = ParallelPlan(config, args.tensor_parallel, expert_parallel=args.expert_parallel)
                 except ParallelPlanError as e:
-                    raise EngineFolderError(f"--tensor-parallel {args.tensor_parallel}: {e}") from None
+                    flag = "--expert-parallel " if args.expert_parallel else ""
+                    raise EngineFolderError(f"{flag}--tensor-parallel {args.tensor_parallel}: {e}") from None
             # the output folder: refused unless absent or an engine folder with --overwrite; locked until the end
             stack.enter_context(reserve_destination(args.out, overwrite=args.overwrite))
         except (ConfigError, EngineFolderError) as e:

@@ -246,11 +246,22 @@ class SparseMoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False, dtype=torch.float32)
         self.experts = Experts(config, dtype=dtype)
+        # expert parallelism (model/parallel.py): the index of this rank's first expert among the router's; None:
+        # every expert is here
+        self.expert_start: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, hidden = x.shape
         e = self.experts
-        if isinstance(e, QuantizedExperts):
+        if self.expert_start is not None:  # this rank's experts only; the ranks' outputs sum to the block's
+            flat = x.reshape(B * T, hidden)
+            if isinstance(e, QuantizedExperts):
+                y = torch.ops.minimax.moe_quantized_ep(flat, self.gate.weight, e.w1, e.w1_scale, e.w3, e.w3_scale,
+                                                       e.w2, e.w2_scale, self.top_k, e.mode, self.expert_start)
+            else:
+                y = torch.ops.minimax.moe_ep(flat, self.gate.weight, e.w1, e.w3, e.w2, self.top_k,
+                                             self.expert_start)
+        elif isinstance(e, QuantizedExperts):
             y = torch.ops.minimax.moe_quantized(x.reshape(B * T, hidden), self.gate.weight, e.w1, e.w1_scale, e.w3,
                                                 e.w3_scale, e.w2, e.w2_scale, self.top_k, e.mode)
         else:

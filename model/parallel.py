@@ -191,11 +191,14 @@ class TensorParallel:
 
 
 def local_config(plan: ParallelPlan) -> MiniMaxConfig:
-    """The config of one rank's slice under tensor parallelism: heads, KV heads, I and the vocabulary divided."""
+    """The config of one rank's slice: heads, KV heads and the vocabulary divided, and I divided under tensor
+    parallelism of the experts. Under expert parallelism I and the number of experts stay whole here (the router
+    routes over all of them); the rank's experts module holds E / N of them (``rank_skeleton``)."""
     c, n = plan.config, plan.world_size
     return dataclasses.replace(c, num_attention_heads=c.num_attention_heads // n,
                                num_key_value_heads=c.num_key_value_heads // n,
-                               intermediate_size=c.intermediate_size // n, vocab_size=c.vocab_size // n)
+                               intermediate_size=c.intermediate_size if plan.expert_parallel
+                               else c.intermediate_size // n, vocab_size=c.vocab_size // n)
 
 
 def rank_skeleton(config: MiniMaxConfig, plan: ParallelPlan, rank: int, dtype: torch.dtype | None = None,
@@ -204,16 +207,21 @@ def rank_skeleton(config: MiniMaxConfig, plan: ParallelPlan, rank: int, dtype: t
     ``device`` but not filled (the meta device: none allocated): what a per-rank program is exported from when its
     weights are written apart (``build.py --tensor-parallel`` from a checkpoint). ``group``: the process group
     (default: the world; a fake one at build time, see ``export.parallel``)."""
-    from .modeling import MiniMaxForCausalLM
+    from .modeling import Experts, MiniMaxForCausalLM, QuantizedExperts
 
-    if plan.expert_parallel:
-        raise NotImplementedError("expert parallelism is planned (ParallelPlan) but not built in the model; "
-                                  "use tensor parallelism (the experts' intermediate dimension split)")
     if plan.config != config:
         raise ParallelPlanError("rank_skeleton: the plan was made for another config")
     with torch.device("meta"):
         local = MiniMaxForCausalLM(local_config(plan), dtype=dtype)
         local.quantize_experts_(quantization)
+        if plan.expert_parallel:  # the rank's whole experts, E / N of them, after the router's first e0
+            experts = plan.experts(rank)
+            held = dataclasses.replace(local.config, num_local_experts=len(experts))
+            for layer in local.model.layers:
+                moe = layer.block_sparse_moe
+                moe.experts = (Experts(held, dtype=dtype) if quantization == "none"
+                               else QuantizedExperts(held, quantization))
+                moe.expert_start = experts.start
     if torch.device(device).type != "meta":
         local = local.to_empty(device=device)
         # the derived buffers (decay rates, RoPE frequencies) are the full model's, cut to the rank (a decay rate
@@ -245,7 +253,8 @@ def tensor_parallel_model(model, plan: ParallelPlan, rank: int, group=None):
     tensor narrowed as ``plan.shard`` says (quantized experts and their scales too), the collectives set where the
     math needs them (embedding, attention and MoE outputs, the lightning RMSNorm, the LM head). Called on every
     rank of ``group`` (default: the world) with the same model; its forward returns the full logits on each rank.
-    Expert parallelism has a plan but no model yet."""
+    Under expert parallelism the rank holds whole experts (``plan.experts(rank)``) and runs ``minimax::moe_ep``:
+    the reference kernels only (CPU), no CUDA kernels yet."""
     local = rank_skeleton(model.config, plan, rank, model.dtype, model.quantization,
                           model.lm_head.weight.device, group)
     full = {**dict(model.named_parameters()), **dict(model.named_buffers())}

@@ -72,12 +72,12 @@ def tp2(checkpoint, tmp_path_factory) -> Path:
     return out
 
 
-def _rank_model(full, rank: int):
+def _rank_model(full, rank: int, expert_parallel: bool = False):
     from export.parallel import fake_world
     from model.parallel import ParallelPlan, tensor_parallel_model
 
     with fake_world(rank, 2):
-        return tensor_parallel_model(full, ParallelPlan(full.config, 2), rank)
+        return tensor_parallel_model(full, ParallelPlan(full.config, 2, expert_parallel=expert_parallel), rank)
 
 
 def test_folder_layout_manifests_and_weights(tp2, checkpoint):
@@ -154,7 +154,6 @@ def test_damaged_or_mixed_folders_are_refused(tp2, tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--tensor-parallel", "4"], "num_attention_heads = 6 does not split over 4 ranks"),
     (["--tensor-parallel", "2", "--backend", "onnx"], "only the aoti backend builds per-rank engines"),
-    (["--tensor-parallel", "2", "--expert-parallel"], "expert parallelism is planned"),
 ])
 def test_build_refuses_what_it_cannot_split(flags, message, tmp_path, caplog):
     assert build.main(["--preset", "tiny", "--out", str(tmp_path / "e"), *flags, *BUILD_FLAGS]) == 2
@@ -162,23 +161,56 @@ def test_build_refuses_what_it_cannot_split(flags, message, tmp_path, caplog):
     assert not (tmp_path / "e").exists()
 
 
-def test_int8_checkpoint_streamed_once_for_all_ranks_equals_the_split_model(checkpoint, tmp_path):
+def test_expert_parallel_folder_generates_what_the_single_process_model_does(tmp_path):
+    """``--tensor-parallel 2 --expert-parallel`` (tiny preset: 2 of its 4 experts per rank, heads split as under
+    tensor parallelism): through torchrun, greedy tokens == the single-process model's."""
+    from model import MiniMaxConfig, MiniMaxForCausalLM
+    from runtime import Engine
+
+    out = tmp_path / "ep2"
+    assert build.main(["--preset", "tiny", "--out", str(out), "--tensor-parallel", "2", "--expert-parallel",
+                       *BUILD_FLAGS]) == 0
+    from export.parallel import read_parallel_manifest
+
+    _, sub = read_parallel_manifest(out, rank=1)
+    assert sub["parallel"]["expert_parallel"] is True
+    assert sub["weights"]["tensors"]["model.layers.0.block_sparse_moe.experts.w1"]["shape"][0] == 2
+    r = _torchrun(out, 2, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = [int(t) for t in r.stdout.strip().splitlines()[-1].split(",")]
+    model = MiniMaxForCausalLM(MiniMaxConfig.preset("tiny")).init_random_weights(seed=0).eval()
+    engine = Engine.from_model(model, max_batch=2, max_input_len=8, max_seq_len=32, page_size=8)
+    assert got == [int(t[0]) for t in engine.stream([PROMPT], max_new_tokens=8)]
+
+
+def test_expert_parallel_refuses_experts_that_do_not_split(checkpoint, tmp_path, caplog):
+    assert build.main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "e"), "--tensor-parallel", "2",
+                       "--expert-parallel", *BUILD_FLAGS]) == 2
+    assert "--expert-parallel --tensor-parallel 2: num_local_experts = 5 does not split over 2 ranks" in caplog.text
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_int8_checkpoint_streamed_once_for_all_ranks_equals_the_split_model(expert_parallel, tmp_path):
     """``FanOut`` of ``RankWriter`` s: one pass of the checkpoint converter with int8 experts, each tensor cut to
-    each rank's slice as it streams (experts as stacked parts with their scales), equals ``tensor_parallel_model``
-    of the loaded, quantized model, tensor for tensor."""
+    each rank's slice as it streams (experts as stacked parts with their scales: I split, or whole experts under
+    expert parallelism), equals ``tensor_parallel_model`` of the loaded, quantized model, tensor for tensor."""
     from export.parallel import FanOut, RankWriter
     from export.weights import ShardWriter, load_weights
     from model import MiniMaxForCausalLM
     from model.loading import convert_checkpoint
     from model.parallel import ParallelPlan
+    from tests.conftest import make_hf_model
 
+    checkpoint = tmp_path / "ckpt"  # 4 experts, so that they split over 2 ranks too
+    make_hf_model(seed=2, vocab_size=132, num_local_experts=4).save_pretrained(checkpoint, max_shard_size="100KB")
     full = MiniMaxForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).quantize_experts_("experts-int8")
-    plan = ParallelPlan(full.config, 2)
+    plan = ParallelPlan(full.config, 2, expert_parallel=expert_parallel)
     writers = [RankWriter(ShardWriter(tmp_path / f"r{rank}", shard_bytes=100_000), plan, rank) for rank in range(2)]
     convert_checkpoint(checkpoint, FanOut(writers), torch.float32, quantize="experts-int8")
     for rank, writer in enumerate(writers):
         got = load_weights(tmp_path / f"r{rank}", writer.close(), torch.device("cpu"))
-        local = _rank_model(full, rank)
+        local = _rank_model(full, rank, expert_parallel)
         want = {**dict(local.named_parameters()), **dict(local.named_buffers())}
         assert set(got) == set(want)
         for name, t in want.items():

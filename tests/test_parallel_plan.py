@@ -279,7 +279,7 @@ def logits_of(model, ids, steps):
     return torch.cat(out, 1)
 
 
-def main(rank, world, port, out, config_name, quantize):
+def main(rank, world, port, out, config_name, quantize, ep):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -290,7 +290,7 @@ def main(rank, world, port, out, config_name, quantize):
     full = MiniMaxForCausalLM(config).init_random_weights(seed=0, std=0.1).eval().quantize_experts_(quantize)
     ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     want = logits_of(full, ids, 4)
-    local = tensor_parallel_model(full, ParallelPlan(config, world), rank)
+    local = tensor_parallel_model(full, ParallelPlan(config, world, expert_parallel=ep == "ep"), rank)
     got = logits_of(local, ids, 4)
     err = float((got - want).abs().max())
     with open(f"{out}/rank{rank}.txt", "w") as f:
@@ -301,16 +301,19 @@ def main(rank, world, port, out, config_name, quantize):
 if __name__ == "__main__":
     import torch.multiprocessing as mp
     world = int(sys.argv[3])
-    mp.spawn(main, args=(world, int(sys.argv[1]), sys.argv[2], sys.argv[4], sys.argv[5]), nprocs=world)
+    mp.spawn(main, args=(world, int(sys.argv[1]), sys.argv[2], sys.argv[4], sys.argv[5], sys.argv[6]), nprocs=world)
 """
 
 
-@pytest.mark.parametrize("world,config_name,quantize", [(2, "tiny", "none"), (4, "wide", "none"),
-                                                        (2, "wide", "experts-int8")])
-def test_tensor_parallel_model_over_gloo_equals_the_single_process_model(world, config_name, quantize, tmp_path):
-    """Every rank of a gloo world runs its slice of the model (``tensor_parallel_model``) over a prefill and four
-    decode steps and gets the single-process model's logits (fp32), with 1 / world of the attention weights."""
-    _run_ranks(tmp_path, _TP_SCRIPT, world, config_name, quantize)
+@pytest.mark.parametrize("world,config_name,quantize,ep", [
+    (2, "tiny", "none", "tp"), (4, "wide", "none", "tp"), (2, "wide", "experts-int8", "tp"),
+    (2, "tiny", "none", "ep"), (4, "wide", "none", "ep"), (2, "wide", "experts-int8", "ep")])
+def test_parallel_model_over_gloo_equals_the_single_process_model(world, config_name, quantize, ep, tmp_path):
+    """Every rank of a gloo world runs its slice of the model (``tensor_parallel_model``; the experts' I split, or
+    whole experts split with ``expert_parallel``: each rank routes over all experts and runs its own) over a prefill
+    and four decode steps and gets the single-process model's logits (fp32), with 1 / world of the attention
+    weights."""
+    _run_ranks(tmp_path, _TP_SCRIPT, world, config_name, quantize, ep)
     heads = (6 if config_name == "tiny" else 8) // world
     for rank in range(world):
         err, shape = (tmp_path / f"rank{rank}.txt").read_text().split(" ", 1)
@@ -375,3 +378,28 @@ def test_tensor_parallel_programs_export_and_run_as_aotinductor_packages_over_gl
         # CPU programs gather the vocab-split logits with an all-reduce (TensorParallel.all_gather: gloo's
         # all-gather work deadlocks an AOTInductor CPU call on the GIL); CUDA ones with an all-gather
         assert "all_reduce" in ops and "all_gather_into_tensor" not in ops, ops
+
+
+@pytest.mark.parametrize("mode", ["none", "experts-int8"])
+def test_expert_parallel_op_shares_sum_to_the_unsplit_moe(mode):
+    """``minimax::moe_ep`` / ``moe_quantized_ep`` (the reference): every rank routes over all 8 experts and runs its
+    own 2 (4 ranks); the ranks' outputs sum to the unsplit block (fp32), and each alone is not it."""
+    import kernels  # noqa: F401  (registers the ops)
+    from kernels.moe import naive
+
+    g = torch.Generator().manual_seed(5)
+    x, router = torch.randn(7, 16, generator=g), torch.randn(8, 16, generator=g)
+    ws = [torch.randn(8, 12, 16, generator=g) / 4, torch.randn(8, 12, 16, generator=g) / 4,
+          torch.randn(8, 16, 12, generator=g) / 3.5]
+    if mode == "none":
+        want = naive.moe_forward(x, router, *ws, 2)
+        parts = [torch.ops.minimax.moe_ep(x, router, *(w[2 * r:2 * r + 2] for w in ws), 2, 2 * r) for r in range(4)]
+    else:
+        (q1, s1), (q3, s3), (q2, s2) = (naive.quantize_weight(w, mode) for w in ws)
+        want = naive.moe_forward_quantized(x, router, q1, s1, q3, s3, q2, s2, 2, mode)
+        parts = [torch.ops.minimax.moe_quantized_ep(x, router, *(t[2 * r:2 * r + 2] for t in (q1, s1, q3, s3, q2, s2)),
+                                                    2, mode, 2 * r) for r in range(4)]
+    assert torch.allclose(sum(parts), want, atol=1e-5)
+    assert all((p - want).abs().max() > 1e-2 for p in parts)
+    with pytest.raises(ValueError, match="outside the router's 8"):
+        naive.moe_forward_ep(x, router, *(w[:2] for w in ws), 2, 7)

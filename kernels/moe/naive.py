@@ -95,6 +95,27 @@ def moe_forward(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Te
     return moe_experts(x, weights, ids, w1, w3, w2)
 
 
+def moe_forward_ep(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int,
+                   expert_start: int, scales: tuple[Tensor, Tensor, Tensor] | None = None,
+                   mode: str = "none") -> Tensor:
+    """One rank's share of an expert-parallel MoE: route over all ``router_weight.shape[0]`` experts (as the
+    unsplit block does), then run only the experts this rank holds, ``expert_start .. expert_start + E_local - 1``
+    (``w1.shape[0]`` of them; quantized with ``scales`` (s1, s3, s2) in ``mode``): the sum over the ranks of their
+    outputs is ``moe_forward``. ``[T, hidden] -> [T, hidden]`` in the dtype of x."""
+    E, E_local = router_weight.shape[0], w1.shape[0]
+    if not 0 <= expert_start <= E - E_local:
+        raise ValueError(f"moe (expert parallel): experts {expert_start}..{expert_start + E_local - 1} are outside "
+                         f"the router's {E}")
+    if x.dim() != 2 or router_weight.shape[1] != x.shape[1]:
+        raise ValueError(f"moe (expert parallel): x [T, hidden] and router_weight [E, hidden] expected; got "
+                         f"{tuple(x.shape)}, {tuple(router_weight.shape)}")
+    weights, ids = moe_route(x, router_weight, top_k)
+    local = ids - expert_start  # ids of other ranks' experts fall outside 0..E_local-1: no expert takes them
+    if scales is None:
+        return moe_experts(x, weights, local, w1, w3, w2)
+    return moe_experts_quantized(x, weights, local, w1, scales[0], w3, scales[1], w2, scales[2], mode)
+
+
 # ------------------------------------------------------------------------------------------------ quantized experts
 
 

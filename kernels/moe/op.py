@@ -96,3 +96,39 @@ def _moe_quantized_cuda(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor
     from .dispatch import moe_forward_triton
 
     return moe_forward_triton(x, router_weight, w1, w3, w2, top_k, scales=(s1, s3, s2), mode=mode)
+
+
+# ------------------------------------------------------------------------------------------------ expert parallel
+
+
+@torch.library.custom_op("minimax::moe_ep", mutates_args=())
+def moe_ep(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int,
+           expert_start: int) -> Tensor:
+    """One rank's share of an expert-parallel ``minimax::moe`` (``naive.moe_forward_ep``): routed over all the
+    router's experts, run over the rank's ``w1.shape[0]`` experts from ``expert_start``. The reference on every
+    device so far: the CUDA kernels (routing once, then only the local experts' blocks) are not built."""
+    if x.device.type == "cuda":
+        raise NotImplementedError("minimax::moe_ep: the expert-parallel MoE has no CUDA kernels yet (use tensor "
+                                  "parallelism of the experts' intermediate dimension)")
+    return naive.moe_forward_ep(x, router_weight, w1, w3, w2, top_k, expert_start)
+
+
+@moe_ep.register_fake
+def _moe_ep_fake(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int,
+                 expert_start: int) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("minimax::moe_quantized_ep", mutates_args=())
+def moe_quantized_ep(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor, w3: Tensor, s3: Tensor, w2: Tensor,
+                     s2: Tensor, top_k: int, mode: str, expert_start: int) -> Tensor:
+    """``minimax::moe_ep`` over quantized experts (the reference; no CUDA kernels yet)."""
+    if x.device.type == "cuda":
+        raise NotImplementedError("minimax::moe_quantized_ep: the expert-parallel MoE has no CUDA kernels yet")
+    return naive.moe_forward_ep(x, router_weight, w1, w3, w2, top_k, expert_start, (s1, s3, s2), mode)
+
+
+@moe_quantized_ep.register_fake
+def _moe_quantized_ep_fake(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor, w3: Tensor, s3: Tensor,
+                           w2: Tensor, s2: Tensor, top_k: int, mode: str, expert_start: int) -> Tensor:
+    return x.new_empty(x.shape)
