@@ -186,7 +186,10 @@ class TensorParallel:
             n, size = self.world_size, t.shape[dim]
             full = t.new_zeros((*t.shape[:dim], n * size, *t.shape[dim + 1:]))
             full = full.slice_scatter(t, dim, self.rank * size, (self.rank + 1) * size)
-            return funcol.all_reduce(full, "sum", self.group)
+            # A new buffer, not the all-reduce's: the logits leave the program, and a collective's buffer that
+            # reaches Python deadlocks gloo's worker thread the same way (-(-x): a copy Inductor does not remove,
+            # unlike x + 0 or a clone)
+            return -(-funcol.all_reduce(full, "sum", self.group))
         return funcol.all_gather_tensor(t.contiguous(), dim, self.group)
 
 
