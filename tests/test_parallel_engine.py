@@ -111,6 +111,23 @@ def test_folder_layout_manifests_and_weights(tp2, checkpoint):
         Engine.load(tp2 / "rank1")  # outside a world of 2
 
 
+@pytest.mark.parametrize("program", ["prefill", "decode"])
+def test_program_outputs_are_not_collective_buffers(tp2, program):
+    """The deadlock of docs/parallel.md: a collective's buffer that leaves an AOTInductor CPU program (gets a
+    Python object) makes gloo's worker thread wait for the GIL the next program call holds. The logits must be a
+    buffer of their own, which no collective of the program touches."""
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(tp2 / "rank0" / f"{program}.pt2") as z:
+        cpp = next(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
+    outputs = re.findall(r"output_handles\[\d+\] = (\w+)\.release\(\)", cpp)
+    collectives = re.findall(
+        r"c10d_functional_(?:all_reduce_|all_gather_into_tensor)\((?:[^;]*?reinterpret_tensor_wrapper\()?(\w+)", cpp)
+    assert outputs and len(collectives) >= 10, (outputs, len(collectives))
+    assert not set(outputs) & set(collectives), set(outputs) & set(collectives)
+
+
 def test_torchrun_greedy_generation_equals_the_single_process_model(tp2, checkpoint):
     r = _torchrun(tp2, 2, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr[-3000:]
