@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--nproc-per-node N -m runtime ENGINE_DIR; aoti only; default 1)")
     p.add_argument("--expert-parallel", action="store_true",
                    help="with --tensor-parallel N: split whole experts across the ranks instead of each expert's "
-                        "intermediate dimension (CPU engines only so far: no CUDA kernels for it yet)")
+                        "intermediate dimension (the router whole on every rank)")
     p.add_argument("--shard-mb", type=int, default=2048,
                    help="size of the engine folder's weight shards in MB (AOTInductor; default 2048)")
     p.add_argument("--overwrite", action="store_true",
@@ -216,9 +216,6 @@ def _build(args: argparse.Namespace) -> int:
                 if vl_config is not None:
                     raise EngineFolderError("--tensor-parallel: MiniMax-VL-01 engines are single-rank so far (the "
                                             "vision tower is not split)")
-                if args.expert_parallel and device == "cuda":
-                    raise EngineFolderError("--expert-parallel: the expert-parallel MoE has reference kernels only "
-                                            "(CPU engines); its CUDA kernels are not built")
                 try:
                     plan = ParallelPlan(config, args.tensor_parallel, expert_parallel=args.expert_parallel)
                 except ParallelPlanError as e:

@@ -12,8 +12,8 @@ communication; only shapes and the group's name are read); at run time ``runtime
 (gloo / NCCL under ``torchrun``) and checks that its group has the name the programs were compiled with.
 
 Only the AOTInductor backend builds parallel folders so far; TensorRT per-rank engines (collectives as a plugin
-around NCCL) are not built, and expert-parallel folders are CPU engines only (the expert-parallel MoE,
-``minimax::moe_ep``, has no CUDA kernels yet).
+around NCCL) are not built. Expert-parallel folders run ``minimax::moe_ep`` (CUDA: the Triton pointer kernels with
+the other ranks' slots skipped; CPU: the reference).
 """
 
 from __future__ import annotations
@@ -130,9 +130,6 @@ def build_parallel_engine(
     if settings.backend != "aoti":
         raise EngineFolderError(f"--tensor-parallel: only the aoti backend builds per-rank engines so far (TensorRT "
                                 f"per-rank engines with NCCL collectives are not built); got {settings.backend!r}")
-    if plan.expert_parallel and settings.device == "cuda":
-        raise EngineFolderError("--expert-parallel: the expert-parallel MoE has reference kernels only (CPU engines); "
-                                "its CUDA kernels are not built")
     n = plan.world_size
     ranks = [f"rank{r}" for r in range(n)]
     start = time.perf_counter()

@@ -256,8 +256,8 @@ def tensor_parallel_model(model, plan: ParallelPlan, rank: int, group=None):
     tensor narrowed as ``plan.shard`` says (quantized experts and their scales too), the collectives set where the
     math needs them (embedding, attention and MoE outputs, the lightning RMSNorm, the LM head). Called on every
     rank of ``group`` (default: the world) with the same model; its forward returns the full logits on each rank.
-    Under expert parallelism the rank holds whole experts (``plan.experts(rank)``) and runs ``minimax::moe_ep``:
-    the reference kernels only (CPU), no CUDA kernels yet."""
+    Under expert parallelism the rank holds whole experts (``plan.experts(rank)``) and runs ``minimax::moe_ep``
+    (Triton kernels on CUDA, the reference elsewhere)."""
     local = rank_skeleton(model.config, plan, rank, model.dtype, model.quantization,
                           model.lm_head.weight.device, group)
     full = {**dict(model.named_parameters()), **dict(model.named_buffers())}

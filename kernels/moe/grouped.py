@@ -257,10 +257,10 @@ def _combine_kernel(
     mask = t_mask[:, None] & (offs_h[None, :] < hidden)
     acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
-        row = tl.load(inv_perm_ptr + offs_t * TOP_K + j, mask=t_mask, other=0)
-        acc += tl.load(y_perm_ptr + row.to(tl.int64)[:, None] * hidden + offs_h[None, :], mask=mask, other=0.0).to(
-            tl.float32
-        )
+        # a negative row is a slot no expert here took (expert parallelism: another rank's expert): it adds nothing
+        row = tl.load(inv_perm_ptr + offs_t * TOP_K + j, mask=t_mask, other=-1)
+        acc += tl.load(y_perm_ptr + row.to(tl.int64)[:, None] * hidden + offs_h[None, :],
+                       mask=mask & (row[:, None] >= 0), other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_t.to(tl.int64)[:, None] * hidden + offs_h[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -743,7 +743,8 @@ def combine(
     block_h: int = 1024,
     out: Tensor | None = None,
 ) -> Tensor:
-    """Stage 5: y_perm [rows, hidden], inv_perm [T * top_k] -> y [T, hidden] (out_dtype), top-k summed in fp32."""
+    """Stage 5: y_perm [rows, hidden], inv_perm [T * top_k] -> y [T, hidden] (out_dtype), top-k summed in fp32; a
+    slot whose ``inv_perm`` is negative (taken by no expert here) adds nothing."""
     hidden = y_perm.shape[1]
     y = torch.empty((n_tokens, hidden), dtype=out_dtype, device=y_perm.device) if out is None else out
     block_h = min(block_h, _next_pow2(hidden))

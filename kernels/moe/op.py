@@ -101,34 +101,55 @@ def _moe_quantized_cuda(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor
 # ------------------------------------------------------------------------------------------------ expert parallel
 
 
-@torch.library.custom_op("minimax::moe_ep", mutates_args=())
-def moe_ep(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int,
-           expert_start: int) -> Tensor:
-    """One rank's share of an expert-parallel ``minimax::moe`` (``naive.moe_forward_ep``): routed over all the
-    router's experts, run over the rank's ``w1.shape[0]`` experts from ``expert_start``. The reference on every
-    device so far: the CUDA kernels (routing once, then only the local experts' blocks) are not built."""
-    if x.device.type == "cuda":
-        raise NotImplementedError("minimax::moe_ep: the expert-parallel MoE has no CUDA kernels yet (use tensor "
-                                  "parallelism of the experts' intermediate dimension)")
+@torch.library.custom_op("minimax::moe_ep_reference", mutates_args=())
+def moe_ep_reference(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int,
+                     expert_start: int) -> Tensor:
+    """The fp32 reference (``naive.moe_forward_ep``) as an opaque op: the non-CUDA branch of ``minimax::moe_ep``."""
     return naive.moe_forward_ep(x, router_weight, w1, w3, w2, top_k, expert_start)
 
 
-@moe_ep.register_fake
-def _moe_ep_fake(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int,
-                 expert_start: int) -> Tensor:
+@moe_ep_reference.register_fake
+def _moe_ep_reference_fake(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int,
+                           expert_start: int) -> Tensor:
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("minimax::moe_quantized_ep", mutates_args=())
-def moe_quantized_ep(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor, w3: Tensor, s3: Tensor, w2: Tensor,
-                     s2: Tensor, top_k: int, mode: str, expert_start: int) -> Tensor:
-    """``minimax::moe_ep`` over quantized experts (the reference; no CUDA kernels yet)."""
-    if x.device.type == "cuda":
-        raise NotImplementedError("minimax::moe_quantized_ep: the expert-parallel MoE has no CUDA kernels yet")
+@torch.library.triton_op("minimax::moe_ep", mutates_args=())
+def moe_ep(x: Tensor, router_weight: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, top_k: int,
+           expert_start: int) -> Tensor:
+    """One rank's share of an expert-parallel ``minimax::moe`` (``naive.moe_forward_ep``): routed over all the
+    router's experts, run over the rank's ``w1.shape[0]`` experts from ``expert_start``; the ranks' outputs sum to
+    the unsplit block. CUDA (eager and traced alike): ``traced.moe_forward_traceable`` with ``expert_start`` (the
+    pointer kernels; the slots of other ranks' experts are skipped, see there); other devices: the reference."""
+    if x.device.type != "cuda":
+        return torch.ops.minimax.moe_ep_reference(x, router_weight, w1, w3, w2, top_k, expert_start)
+    from .traced import moe_forward_traceable
+
+    return moe_forward_traceable(x, router_weight, w1, w3, w2, top_k, expert_start=expert_start)
+
+
+@torch.library.custom_op("minimax::moe_quantized_ep_reference", mutates_args=())
+def moe_quantized_ep_reference(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor, w3: Tensor, s3: Tensor,
+                               w2: Tensor, s2: Tensor, top_k: int, mode: str, expert_start: int) -> Tensor:
+    """The fp32 quantized reference of ``minimax::moe_quantized_ep`` (its non-CUDA branch)."""
     return naive.moe_forward_ep(x, router_weight, w1, w3, w2, top_k, expert_start, (s1, s3, s2), mode)
 
 
-@moe_quantized_ep.register_fake
-def _moe_quantized_ep_fake(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor, w3: Tensor, s3: Tensor,
-                           w2: Tensor, s2: Tensor, top_k: int, mode: str, expert_start: int) -> Tensor:
+@moe_quantized_ep_reference.register_fake
+def _moe_quantized_ep_reference_fake(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor, w3: Tensor,
+                                     s3: Tensor, w2: Tensor, s2: Tensor, top_k: int, mode: str,
+                                     expert_start: int) -> Tensor:
     return x.new_empty(x.shape)
+
+
+@torch.library.triton_op("minimax::moe_quantized_ep", mutates_args=())
+def moe_quantized_ep(x: Tensor, router_weight: Tensor, w1: Tensor, s1: Tensor, w3: Tensor, s3: Tensor, w2: Tensor,
+                     s2: Tensor, top_k: int, mode: str, expert_start: int) -> Tensor:
+    """``minimax::moe_ep`` over quantized experts (scales and ``mode`` as ``minimax::moe_quantized``)."""
+    if x.device.type != "cuda":
+        return torch.ops.minimax.moe_quantized_ep_reference(x, router_weight, w1, s1, w3, s3, w2, s2, top_k, mode,
+                                                            expert_start)
+    from .traced import moe_forward_traceable
+
+    return moe_forward_traceable(x, router_weight, w1, w3, w2, top_k, scales=(s1, s3, s2), mode=mode,
+                                 expert_start=expert_start)

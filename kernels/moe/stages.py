@@ -173,11 +173,14 @@ def moe_down_grouped(
 
 
 def moe_combine(y_perm: Tensor, inv_perm: Tensor, top_k: int) -> Tensor:
-    """y [T, hidden] (y_perm.dtype): y_t = sum_k y_perm[inv_perm[t * top_k + k]], summed in fp32."""
+    """y [T, hidden] (y_perm.dtype): y_t = sum_k y_perm[inv_perm[t * top_k + k]], summed in fp32; a negative
+    ``inv_perm`` entry (a slot no expert here took: expert parallelism) adds nothing."""
     if inv_perm.dim() != 1 or inv_perm.numel() % top_k:
         raise ValueError(f"moe_combine: inv_perm must be [T * top_k={top_k}]; got {tuple(inv_perm.shape)}")
     T = inv_perm.numel() // top_k
-    gathered = y_perm.float()[inv_perm.long()]  # [S, hidden], slot order
+    rows = inv_perm.long()
+    gathered = y_perm.float()[rows.clamp(min=0)]  # [S, hidden], slot order
+    gathered = torch.where((rows >= 0).unsqueeze(-1), gathered, 0.0)
     return gathered.view(T, top_k, -1).sum(1).to(y_perm.dtype)
 
 

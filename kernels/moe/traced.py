@@ -100,13 +100,25 @@ def moe_forward_traceable(
     decode_kernels: bool = True,
     scales: tuple[Tensor, Tensor, Tensor] | None = None,
     mode: str = "experts-int8",
+    expert_start: int | None = None,
+    poison: bool = False,
 ) -> Tensor:
     """Routed SwiGLU experts: x [T, hidden] -> y [T, hidden] (x.dtype, new contiguous tensor), T may be symbolic.
 
     Same contract as ``dispatch.moe_forward_triton``; kernels launched through ``wrap_triton``. ``config``
     overrides ``static_config`` (its TMA flags are ignored). ``decode_kernels``: allow the decode path (see the
     module docstring). ``scales``: ``(s1, s3, s2)`` fp32 [E, out] of quantized expert weights, ``mode``
-    "experts-int8" (W8A16) or "experts-fp8" (W8A8: x and h quantized per row first, as ``dispatch`` does)."""
+    "experts-int8" (W8A16) or "experts-fp8" (W8A8: x and h quantized per row first, as ``dispatch`` does).
+
+    ``expert_start``: one rank's share of an expert-parallel block (``naive.moe_forward_ep``). The router keeps all
+    ``router_weight.shape[0]`` experts; the weights hold the ``w1.shape[0]`` experts from ``expert_start``. Routing
+    runs over all of them, then the ids are made local and the slots of other ranks' experts get id -1: the align
+    kernel places no row for them (their ``inv_perm`` stays -1, which the combine kernel skips) and the decode
+    kernels, which match ids per expert, never take them. The tiles are chosen from the router's expert count (the
+    rows each expert gets do not depend on where it lives).
+
+    ``poison`` (tests): every buffer the kernels write is filled first (NaN for floats, 2^30 for ids and rows), so
+    that an element no kernel writes shows in the result."""
     from torch.library import wrap_triton
 
     naive_shapes_ok = x.dim() == 2 and w1.dim() == 3 and w2.dim() == 3 and router_weight.dim() == 2
@@ -116,9 +128,22 @@ def moe_forward_traceable(
                          f"{tuple(w3.shape)}, {tuple(w2.shape)}")
     T, hidden = x.shape
     E, inter = w1.shape[0], w1.shape[1]
+    E_route = router_weight.shape[0]  # the experts routed over: E, or every rank's under expert parallelism
+    if expert_start is None and E_route != E:
+        raise ValueError(f"moe: router_weight has {E_route} experts and w1 {E}; pass expert_start for one rank's "
+                         f"share of an expert-parallel block")
+    if expert_start is not None and not 0 <= expert_start <= E_route - E:
+        raise ValueError(f"moe (expert parallel): experts {expert_start}..{expert_start + E - 1} are outside the "
+                         f"router's {E_route}")
     dev = x.device
-    cfg = static_config(T, top_k, E, dev, decode_kernels, None if scales is None else mode) if config is None \
-        else config
+
+    def empty(shape, dtype):
+        if not poison:
+            return torch.empty(shape, dtype=dtype, device=dev)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else 1 << 30, dtype=dtype, device=dev)
+
+    cfg = static_config(T, top_k, E_route, dev, decode_kernels, None if scales is None else mode) \
+        if config is None else config
     x = x.contiguous()
     router_weight = router_weight.contiguous()
     w1, w3, w2 = w1.contiguous(), w3.contiguous(), w2.contiguous()
@@ -127,7 +152,7 @@ def moe_forward_traceable(
     q13 = {"s1_ptr": None, "s3_ptr": None} if scales is None else {
         "s1_ptr": scales[0].contiguous(), "s3_ptr": scales[1].contiguous()}
     q2 = {"s2_ptr": None if scales is None else scales[2].contiguous()}
-    y = torch.empty((T, hidden), dtype=x.dtype, device=dev)  # [T, hidden]
+    y = empty((T, hidden), x.dtype)  # [T, hidden]
     if statically_known_true(T == 0):
         return y
     fp8 = scales is not None and mode == "experts-fp8"
@@ -135,8 +160,8 @@ def moe_forward_traceable(
     def rows_fp8(a: Tensor) -> tuple[Tensor, Tensor]:
         """W8A8: ``a`` quantized per row (``grouped.quantize_rows_fp8``'s kernel)."""
         R, K = a.shape
-        q = torch.empty((R, K), dtype=torch.float8_e4m3fn, device=dev)
-        scale = torch.empty((R,), dtype=torch.float32, device=dev)
+        q = empty((R, K), torch.float8_e4m3fn)
+        scale = empty((R,), torch.float32)
         wrap_triton(grouped._quantize_rows_fp8_kernel)[(R,)](a, q, scale, K, BLOCK=min(1024, grouped._next_pow2(K)))
         return q, scale
 
@@ -148,20 +173,23 @@ def moe_forward_traceable(
     k_pad = grouped._next_pow2(max(top_k, 2))
 
     # stage 1: router
-    weights = torch.empty((T, top_k), dtype=torch.float32, device=dev)  # [T, top_k]
-    ids = torch.empty((T, top_k), dtype=torch.int32, device=dev)  # [T, top_k]
+    weights = empty((T, top_k), torch.float32)  # [T, top_k]
+    ids = empty((T, top_k), torch.int32)  # [T, top_k]
     wrap_triton(routing._route_kernel)[(_cdiv(T, cfg.route_block_t),)](
         x, router_weight, weights, ids, T, hidden,
-        NUM_EXPERTS=E, E_PAD=max(16, grouped._next_pow2(E)), TOP_K=top_k, K_PAD=k_pad,
+        NUM_EXPERTS=E_route, E_PAD=max(16, grouped._next_pow2(E_route)), TOP_K=top_k, K_PAD=k_pad,
         BLOCK_T=cfg.route_block_t, BLOCK_K=cfg.route_block_k,
         DOT_PRECISION="tf32x3" if dev.type == "cuda" else "ieee", USE_DOT=cfg.route_dot,
         num_warps=cfg.route_warps,
     )  # fmt: skip
+    if expert_start is not None:  # local ids; -1 for the slots of other ranks' experts
+        ids = ids - expert_start
+        ids = torch.where((ids >= 0) & (ids < E), ids, torch.full_like(ids, -1))
 
     if decode_kernels and statically_known_true(T <= cfg.decode_max_tokens):
         # decode path: T_PAD is a compile-time constant, so it comes from the static bound, not from T
         t_pad = max(16, grouped._next_pow2(cfg.decode_max_tokens))
-        h = torch.empty((T * top_k, inter), dtype=x.dtype, device=dev)  # [T * top_k, I]
+        h = empty((T * top_k, inter), x.dtype)  # [T * top_k, I]
         stages, block_k = grouped._fit_smem(cfg.decode_stages, cfg.decode_block_k,
                                             (t_pad + 2 * cfg.decode_block_n) * x.element_size())
         wrap_triton(grouped._swiglu_decode_kernel)[(_cdiv(inter, cfg.decode_block_n),)](
@@ -189,17 +217,19 @@ def moe_forward_traceable(
     n_slots = T * top_k
     max_rows = n_slots + E * (bm - 1)  # routing.align_max_rows
     max_blocks = _cdiv(max_rows, bm)  # routing.align_max_blocks
-    sorted_slots = torch.empty((max_rows,), dtype=torch.int32, device=dev)
-    inv_perm = torch.empty((n_slots,), dtype=torch.int32, device=dev)
-    block_expert = torch.empty((max_blocks,), dtype=torch.int32, device=dev)
-    expert_counts = torch.empty((E,), dtype=torch.int32, device=dev)
-    expert_offsets = torch.empty((E + 1,), dtype=torch.int32, device=dev)
+    sorted_slots = empty((max_rows,), torch.int32)
+    # expert parallel: the slots placed nowhere keep -1 (the combine kernel skips them)
+    inv_perm = empty((n_slots,), torch.int32) if expert_start is None \
+        else torch.full((n_slots,), -1, dtype=torch.int32, device=dev)
+    block_expert = empty((max_blocks,), torch.int32)
+    expert_counts = empty((E,), torch.int32)
+    expert_offsets = empty((E + 1,), torch.int32)
     wrap_triton(routing._align_kernel)[(E,)](
         ids, sorted_slots, inv_perm, block_expert, expert_counts, expert_offsets, n_slots, max_rows, max_blocks,
         NUM_EXPERTS=E, E_PAD=max(2, grouped._next_pow2(E)), BLOCK_M=bm, CHUNK=cfg.align_chunk, num_warps=4,
     )  # fmt: skip
 
-    h = torch.empty((max_rows, inter), dtype=x.dtype, device=dev)  # [max_rows, I]
+    h = empty((max_rows, inter), x.dtype)  # [max_rows, I]
     stages, block_k = grouped._fit_smem(cfg.swiglu_stages, cfg.swiglu_block_k,
                                         (bm + 2 * cfg.swiglu_block_n) * x.element_size())
     wrap_triton(grouped._swiglu_grouped_kernel)[(max_blocks * _cdiv(inter, cfg.swiglu_block_n),)](
@@ -214,7 +244,7 @@ def moe_forward_traceable(
     if fp8:
         h_in, h_scale = rows_fp8(h)
         h_kw = {"sa_ptr": h_scale}
-    y_perm = torch.empty((max_rows, hidden), dtype=x.dtype, device=dev)  # [max_rows, hidden]
+    y_perm = empty((max_rows, hidden), x.dtype)  # [max_rows, hidden]
     stages, block_k = grouped._fit_smem(cfg.down_stages, cfg.down_block_k, (bm + cfg.down_block_n) * x.element_size())
     wrap_triton(grouped._down_grouped_kernel)[(max_blocks * _cdiv(hidden, cfg.down_block_n),)](
         h_in, w2, y_perm, sorted_slots, block_expert, weights, n_slots, hidden, inter, max_blocks,
