@@ -30,16 +30,18 @@ for step in "$@"; do
       timeout 460 python -m benchmarks.moe_quant --sweep --out $OUT/moe_quant.json 2>&1 | grep -v -E "Warning|warn" | tee $OUT/moe_quant.log ;;
     quantacc)  # the 4-layer accuracy run with its equal-RMS noise control (op level and decode skipped)
       timeout 400 python -m benchmarks.moe_quant --skip-op --model-layers 0 --out $OUT/moe_quant_accuracy.json 2>&1 | grep -v -E "Warning|warn" | tee $OUT/moe_quant_accuracy.log ;;
-    parallel)  # one rank's shapes under TP 8 vs the single-GPU shapes; a 2-rank CUDA folder compiles (fake world)
-      timeout 420 python -m benchmarks.parallel_shapes --out $OUT/parallel_shapes.json 2>&1 | grep -v -E "Warning|warn|return cls" | tee $OUT/parallel_shapes.log
-      timeout 150 python build.py --preset tiny --device cuda --dtype bf16 --tensor-parallel 2 --max-batch 2 --max-input-len 8 --max-seq-len 64 --page-size 16 --out /tmp/tp2cuda 2>&1 | tail -3 | tee $OUT/parallel_build.log ;;
+    parallel)  # one rank's shapes under TP 8 (and EP) vs the single-GPU shapes; 2-rank CUDA TP / EP folders compile (fake world)
+      timeout 480 python -m benchmarks.parallel_shapes --expert-parallel --out $OUT/parallel_shapes.json 2>&1 | grep -v -E "Warning|warn|return cls" | tee $OUT/parallel_shapes.log
+      timeout 150 python build.py --preset tiny --device cuda --dtype bf16 --tensor-parallel 2 --max-batch 2 --max-input-len 8 --max-seq-len 64 --page-size 16 --out /tmp/tp2cuda 2>&1 | tail -3 | tee $OUT/parallel_build.log
+      timeout 150 python build.py --preset tiny --device cuda --dtype bf16 --tensor-parallel 2 --expert-parallel --max-batch 2 --max-input-len 8 --max-seq-len 64 --page-size 16 --out /tmp/ep2cuda 2>&1 | tail -3 | tee -a $OUT/parallel_build.log
+      ls -la /tmp/tp2cuda/rank0 /tmp/ep2cuda/rank1 2>&1 | tee -a $OUT/parallel_build.log ;;
     suite)
       run_shard() { local n=$1; shift; local s=$(date +%s)
         timeout 330 python -m pytest -m gpu -q -rfEs -p no:cacheprovider "$@" > $OUT/suite_$n.txt 2>&1
         echo "rc=$? t=$(( $(date +%s) - s ))" >> $OUT/suite_$n.txt; }
       run_shard a tests/test_attention_triton.py & run_shard b tests/test_runtime_gpu.py &
       run_shard c tests/test_aoti_triton.py & run_shard d tests/test_gpu_model.py &
-      run_shard e tests/test_lightning_triton.py tests/test_moe_triton.py tests/test_plugins_gpu.py tests/test_vl_gpu.py &
+      run_shard e tests/test_lightning_triton.py tests/test_moe_triton.py tests/test_moe_ep_triton.py tests/test_plugins_gpu.py tests/test_vl_gpu.py &
       wait
       for f in $OUT/suite_*.txt; do echo "== $f"; grep -v -i warn $f | tail -6; done
       (for f in $OUT/suite_*.txt; do echo "== shard $(basename $f .txt)"; grep -v -E "Warning|warnings.warn|return cls.__new__|^  " $f; done) > $OUT/suite.log; rm $OUT/suite_*.txt ;;

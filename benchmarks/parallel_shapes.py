@@ -36,8 +36,31 @@ from benchmarks.common import environment, write_json  # noqa: E402
 
 
 @torch.no_grad()
+def _expert_parallel_rank(model, plan, rank: int = 0):
+    """``model`` (built from ``local_config(plan)``: heads split, every expert whole) made rank ``rank``'s model
+    under expert parallelism: each layer keeps only the rank's experts (random weights) and runs
+    ``minimax::moe_ep`` from their first index. No collectives (one GPU)."""
+    import dataclasses
+
+    from model.modeling import Experts
+
+    experts = plan.experts(rank)
+    held = dataclasses.replace(model.config, num_local_experts=len(experts))
+    dev = model.lm_head.weight.device
+    g = torch.Generator(device=dev).manual_seed(1)
+    for layer in model.model.layers:
+        moe = layer.block_sparse_moe
+        with torch.device("meta"):
+            e = Experts(held, dtype=model.dtype)
+        e = e.to_empty(device=dev)
+        for p in e.parameters():
+            p.normal_(0.0, 0.02, generator=g)
+        moe.experts, moe.expert_start = e, experts.start
+    return model
+
+
 def measure(config, label: str, device: str, held: int, chunk: int, batches: list[int], copy_tbps: float | None,
-            steps: int) -> dict[str, Any]:
+            steps: int, ep_plan=None) -> dict[str, Any]:
     from benchmarks.decode import build_aoti_engine, random_model, weight_bytes_per_token
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -47,6 +70,8 @@ def measure(config, label: str, device: str, held: int, chunk: int, batches: lis
         from model import MiniMaxForCausalLM
 
         model = MiniMaxForCausalLM(config, dtype=dtype).init_random_weights(seed=0).eval()
+    if ep_plan is not None:
+        model = _expert_parallel_rank(model, ep_plan)
     B_max = max(batches)
     out: dict[str, Any] = {"label": label, "heads": config.num_attention_heads,
                            "kv_heads": config.num_key_value_heads, "intermediate_size": config.intermediate_size,
@@ -74,10 +99,15 @@ def measure(config, label: str, device: str, held: int, chunk: int, batches: lis
         out["prefill_ms"] = 1e3 * min(times[1:] if len(times) > 1 else times)
         flops = 2 * chunk * sum(p.numel() for n, p in model.named_parameters() if "experts" not in n
                                 and "embed" not in n)
+        local_share = 1.0 if ep_plan is None else len(ep_plan.experts(0)) / config.num_local_experts
         flops += 2 * chunk * config.num_experts_per_tok * 3 * config.hidden_size * config.intermediate_size \
-            * config.num_hidden_layers
+            * config.num_hidden_layers * local_share  # EP: the expected share of a token's experts held here
         out["prefill_matmul_tflops"] = flops / (out["prefill_ms"] * 1e-3) / 1e12
-        floor = weight_bytes_per_token(config, dtype)["total"]
+        parts = weight_bytes_per_token(config, dtype)
+        if ep_plan is not None:  # a token's top-k experts are on this rank with probability E_local / E each
+            parts["total"] -= parts["experts_top_k"] * (1 - local_share)
+            out["experts"] = f"{len(ep_plan.experts(0))} of {config.num_local_experts} (floor: expected bytes)"
+        floor = parts["total"]
         for B in batches:
             engine.reset(B)
             # fill `held` positions cheaply: chunks of the built length
@@ -123,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=8)
     p.add_argument("--held", type=int, default=4096)
     p.add_argument("--chunk", type=int, default=8192)
+    p.add_argument("--expert-parallel", action="store_true",
+                   help="also measure rank 0 under expert parallelism (heads split, E / N whole experts)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     from benchmarks.decode import reduced_config
@@ -150,13 +182,18 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if cuda else "cpu"
     payload["single"] = measure(config, "single GPU shapes", device, held, chunk, batches, copy, steps)
     payload["rank"] = measure(local, f"one rank of TP {tp}", device, held, chunk, batches, copy, steps)
-    payload["rank_over_single"] = {
-        "prefill": payload["rank"]["prefill_ms"] / payload["single"]["prefill_ms"],
-        **{f"decode_B{B}": payload["rank"][f"B{B}"]["decode_ms"] / payload["single"][f"B{B}"]["decode_ms"]
-           for B in batches},
-        "ideal": 1 / tp,
-    }
-    print(f"rank / single: {payload['rank_over_single']}", flush=True)
+    if args.expert_parallel:
+        ep = ParallelPlan(config, tp, expert_parallel=True)
+        payload["rank_ep"] = measure(local_config(ep), f"rank 0 of TP {tp} with expert parallelism", device, held,
+                                     chunk, batches, copy, steps, ep_plan=ep)
+    for key in ("rank", "rank_ep")[: 2 if args.expert_parallel else 1]:
+        payload[f"{key}_over_single"] = {
+            "prefill": payload[key]["prefill_ms"] / payload["single"]["prefill_ms"],
+            **{f"decode_B{B}": payload[key][f"B{B}"]["decode_ms"] / payload["single"][f"B{B}"]["decode_ms"]
+               for B in batches},
+            "ideal": 1 / tp,
+        }
+        print(f"{key} / single: {payload[f'{key}_over_single']}", flush=True)
     write_json(args.out, payload)
     return 0
 
