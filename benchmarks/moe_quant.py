@@ -142,16 +142,18 @@ def op_level(dims: tuple[int, int, int, int], tokens: list[int], prefill_tokens:
     return rows
 
 
-QUANT_DECODE_CANDIDATES = [  # (block_n, block_k, num_warps, num_stages): the bf16 sweep's, then wider K tiles
-    (16, 256, 4, 4), (16, 128, 2, 4), (32, 128, 4, 3), (32, 128, 2, 4), (16, 128, 2, 6), (32, 64, 2, 6),
-    (64, 128, 4, 3), (16, 512, 4, 4), (32, 256, 4, 4), (16, 256, 2, 6), (64, 256, 4, 3), (32, 512, 8, 3),
+DECODE_CANDIDATES = [  # (block_n, block_k, num_warps, num_stages, split-K): the 12-04 sweep's best, then split-K
+    (32, 128, 4, 3, 1), (32, 256, 4, 4, 1), (16, 256, 2, 6, 1), (32, 128, 2, 4, 1), (16, 128, 2, 6, 1),
+    (64, 256, 4, 3, 1), (64, 128, 4, 3, 1),
+    *[(bn, bk, w, st, sp) for sp in (2, 4) for bn, bk, w, st in
+      ((32, 128, 4, 3), (32, 256, 4, 4), (16, 256, 2, 6), (64, 128, 4, 3), (64, 256, 4, 3))],
 ]
+SWEEP_MODES = ("bf16", "experts-int8", "experts-fp8")
 
 
 @torch.no_grad()
 def sweep_decode(dims: tuple[int, int, int, int], tokens: list[int]) -> list[dict[str, Any]]:
-    """The decode kernels' tiles with 1-byte weights (int8 and fp8), each stage alone from a CUDA graph; the bf16
-    tiles of ``dispatch.default_config`` were tuned for 2-byte weights."""
+    """The decode kernels' tiles and split-K for bf16, int8 and fp8 weights, each stage alone from a CUDA graph."""
     from benchmarks.moe import _graph_ms
     from kernels.moe import grouped, naive, routing
 
@@ -162,22 +164,26 @@ def sweep_decode(dims: tuple[int, int, int, int], tokens: list[int]) -> list[dic
                                                                                                           generator=g)]
     router = torch.randn(E, hidden, device="cuda", generator=g) * 0.02
     rows = []
-    for mode in ("experts-int8", "experts-fp8"):
-        (q1, s1), (q3, s3), (q2, s2) = (naive.quantize_weight(w, mode) for w in ws)
+    for mode in SWEEP_MODES:
+        if mode == "bf16":
+            (q1, s1), (q3, s3), (q2, s2) = ((w, None) for w in ws)
+        else:
+            (q1, s1), (q3, s3), (q2, s2) = (naive.quantize_weight(w, mode) for w in ws)
         for T in tokens:
             x = torch.randn(T, hidden, device="cuda", generator=g).bfloat16()
             w, ids = routing.moe_route_triton(x, router, top_k)
-            a, a_scale = (x, None) if mode == "experts-int8" else grouped.quantize_rows_fp8(x)
-            for bn, bk, warps, stages in QUANT_DECODE_CANDIDATES:
-                kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+            a, a_scale = (x, None) if mode != "experts-fp8" else grouped.quantize_rows_fp8(x)
+            for bn, bk, warps, stages, split in DECODE_CANDIDATES:
+                kw = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, split=split)
                 row: dict[str, Any] = {"mode": mode, "T": T, **kw}
                 try:
                     h = torch.empty(T * top_k, inter, device="cuda", dtype=x.dtype)
-                    swiglu = lambda: grouped.swiglu_decode(a, q1, q3, ids, out=h, scales=(s1, s3),  # noqa: E731
+                    scales = None if s1 is None else (s1, s3)
+                    swiglu = lambda: grouped.swiglu_decode(a, q1, q3, ids, out=h, scales=scales,  # noqa: E731
                                                            row_scale=a_scale, **kw)
                     row["swiglu_ms"] = _graph_ms(swiglu)
                     swiglu()
-                    hq, h_scale = (h, None) if mode == "experts-int8" else grouped.quantize_rows_fp8(h)
+                    hq, h_scale = (h, None) if mode != "experts-fp8" else grouped.quantize_rows_fp8(h)
                     row["down_ms"] = _graph_ms(lambda: grouped.down_combine_decode(
                         hq, q2, w, ids, out_dtype=x.dtype, scale=s2, row_scale=h_scale, **kw))
                 except Exception as exc:  # noqa: BLE001 - a tile set that does not compile is a result
@@ -187,6 +193,27 @@ def sweep_decode(dims: tuple[int, int, int, int], tokens: list[int]) -> list[dic
         del q1, q3, q2
         torch.cuda.empty_cache()
     return rows
+
+
+def choose_decode_tiles(rows: list[dict[str, Any]]) -> dict[str | None, dict[str, int]]:
+    """Per mode and stage, the candidate whose times over the swept T, each relative to that T's best, sum least
+    (one decode class serves T = 1..16): the ``dispatch._DECODE_TILES`` entries the sweep recommends."""
+    out: dict[str | None, dict[str, int]] = {}
+    for mode in SWEEP_MODES:
+        tiles: dict[str, int] = {}
+        for stage, prefix in (("swiglu_ms", "decode_"), ("down_ms", "decode_down_")):
+            ok = [r for r in rows if r["mode"] == mode and stage in r]
+            best = {T: min(r[stage] for r in ok if r["T"] == T) for T in {r["T"] for r in ok}}
+            key = lambda r: (r["block_n"], r["block_k"], r["num_warps"], r["num_stages"], r["split"])  # noqa: E731
+            score: dict[tuple, float] = {}
+            for r in ok:
+                score[key(r)] = score.get(key(r), 0.0) + r[stage] / best[r["T"]]
+            full = [k for k in score if sum(key(r) == k for r in ok) == len(best)]  # measured at every T
+            bn, bk, warps, stages, split = min(full, key=score.__getitem__)
+            tiles.update({f"{prefix}block_n": bn, f"{prefix}block_k": bk, f"{prefix}warps": warps,
+                          f"{prefix}stages": stages, f"{prefix}split": split})
+        out[None if mode == "bf16" else mode] = tiles
+    return out
 
 
 def _int8_floor_bytes(config) -> dict[str, int]:
@@ -321,6 +348,12 @@ def accuracy(layers: int, tokens: int, device: str, preset: str = "minimax-text-
     return result
 
 
+def _decode_tiles() -> dict:
+    from kernels.moe import dispatch
+
+    return dict(dispatch._DECODE_TILES)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.moe_quant", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -329,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--accuracy-layers", type=int, default=4, help="layers of the accuracy slice (0: skip)")
     p.add_argument("--accuracy-tokens", type=int, default=256)
     p.add_argument("--sweep", action="store_true", help="also sweep the decode tiles with 1-byte weights (T = 1, 16)")
+    p.add_argument("--apply-sweep", action="store_true",
+                   help="with --sweep: run the op-level timings with the decode tiles the sweep chose")
     p.add_argument("--skip-op", action="store_true", help="skip the op-level timings (GPU)")
     p.add_argument("--cpu-hidden", type=int, default=0,
                    help="with --smoke: the accuracy part only, on a 4-layer fp32 slice of this width (8 experts of "
@@ -349,10 +384,19 @@ def main(argv: list[str] | None = None) -> int:
         payload["ceilings"]["matmul_fp8_tflops"] = fp8_matmul_tflops()
         print(f"fp8 matmul: {payload['ceilings']['matmul_fp8_tflops']}", flush=True)
         copy_tbps = payload["ceilings"]["copy_tbps"]
-        if not args.skip_op:
-            payload["op"] = op_level((6144, 9216, 32, 2), [1, 2, 4, 8, 16], [16384], copy_tbps, "cuda")
         if args.sweep:
             payload["sweep_decode"] = sweep_decode((6144, 9216, 32, 2), [1, 16])
+            chosen = choose_decode_tiles(payload["sweep_decode"])
+            payload["sweep_choice"] = {str(k): v for k, v in chosen.items()}
+            print(f"sweep choice: {payload['sweep_choice']}", flush=True)
+            if args.apply_sweep:  # the op-level timings below run with the sweep's choice
+                from kernels.moe import dispatch
+
+                for mode, tiles in chosen.items():
+                    dispatch._DECODE_TILES[mode] = dict(dispatch._DECODE_TILES[mode], **tiles)
+        payload["decode_tiles"] = {str(k): v for k, v in _decode_tiles().items()}
+        if not args.skip_op:
+            payload["op"] = op_level((6144, 9216, 32, 2), [1, 2, 4, 8, 16], [16384], copy_tbps, "cuda")
         if args.model_layers:
             payload["model"] = model_level(args.model_layers, copy_tbps)
         if args.accuracy_layers:

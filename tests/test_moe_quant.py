@@ -216,6 +216,24 @@ def test_traced_int8_matches_quantized_reference(T, path):
     assert rel_err(got, want) < FP32_TOL
 
 
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("mode", naive.QUANT_MODES)
+def test_split_decode_matches_quantized_reference(mode, traced):
+    """Split-K decode kernels (SwiGLU split 2, down split 3) over quantized weights: the weight and activation
+    scales are applied to each K chunk's partial sums (they are linear), the eager and traced launchers alike."""
+    from kernels.moe.traced import moe_forward_traceable
+
+    T, E, top_k = 5, 6, 2
+    x, router, (q1, s1, q3, s3, q2, s2) = _case(mode, T, E, 64, 48, seed=7)
+    cfg = replace(default_config(T, top_k, E, torch.device(DEVICE), mode), decode_max_tokens=16,
+                  decode_block_k=16, decode_down_block_k=16, decode_split=2, decode_down_split=3)
+    run = moe_forward_traceable if traced else moe_forward_triton
+    got = run(x, router, q1, q3, q2, top_k, config=cfg, poison=True, scales=(s1, s3, s2), mode=mode)
+    want = naive.moe_forward_quantized(x, router, q1, s1, q3, s3, q2, s2, top_k, mode)
+    assert not bool(got.isnan().any())
+    assert rel_err(got, want) < FP32_TOL
+
+
 @pytest.mark.parametrize("mode", [None, *naive.QUANT_MODES])
 @pytest.mark.parametrize("path", ["decode", "grouped"])
 def test_traced_launches_name_every_kernel_parameter(path, mode, monkeypatch):

@@ -276,17 +276,40 @@ def test_forward_many_tokens_skewed(path):
     assert rel_err(y, naive.moe_forward(x, router, w1, w3, w2, top_k)) < FP32_TOL
 
 
+@pytest.mark.parametrize("split", [1, 2, 3])
 @pytest.mark.parametrize("T,top_k,E", [(1, 2, 5), (7, 2, 8), (5, 1, 3)])
-def test_decode_stages(T, top_k, E):
+def test_decode_stages(T, top_k, E, split):
+    """split > 1: split-K (hidden 32 and I 48 in 16-wide K tiles: 2 and 3 tiles, so split 3 leaves one chunk of the
+    SwiGLU stage empty and split 2 gives the down stage chunks of 2 and 1 tiles)."""
     x, router, w1, w3, w2 = _inputs(T, E, seed=2 * T + E)
     weights, ids = naive.moe_route(x, router, top_k)
     ids32 = ids.to(torch.int32)
-    h = grouped.swiglu_decode(x, w1, w3, ids32, block_n=16, block_k=16, out=_nan((T * top_k, INTER)))
+    h = grouped.swiglu_decode(x, w1, w3, ids32, block_n=16, block_k=16, out=_nan((T * top_k, INTER)), split=split)
     for s in range(T * top_k):
         t, e = s // top_k, int(ids.reshape(-1)[s])
         assert rel_err(h[s], _expert_ref(x[t : t + 1], w1, w3, w2, e)[0][0]) < FP32_TOL
-    y = grouped.down_combine_decode(h, w2, weights, ids32, out_dtype=x.dtype, block_n=16, block_k=16, out=_nan((T, HIDDEN)))
+    y = grouped.down_combine_decode(h, w2, weights, ids32, out_dtype=x.dtype, block_n=16, block_k=16,
+                                    out=_nan((T, HIDDEN)), split=split)
     assert rel_err(y, naive.moe_experts(x, weights, ids, w1, w3, w2)) < FP32_TOL
+
+
+@pytest.mark.parametrize("traced", [False, True])
+@pytest.mark.parametrize("T", [1, 6])
+def test_forward_split_decode(T, traced):
+    """The whole block with split-K decode kernels (SwiGLU split 3, down split 2), through the eager launcher and the
+    traced launch sequence alike, every buffer poisoned."""
+    from kernels.moe.traced import moe_forward_traceable
+
+    E, top_k = 6, 2
+    x, router, w1, w3, w2 = _inputs(T, E, hidden=40, inter=56, seed=T)
+    cfg = replace(_config(T, top_k, E, "decode"), decode_max_tokens=16, decode_block_k=16, decode_down_block_k=16,
+                  decode_split=3, decode_down_split=2)
+    if traced:
+        y = moe_forward_traceable(x, router, w1, w3, w2, top_k, config=cfg, poison=True)
+    else:
+        y = moe_forward_triton(x, router, w1, w3, w2, top_k, config=cfg, poison=True)
+    assert not bool(y.isnan().any())
+    assert rel_err(y, naive.moe_forward(x, router, w1, w3, w2, top_k)) < FP32_TOL
 
 
 # ------------------------------------------------------------------------------------------------ whole block

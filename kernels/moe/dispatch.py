@@ -62,6 +62,11 @@ class MoeTritonConfig:
     decode_down_block_k: int = 256
     decode_down_warps: int = 4
     decode_down_stages: int = 4
+    # split-K of the decode kernels (1: none): each column tile's K range over this many programs, fp32 partial
+    # sums, then a small finishing kernel; more programs than multiprocessors at T = 1 (a 9216-wide I in 32-column
+    # tiles is 288 programs on 132 SMs: 2.2 waves)
+    decode_split: int = 1
+    decode_down_split: int = 1
     # W8A8 (experts-fp8): False keeps fp32 accumulation of the fp8 products (promoted every BLOCK_K products, the
     # definition); True leaves Hopper's fast accumulation on (Triton's default on sm_90; ~1.5 % off at MiniMax sizes)
     fp8_fast_accum: bool = False
@@ -71,7 +76,9 @@ class MoeTritonConfig:
 # hidden 6144, E 32 x I 9216, top-2, bf16 activations; each stage alone from a CUDA graph, at T = 1 and 16).
 # int8: SwiGLU 0.078 / 0.697 ms, down 0.053 / 0.497 ms (bf16's tiles: 0.117 / 1.149 and 0.058 / 0.518).
 # fp8: SwiGLU 0.066 / 0.572 ms, down 0.040 / 0.380 ms (bf16's tiles: 0.070 / 0.652 and 0.043 / 0.386).
-_QUANT_DECODE_TILES = {
+_DECODE_TILES = {
+    None: dict(decode_block_n=64, decode_block_k=128, decode_warps=4, decode_stages=3,  # bf16 / fp32 weights
+               decode_down_block_n=16, decode_down_block_k=128, decode_down_warps=2, decode_down_stages=6),
     "experts-int8": dict(decode_block_n=32, decode_block_k=128, decode_warps=4, decode_stages=3,
                          decode_down_block_n=32, decode_down_block_k=256, decode_down_warps=4, decode_down_stages=4),
     "experts-fp8": dict(decode_block_n=32, decode_block_k=256, decode_warps=4, decode_stages=4,
@@ -104,9 +111,7 @@ def default_config(n_tokens: int, top_k: int, num_experts: int, device: torch.de
     # Tiles below: the fastest of the sweep of ``benchmarks/moe.py --sweep`` on an H100 (2026-11-26; hidden 6144,
     # E 32 x I 9216, top-2, bf16), see README.md. Classes that were not measured keep reasoned defaults.
     if n_tokens <= 16:  # decode: FMA router (one token per program), selected-expert kernels
-        tiles = _QUANT_DECODE_TILES.get(mode, dict(
-            decode_block_n=64, decode_block_k=128, decode_warps=4, decode_stages=3,
-            decode_down_block_n=16, decode_down_block_k=128, decode_down_warps=2, decode_down_stages=6))
+        tiles = _DECODE_TILES[mode if mode in _DECODE_TILES else None]
         return MoeTritonConfig(route_block_t=1, route_block_k=512, route_warps=8, route_dot=False, **tiles)
     if rows_per_expert >= 128:
         # compute-bound: 128-row blocks; TMA kernels (x rows permuted first so that both operands of the SwiGLU GEMM
@@ -230,6 +235,7 @@ def moe_forward_triton(
             scales=s13,
             row_scale=a_scale,
             fp8_precise=not cfg.fp8_fast_accum,
+            split=cfg.decode_split,
         )  # [T * top_k, I]
         h, h_scale = down_input(h)
         return grouped.down_combine_decode(
@@ -246,6 +252,7 @@ def moe_forward_triton(
             scale=s2,
             row_scale=h_scale,
             fp8_precise=not cfg.fp8_fast_accum,
+            split=cfg.decode_down_split,
         )  # [T, hidden]
 
     bm = cfg.block_m

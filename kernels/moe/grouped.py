@@ -286,6 +286,7 @@ def _swiglu_decode_kernel(
     s3_ptr=None,  # [E, I] fp32, with s1
     sa_ptr=None,  # [T] fp32 per-token scales of fp8 x (W8A8)
     FP8_PRECISE: tl.constexpr = True,
+    SPLIT: tl.constexpr = 1,  # > 1: split-K, program (n, s) sums K chunk s into h_ptr = partials [SPLIT, 2, S, I]
 ):
     offs_t = tl.arange(0, T_PAD)
     offs_j = tl.arange(0, K_PAD)
@@ -298,17 +299,26 @@ def _swiglu_decode_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < inter
     offs_k = tl.arange(0, BLOCK_K)
+    # this program's K range: all of it, or chunk s of SPLIT (whole BLOCK_K tiles, so EVEN_K holds per chunk)
+    if SPLIT == 1:
+        k_begin = 0
+        k_end = hidden
+    else:
+        k_chunk = tl.cdiv(tl.cdiv(hidden, BLOCK_K), SPLIT) * BLOCK_K
+        k_begin = tl.program_id(1) * k_chunk
+        k_end = tl.minimum(k_begin + k_chunk, hidden)
     for e in range(NUM_EXPERTS):
         match = ids == e
         chosen = tl.max(match.to(tl.int32), axis=1) > 0  # [T_PAD]: token t routed to e (at most one slot)
         if tl.max(chosen.to(tl.int32), axis=0) > 0:  # skip experts no token chose: their weights are never read
-            a_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * hidden + offs_k[None, :]
-            w_off = tl.cast(e, tl.int64) * inter * hidden + offs_n.to(tl.int64)[None, :] * hidden + offs_k[:, None]
+            a_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * hidden + k_begin + offs_k[None, :]
+            w_off = tl.cast(e, tl.int64) * inter * hidden + offs_n.to(tl.int64)[None, :] * hidden + k_begin \
+                + offs_k[:, None]
             b1_ptrs = w1_ptr + w_off
             b3_ptrs = w3_ptr + w_off
             acc_gate = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
             acc_up = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, hidden, BLOCK_K):
+            for k0 in range(k_begin, k_end, BLOCK_K):
                 if EVEN_K:
                     a = tl.load(a_ptrs, mask=chosen[:, None], other=0.0)
                     b1 = tl.load(b1_ptrs, mask=n_mask[None, :], other=0.0)
@@ -331,10 +341,18 @@ def _swiglu_decode_kernel(
                 sa = tl.load(sa_ptr + offs_t, mask=chosen, other=0.0)
                 acc_gate = acc_gate * sa[:, None]
                 acc_up = acc_up * sa[:, None]
-            h = acc_gate * tl.sigmoid(acc_gate) * acc_up
             slot = offs_t * TOP_K + tl.sum(tl.where(match, offs_j[None, :], 0), axis=1)  # [T_PAD]
-            h_ptrs = h_ptr + slot.to(tl.int64)[:, None] * inter + offs_n[None, :]
-            tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=chosen[:, None] & n_mask[None, :])
+            out_mask = chosen[:, None] & n_mask[None, :]
+            if SPLIT == 1:
+                h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+                h_ptrs = h_ptr + slot.to(tl.int64)[:, None] * inter + offs_n[None, :]
+                tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
+            else:  # fp32 partial sums of gate and up (scales are linear: applied here already)
+                n_slots = n_tokens * TOP_K
+                p_ptrs = h_ptr + (tl.program_id(1).to(tl.int64) * 2 * n_slots + slot.to(tl.int64)[:, None]) * inter \
+                    + offs_n[None, :]
+                tl.store(p_ptrs, acc_gate, mask=out_mask)
+                tl.store(p_ptrs + n_slots * inter, acc_up, mask=out_mask)
 
 
 @triton.jit
@@ -358,6 +376,7 @@ def _down_combine_decode_kernel(
     s2_ptr=None,  # [E, hidden] fp32 scales of quantized w2 (None: w2 in the activations' dtype)
     sa_ptr=None,  # [T * TOP_K] fp32 per-slot scales of fp8 h (W8A8)
     FP8_PRECISE: tl.constexpr = True,
+    SPLIT: tl.constexpr = 1,  # > 1: split-K, program (n, s) sums K chunk s into y_ptr = fp32 partials [SPLIT, T, hidden]
 ):
     offs_t = tl.arange(0, T_PAD)
     offs_j = tl.arange(0, K_PAD)
@@ -369,6 +388,13 @@ def _down_combine_decode_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < hidden
     offs_k = tl.arange(0, BLOCK_K)
+    if SPLIT == 1:  # this program's K range (see _swiglu_decode_kernel)
+        k_begin = 0
+        k_end = inter
+    else:
+        k_chunk = tl.cdiv(tl.cdiv(inter, BLOCK_K), SPLIT) * BLOCK_K
+        k_begin = tl.program_id(1) * k_chunk
+        k_end = tl.minimum(k_begin + k_chunk, inter)
     acc = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
     for e in range(NUM_EXPERTS):
         match = ids == e
@@ -376,10 +402,11 @@ def _down_combine_decode_kernel(
         if tl.max(chosen.to(tl.int32), axis=0) > 0:
             slot = offs_t * TOP_K + tl.sum(tl.where(match, offs_j[None, :], 0), axis=1)
             weight = tl.sum(tl.where(match, wts, 0.0), axis=1)  # [T_PAD]: routing weight of (t, e), 0 if not chosen
-            a_ptrs = h_ptr + slot.to(tl.int64)[:, None] * inter + offs_k[None, :]
-            b_ptrs = w2_ptr + tl.cast(e, tl.int64) * hidden * inter + offs_n.to(tl.int64)[None, :] * inter + offs_k[:, None]
+            a_ptrs = h_ptr + slot.to(tl.int64)[:, None] * inter + k_begin + offs_k[None, :]
+            b_ptrs = w2_ptr + tl.cast(e, tl.int64) * hidden * inter + offs_n.to(tl.int64)[None, :] * inter + k_begin \
+                + offs_k[:, None]
             acc_e = tl.zeros((T_PAD, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, inter, BLOCK_K):
+            for k0 in range(k_begin, k_end, BLOCK_K):
                 if EVEN_K:
                     a = tl.load(a_ptrs, mask=chosen[:, None], other=0.0)
                     b = tl.load(b_ptrs, mask=n_mask[None, :], other=0.0)
@@ -396,8 +423,45 @@ def _down_combine_decode_kernel(
             if sa_ptr is not None:
                 acc_e = acc_e * tl.load(sa_ptr + slot, mask=chosen, other=0.0)[:, None]
             acc += acc_e * weight[:, None]
-    y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * hidden + offs_n[None, :]
+    y_ptrs = y_ptr + (tl.program_id(1).to(tl.int64) * n_tokens + offs_t.to(tl.int64)[:, None]) * hidden \
+        + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _swiglu_split_finish_kernel(
+    p_ptr,  # [SPLIT, 2, S, I] fp32 partial sums of gate and up (_swiglu_decode_kernel with SPLIT > 1)
+    h_ptr,  # [S, I]
+    n_elems,  # S * I
+    SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """h = silu(gate) * up from the split-K partial sums (slots no expert took hold garbage; never read)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elems
+    gate = tl.zeros((BLOCK,), dtype=tl.float32)
+    up = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        gate += tl.load(p_ptr + s * 2 * n_elems + offs, mask=mask, other=0.0)
+        up += tl.load(p_ptr + (s * 2 + 1) * n_elems + offs, mask=mask, other=0.0)
+    tl.store(h_ptr + offs, (gate * tl.sigmoid(gate) * up).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_sum_kernel(
+    p_ptr,  # [SPLIT, n] fp32 partial sums
+    y_ptr,  # [n]
+    n_elems,
+    SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """y = sum over the SPLIT partials (fixed order: reproducible), cast to y's dtype."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elems
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(p_ptr + s * n_elems + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -767,20 +831,23 @@ def swiglu_decode(
     scales: tuple[Tensor, Tensor] | None = None,
     row_scale: Tensor | None = None,
     fp8_precise: bool = True,
+    split: int = 1,
 ) -> Tensor:
     """Decode SwiGLU: x [T, hidden], topk_ids [T, top_k] -> h [T * top_k, I] (x.dtype, slot order).
-    ``scales``: ``(s1, s3)`` [E, I] fp32 when w1/w3 are quantized; ``row_scale`` [T] when x is fp8."""
+    ``scales``: ``(s1, s3)`` [E, I] fp32 when w1/w3 are quantized; ``row_scale`` [T] when x is fp8. ``split`` > 1: split-K over ``split`` programs per column tile (more programs than multiprocessors at small
+    T), fp32 partial sums, then ``_swiglu_split_finish_kernel``."""
     T, hidden = x.shape
     E, inter = w1.shape[0], w1.shape[1]
     top_k = topk_ids.shape[1]
     h = torch.empty((T * top_k, inter), dtype=x.dtype, device=x.device) if out is None else out
     t_pad = max(16, _next_pow2(T))
     num_stages, block_k = _fit_smem(num_stages, block_k, (t_pad + 2 * block_n) * x.element_size())
-    _swiglu_decode_kernel[(triton.cdiv(inter, block_n),)](
+    target = h if split == 1 else torch.empty((split, 2, T * top_k, inter), dtype=torch.float32, device=x.device)
+    _swiglu_decode_kernel[(triton.cdiv(inter, block_n), split)](
         x,
         w1,
         w3,
-        h,
+        target,
         topk_ids,
         T,
         hidden,
@@ -797,10 +864,17 @@ def swiglu_decode(
         s3_ptr=None if scales is None else scales[1],
         sa_ptr=row_scale,
         FP8_PRECISE=fp8_precise,
+        SPLIT=split,
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if split > 1:
+        n = T * top_k * inter
+        _swiglu_split_finish_kernel[(triton.cdiv(n, SPLIT_BLOCK),)](target, h, n, SPLIT=split, BLOCK=SPLIT_BLOCK)
     return h
+
+
+SPLIT_BLOCK = 1024  # elements per program of the split-K finishing kernels
 
 
 def down_combine_decode(
@@ -818,20 +892,23 @@ def down_combine_decode(
     scale: Tensor | None = None,
     row_scale: Tensor | None = None,
     fp8_precise: bool = True,
+    split: int = 1,
 ) -> Tensor:
     """Decode down projection + combine: h [T * top_k, I] -> y [T, hidden] (out_dtype).
-    ``scale``: s2 [E, hidden] fp32 when w2 is quantized; ``row_scale`` [T * top_k] when h is fp8."""
+    ``scale``: s2 [E, hidden] fp32 when w2 is quantized; ``row_scale`` [T * top_k] when h is fp8. ``split`` > 1:
+    split-K (fp32 partial sums [split, T, hidden], then ``_split_sum_kernel`` in a fixed order)."""
     T, top_k = topk_ids.shape
     E, hidden, inter = w2.shape
     y = torch.empty((T, hidden), dtype=out_dtype, device=h.device) if out is None else out
     t_pad = max(16, _next_pow2(T))
     num_stages, block_k = _fit_smem(num_stages, block_k, (t_pad + block_n) * h.element_size())
-    _down_combine_decode_kernel[(triton.cdiv(hidden, block_n),)](
+    target = y if split == 1 else torch.empty((split, T, hidden), dtype=torch.float32, device=h.device)
+    _down_combine_decode_kernel[(triton.cdiv(hidden, block_n), split)](
         h,
         w2,
         topk_weights,
         topk_ids,
-        y,
+        target,
         T,
         hidden,
         inter,
@@ -846,9 +923,13 @@ def down_combine_decode(
         s2_ptr=scale,
         sa_ptr=row_scale,
         FP8_PRECISE=fp8_precise,
+        SPLIT=split,
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if split > 1:
+        n = T * hidden
+        _split_sum_kernel[(triton.cdiv(n, SPLIT_BLOCK),)](target, y, n, SPLIT=split, BLOCK=SPLIT_BLOCK)
     return y
 
 

@@ -192,24 +192,36 @@ def moe_forward_traceable(
         h = empty((T * top_k, inter), x.dtype)  # [T * top_k, I]
         stages, block_k = grouped._fit_smem(cfg.decode_stages, cfg.decode_block_k,
                                             (t_pad + 2 * cfg.decode_block_n) * x.element_size())
-        wrap_triton(grouped._swiglu_decode_kernel)[(_cdiv(inter, cfg.decode_block_n),)](
-            a_in, w1, w3, h, ids, T, hidden, inter,
+        split = cfg.decode_split
+        target = h if split == 1 else empty((split, 2, T * top_k, inter), torch.float32)  # split-K partial sums
+        wrap_triton(grouped._swiglu_decode_kernel)[(_cdiv(inter, cfg.decode_block_n), split)](
+            a_in, w1, w3, target, ids, T, hidden, inter,
             NUM_EXPERTS=E, TOP_K=top_k, K_PAD=k_pad, T_PAD=t_pad, BLOCK_N=cfg.decode_block_n, BLOCK_K=block_k,
             EVEN_K=hidden % block_k == 0, DOT_PRECISION=precision, **q13, **a_kw, FP8_PRECISE=not cfg.fp8_fast_accum,
-            num_warps=cfg.decode_warps, num_stages=stages,
+            SPLIT=split, num_warps=cfg.decode_warps, num_stages=stages,
         )  # fmt: skip
+        if split > 1:
+            n = T * top_k * inter
+            wrap_triton(grouped._swiglu_split_finish_kernel)[(_cdiv(n, grouped.SPLIT_BLOCK),)](
+                target, h, n, SPLIT=split, BLOCK=grouped.SPLIT_BLOCK)
         h_in, h_kw = h, {"sa_ptr": None}
         if fp8:
             h_in, h_scale = rows_fp8(h)
             h_kw = {"sa_ptr": h_scale}
         stages, block_k = grouped._fit_smem(cfg.decode_down_stages, cfg.decode_down_block_k,
                                             (t_pad + cfg.decode_down_block_n) * x.element_size())
-        wrap_triton(grouped._down_combine_decode_kernel)[(_cdiv(hidden, cfg.decode_down_block_n),)](
-            h_in, w2, weights, ids, y, T, hidden, inter,
+        split = cfg.decode_down_split
+        target = y if split == 1 else empty((split, T, hidden), torch.float32)
+        wrap_triton(grouped._down_combine_decode_kernel)[(_cdiv(hidden, cfg.decode_down_block_n), split)](
+            h_in, w2, weights, ids, target, T, hidden, inter,
             NUM_EXPERTS=E, TOP_K=top_k, K_PAD=k_pad, T_PAD=t_pad, BLOCK_N=cfg.decode_down_block_n, BLOCK_K=block_k,
             EVEN_K=inter % block_k == 0, DOT_PRECISION=precision, **q2, **h_kw, FP8_PRECISE=not cfg.fp8_fast_accum,
-            num_warps=cfg.decode_down_warps, num_stages=stages,
+            SPLIT=split, num_warps=cfg.decode_down_warps, num_stages=stages,
         )  # fmt: skip
+        if split > 1:
+            n = T * hidden
+            wrap_triton(grouped._split_sum_kernel)[(_cdiv(n, grouped.SPLIT_BLOCK),)](
+                target, y, n, SPLIT=split, BLOCK=grouped.SPLIT_BLOCK)
         return y
 
     # grouped path: every buffer has a shape that is an expression in T
