@@ -41,7 +41,8 @@ for step in "$@"; do
         echo "rc=$? t=$(( $(date +%s) - s ))" >> $OUT/suite_$n.txt; }
       run_shard a tests/test_attention_triton.py & run_shard b tests/test_runtime_gpu.py &
       run_shard c tests/test_aoti_triton.py & run_shard d tests/test_gpu_model.py &
-      run_shard e tests/test_lightning_triton.py tests/test_moe_triton.py tests/test_moe_ep_triton.py tests/test_plugins_gpu.py tests/test_vl_gpu.py &
+      run_shard e tests/test_lightning_triton.py tests/test_moe_triton.py tests/test_vl_gpu.py &
+      run_shard f tests/test_moe_ep_triton.py tests/test_plugins_gpu.py &
       wait
       for f in $OUT/suite_*.txt; do echo "== $f"; grep -v -i warn $f | tail -6; done
       (for f in $OUT/suite_*.txt; do echo "== shard $(basename $f .txt)"; grep -v -E "Warning|warnings.warn|return cls.__new__|^  " $f; done) > $OUT/suite.log; rm $OUT/suite_*.txt ;;
