@@ -72,17 +72,24 @@ class MoeTritonConfig:
     fp8_fast_accum: bool = False
 
 
-# Decode tiles for 1-byte expert weights: the fastest of ``benchmarks/moe_quant.py --sweep`` on an H200 (2026-12-04;
-# hidden 6144, E 32 x I 9216, top-2, bf16 activations; each stage alone from a CUDA graph, at T = 1 and 16).
-# int8: SwiGLU 0.078 / 0.697 ms, down 0.053 / 0.497 ms (bf16's tiles: 0.117 / 1.149 and 0.058 / 0.518).
-# fp8: SwiGLU 0.066 / 0.572 ms, down 0.040 / 0.380 ms (bf16's tiles: 0.070 / 0.652 and 0.043 / 0.386).
+# Decode tiles (n_tokens <= 16) per weight format. The first sweep (H200, 2026-12-04, no split-K) chose for int8
+# SwiGLU 0.078 / 0.697 ms, down 0.053 / 0.497 ms at T = 1 / 16, for fp8 SwiGLU 0.066 / 0.572, down 0.040 / 0.380.
+# The second (same day, with split-K; docs/runs/moe_quant_splitk_2026-12-04_h200.log) chose the sets below:
+# int8 SwiGLU 0.079 / 0.686, down 0.041 / 0.312; fp8 SwiGLU 0.067 / 0.568, down 0.038 / 0.279; bf16 SwiGLU
+# 0.112 / 1.032, down 0.062 / 0.506 (its previous tiles 0.115 / 1.072 and 0.063 / 0.530 in the same run).
 _DECODE_TILES = {
-    None: dict(decode_block_n=64, decode_block_k=128, decode_warps=4, decode_stages=3,  # bf16 / fp32 weights
-               decode_down_block_n=16, decode_down_block_k=128, decode_down_warps=2, decode_down_stages=6),
-    "experts-int8": dict(decode_block_n=32, decode_block_k=128, decode_warps=4, decode_stages=3,
-                         decode_down_block_n=32, decode_down_block_k=256, decode_down_warps=4, decode_down_stages=4),
-    "experts-fp8": dict(decode_block_n=32, decode_block_k=256, decode_warps=4, decode_stages=4,
-                        decode_down_block_n=16, decode_down_block_k=256, decode_down_warps=2, decode_down_stages=6),
+    # The decode sweep of 2026-12-04 (H200, `python -m benchmarks.moe_quant --sweep --apply-sweep`, each stage alone
+    # from a CUDA graph at T = 1 and 16, split-K candidates 1 / 2 / 4; kernels/moe/README.md): per weight format,
+    # the SwiGLU and down tile sets whose T = 1 and T = 16 times, each over that T's best, sum least.
+    None: dict(decode_block_n=32, decode_block_k=128, decode_warps=4, decode_stages=3, decode_split=1,  # bf16 / fp32
+               decode_down_block_n=64, decode_down_block_k=128, decode_down_warps=4, decode_down_stages=3,
+               decode_down_split=4),
+    "experts-int8": dict(decode_block_n=64, decode_block_k=128, decode_warps=4, decode_stages=3, decode_split=2,
+                         decode_down_block_n=64, decode_down_block_k=256, decode_down_warps=4, decode_down_stages=3,
+                         decode_down_split=4),
+    "experts-fp8": dict(decode_block_n=32, decode_block_k=128, decode_warps=4, decode_stages=3, decode_split=2,
+                        decode_down_block_n=64, decode_down_block_k=256, decode_down_warps=4, decode_down_stages=3,
+                        decode_down_split=4),
 }  # fmt: skip
 
 
