@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller cases (64K instead of 1M/4M)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
     parser.add_argument("--no-4m", action="store_true", help="skip the 4M-token decode case (16 GB of K/V + copy)")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode cases (no prefill)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks.attention: needs a CUDA GPU", file=sys.stderr)
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                   ("B=64, 16K", 64, 16 * K)]
         if args.no_4m:
             decode = [d for d in decode if d[2] != 4 * K * K]
+    if args.decode_only:
+        prefill = []
     rows = []
     for name, B, L in decode:
         row = decode_case(name, B, L, args.page_size, ceilings["copy_tbps"], flex=not args.no_flex)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session script (2026-12-04): one device call runs one or more steps, writing logs and JSON under $OUT.
-#   bash benchmarks/gpu_session.sh STEP...   (steps: vision vltests serving long attention quant quantacc parallel suite)
+#   bash benchmarks/gpu_session.sh STEP...   (steps: vision vltests serving long attention attdecode quant quantmodel quantacc parallel suite)
 # serving needs fastapi / starlette / uvicorn / pydantic / pydantic-core / annotated-types / typing-inspection /
 # opentelemetry-api carried as wheels in .whl/ (the device README's recipe); every step bounds itself with timeout.
 export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
@@ -25,6 +25,10 @@ for step in "$@"; do
         --out $OUT/long.json 2>&1 | grep -v -E "warn|return cls.__new__" | tee $OUT/long.log ;;
     attention)
       timeout 440 python -m benchmarks.attention --page-size 256 --out $OUT/attention.json 2>&1 | grep -v -E "warn|return cls.__new__|UserWarning|scaled_dot_product" | tee $OUT/attention.log ;;
+    attdecode)  # the decode cases only (ours and every peer in the same interleaved rounds)
+      timeout 250 python -m benchmarks.attention --decode-only --page-size 256 --out $OUT/attention_decode.json 2>&1 | grep -v -E "warn|return cls.__new__|UserWarning|scaled_dot_product" | tee $OUT/attention_decode.log ;;
+    quantmodel)  # the whole-model decode on the 2-layer slice, bf16 / int8 / fp8 experts, the default decode tiles
+      timeout 330 python -m benchmarks.moe_quant --skip-op --model-layers 2 --accuracy-layers 0 --out $OUT/moe_quant_model.json 2>&1 | grep -v -E "Warning|warn|return cls" | tee $OUT/moe_quant_model.log ;;
     quant)  # the quantized-experts GPU tests, then the whole benchmark with the decode-tile sweep
       timeout 120 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe_quant.py tests/test_plugins_gpu.py -k "fp8 or int8" 2>&1 | grep -v -E "Warning|warnings.warn|^  " | tail -12 | tee $OUT/quant_tests.log
       timeout 460 python -m benchmarks.moe_quant --sweep --out $OUT/moe_quant.json 2>&1 | grep -v -E "Warning|warn" | tee $OUT/moe_quant.log ;;
