@@ -35,9 +35,9 @@ for step in "$@"; do
     quantacc)  # the 4-layer accuracy run with its equal-RMS noise control (op level and decode skipped)
       timeout 400 python -m benchmarks.moe_quant --skip-op --model-layers 0 --out $OUT/moe_quant_accuracy.json 2>&1 | grep -v -E "Warning|warn" | tee $OUT/moe_quant_accuracy.log ;;
     parallel)  # one rank's shapes under TP 8 (and EP) vs the single-GPU shapes; 2-rank CUDA TP / EP folders compile (fake world)
-      timeout 480 python -m benchmarks.parallel_shapes --expert-parallel --out $OUT/parallel_shapes.json 2>&1 | grep -v -E "Warning|warn|return cls" | tee $OUT/parallel_shapes.log
-      timeout 150 python build.py --preset tiny --device cuda --dtype bf16 --tensor-parallel 2 --max-batch 2 --max-input-len 8 --max-seq-len 64 --page-size 16 --out /tmp/tp2cuda 2>&1 | tail -3 | tee $OUT/parallel_build.log
-      timeout 150 python build.py --preset tiny --device cuda --dtype bf16 --tensor-parallel 2 --expert-parallel --max-batch 2 --max-input-len 8 --max-seq-len 64 --page-size 16 --out /tmp/ep2cuda 2>&1 | tail -3 | tee -a $OUT/parallel_build.log
+      timeout 400 python -m benchmarks.parallel_shapes --expert-parallel --out $OUT/parallel_shapes.json 2>&1 | grep -v -E "Warning|warn|return cls" | tee $OUT/parallel_shapes.log
+      timeout 90 python build.py --preset tiny --device cuda --dtype bf16 --tensor-parallel 2 --max-batch 2 --max-input-len 8 --max-seq-len 64 --page-size 16 --out /tmp/tp2cuda 2>&1 | tail -3 | tee $OUT/parallel_build.log
+      timeout 90 python build.py --preset tiny --device cuda --dtype bf16 --tensor-parallel 2 --expert-parallel --max-batch 2 --max-input-len 8 --max-seq-len 64 --page-size 16 --out /tmp/ep2cuda 2>&1 | tail -3 | tee -a $OUT/parallel_build.log
       ls -la /tmp/tp2cuda/rank0 /tmp/ep2cuda/rank1 2>&1 | tee -a $OUT/parallel_build.log ;;
     suite)
       run_shard() { local n=$1; shift; local s=$(date +%s)
