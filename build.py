@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="build one engine per rank for N GPUs / processes (heads, experts' intermediate dimension and "
                         "vocabulary split; rank folders rank0/ ... under one manifest; run with torchrun "
-                        "--nproc-per-node N -m runtime ENGINE_DIR; aoti only; default 1)")
+                        "--nproc-per-node N -m runtime ENGINE_DIR; default 1). AOTInductor streams a checkpoint into every rank's "
+                        "shards; ONNX / TensorRT rank graphs are lowered from the loaded model, their collectives as "
+                        "the minimax::all_reduce / all_gather plugins")
     p.add_argument("--expert-parallel", action="store_true",
                    help="with --tensor-parallel N: split whole experts across the ranks instead of each expert's "
                         "intermediate dimension (the router whole on every rank)")
@@ -168,11 +170,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.tensor_parallel < 1:
         log.error("--tensor-parallel must be >= 1, got %d", args.tensor_parallel)
         return 2
-    if parallel and args.backend in ("tensorrt", "onnx"):
-        log.error("--tensor-parallel: only the aoti backend builds per-rank engines so far (TensorRT per-rank "
-                  "engines with NCCL collectives are not built); got --backend %s", args.backend)
-        return 2
-    backend = "aoti" if parallel else choose_backend(args.backend, device)
+    backend = choose_backend(args.backend, device)
     with contextlib.ExitStack() as stack:
         try:  # everything cheap is checked before weights are read
             vl_config = None
@@ -230,7 +228,7 @@ def _build(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         weights_writer = None
         try:
-            if args.checkpoint and backend in ("aoti", "onnx"):
+            if args.checkpoint and (backend == "aoti" or (backend == "onnx" and plan is None)):
                 # Never hold the weights: the programs are exported from a skeleton (AOTInductor: allocated, not
                 # written; ONNX: on the meta device), and the checkpoint is converted tensor by tensor into the
                 # folder's weights (AOTInductor: safetensors shards; ONNX: the graphs' external data files).
@@ -274,7 +272,7 @@ def _build(args: argparse.Namespace) -> int:
                 model = MiniMaxVLForConditionalGeneration.from_pretrained(args.checkpoint, dtype=settings.torch_dtype,
                                                                           device=device)
                 model.language_model.quantize_experts_(args.quantize)
-            elif args.checkpoint:
+            elif args.checkpoint:  # TensorRT, and ONNX rank folders: the ranks' graphs are lowered from the model
                 log.info("loading %s (%s, %s)", args.checkpoint, settings.dtype, device)
                 model = MiniMaxForCausalLM.from_pretrained(args.checkpoint, dtype=settings.torch_dtype, device=device)
                 model.quantize_experts_(args.quantize)

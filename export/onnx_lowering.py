@@ -33,6 +33,14 @@ and ``aot=1`` (the ONNX parser's plugin importer then picks the AOT implementati
     minimax::paged_attention_decode(...)                  -> paged_decode_split (m, l, acc partials, ``split``
                                                              positions each) -> paged_decode_merge: o
 
+A tensor-parallel rank's programs (``export/parallel.py``) also hold torch's functional collectives; they become
+the two collective plugin nodes (``plugins/collectives.py``: JIT plugins around torch.distributed, ``aot = 0``,
+attributes ``world_size`` and ``group_name``):
+
+    _c10d_functional.all_reduce(x, "sum", group)          -> all_reduce node: y
+    _c10d_functional.all_gather_into_tensor(x, n, group)  -> all_gather node: y (dim 0)
+    _c10d_functional.wait_tensor(x)                       -> Identity (removed by the optimizer)
+
 State: the exported programs update their state inputs in place (mutated inputs), which ONNX cannot say. The
 lowering first derives a functional program from the exported one (``functional_program``: re-exported with the
 state cloned and returned, then ``paged_kv_write``'s functionalized calls rewritten into the functional
@@ -79,6 +87,8 @@ __all__ = [
     "PLUGIN_ATTRIBUTES",
     "EXTERNAL_DATA_THRESHOLD",
     "PLUGIN_OPS",
+    "COLLECTIVE_OPS",
+    "COLLECTIVE_ATTRIBUTES",
     "FLOAT_ATTRIBUTES",
     "check_available",
     "functional_program",
@@ -193,6 +203,13 @@ PLUGIN_OPS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]], list[s
     ),
 }  # fmt: skip
 
+# The collectives of a tensor-parallel rank's programs (``plugins/collectives.py``: TensorRT JIT plugins around
+# torch.distributed). One input x and one output y of the activation dtype; attributes ``world_size`` (int) and
+# ``group_name`` (string) besides the plugin ones, with ``aot = 0`` (the plugins have a Python implementation only).
+# all_reduce: y = sum over the ranks of x; all_gather: the ranks' x concatenated along dim 0.
+COLLECTIVE_OPS = ("all_reduce", "all_gather")
+COLLECTIVE_ATTRIBUTES = {"plugin_namespace": DOMAIN, "plugin_version": PLUGIN_VERSION, "aot": 0}
+
 # op type -> float attributes (the plugin contract too): the softmax scale of the attention nodes.
 FLOAT_ATTRIBUTES: dict[str, list[str]] = {"paged_attention_prefill": ["scale"], "paged_decode_split": ["scale"]}
 
@@ -233,6 +250,22 @@ def register_schemas() -> None:
             attributes=attributes,
         )
         onnx.defs.register_schema(schema)
+    for op_type in COLLECTIVE_OPS:
+        if onnx.defs.has(op_type, DOMAIN):
+            continue
+        onnx.defs.register_schema(OpSchema(
+            op_type, DOMAIN, 1,
+            doc=f"TensorRT plugin {DOMAIN}::{op_type} v{PLUGIN_VERSION} (JIT, torch.distributed; plugins/collectives.py)",
+            inputs=[OpSchema.FormalParameter("x", "T")], outputs=[OpSchema.FormalParameter("y", "T")],
+            type_constraints=[("T", _FLOAT, "activation dtype")],
+            attributes=[
+                OpSchema.Attribute("plugin_namespace", OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=True),
+                OpSchema.Attribute("plugin_version", OpSchema.AttrType.STRING, "TensorRT plugin version", required=True),
+                OpSchema.Attribute("aot", OpSchema.AttrType.INT, "0: the plugin's JIT implementation", required=True),
+                OpSchema.Attribute("world_size", OpSchema.AttrType.INT, "ranks of the group", required=True),
+                OpSchema.Attribute("group_name", OpSchema.AttrType.STRING, "torch.distributed group name", required=True),
+            ],
+        ))  # fmt: skip
 
 
 def moe_plan(settings: BuildSettings, program: str, top_k: int, num_experts: int) -> dict[str, Any]:
@@ -362,7 +395,43 @@ def _translation_table(plan: dict[str, Any]) -> dict:
         _annotate(o, q.dtype, list(q.shape))
         return o
 
+    def _world_size(group_name: str, what: str) -> int:
+        import torch.distributed as dist
+
+        from plugins.collectives import CollectiveError, process_group
+
+        try:  # the build's (fake) world of the rank: its size is the plugin's attribute
+            group = process_group(group_name, None, what)
+        except CollectiveError as e:
+            raise EngineFolderError(f"onnx: {e}") from None
+        return dist.get_world_size(group)
+
+    def all_reduce(x, reduce_op: str, group_name: str):
+        if reduce_op != "sum":
+            raise EngineFolderError(f"onnx: _c10d_functional.all_reduce with reduce_op {reduce_op!r} has no plugin "
+                                    "(minimax::all_reduce sums)")
+        n = _world_size(group_name, "_c10d_functional.all_reduce")
+        y = op.all_reduce(x, world_size=n, group_name=group_name, **COLLECTIVE_ATTRIBUTES)
+        _annotate(y, x.dtype, list(x.shape))
+        return y
+
+    def all_gather_into_tensor(x, group_size: int, group_name: str):
+        n = _world_size(group_name, "_c10d_functional.all_gather_into_tensor")
+        if n != group_size:
+            raise EngineFolderError(f"onnx: all_gather_into_tensor over {group_size} ranks in a {n}-rank group")
+        y = op.all_gather(x, world_size=n, group_name=group_name, **COLLECTIVE_ATTRIBUTES)
+        _annotate(y, x.dtype, [_mul(_dim(x.shape[0]), n), *x.shape[1:]])
+        return y
+
+    def wait_tensor(x):  # the plugins complete on the engine's stream: nothing to wait for
+        from onnxscript import opset18
+
+        return opset18.Identity(x)
+
     return {
+        torch.ops._c10d_functional.all_reduce.default: all_reduce,
+        torch.ops._c10d_functional.all_gather_into_tensor.default: all_gather_into_tensor,
+        torch.ops._c10d_functional.wait_tensor.default: wait_tensor,
         torch.ops.minimax.lightning_prefill.default: lightning_prefill,
         torch.ops.minimax.lightning_decode.default: lightning_decode,
         torch.ops.minimax.moe.default: moe,

@@ -7,6 +7,9 @@ from ``kernels/moe/stages.py`` (the ``_int8`` stages on the dequantized weights)
 onnx's numpy reference implementation. This is the parity oracle of the ONNX folder on a machine without TensorRT
 (slow: for tiny models and tests; fp32 graphs — numpy has no bfloat16).
 
+The collective nodes of tensor-parallel rank graphs run the TensorRT plugins' bodies (``plugins/collectives.py``)
+in this process's torch.distributed world: evaluate every rank's graph at once, one process per rank (gloo).
+
 Every plugin node is also checked against the contract: ``plugin_namespace == "minimax"``, ``plugin_version == "1"``,
 ``aot == 1``, and the input count of its op type; anything else raises ``ValueError`` naming the node.
 """
@@ -24,7 +27,7 @@ from kernels.attention import naive as attention
 from kernels.lightning_attention import naive as lightning
 from kernels.moe import stages
 
-from .onnx_lowering import DOMAIN, FLOAT_ATTRIBUTES, PLUGIN_ATTRIBUTES, PLUGIN_OPS
+from .onnx_lowering import COLLECTIVE_ATTRIBUTES, COLLECTIVE_OPS, DOMAIN, FLOAT_ATTRIBUTES, PLUGIN_ATTRIBUTES, PLUGIN_OPS
 
 __all__ = ["CUSTOM_OPS", "reference_evaluator", "OnnxReferenceProgram"]
 
@@ -107,7 +110,34 @@ def _custom_ops() -> list[type]:
     return [_make_op(op_type, fn) for op_type, fn in impls.items()]
 
 
-CUSTOM_OPS: list[type] = _custom_ops()
+def _collective_op(op_type: str) -> type:
+    """The collective nodes of a tensor-parallel rank's graphs, run by the TensorRT plugins' own bodies
+    (``plugins.collectives.all_reduce_into`` / ``all_gather_into``) in this process's torch.distributed world
+    (gloo on the CPU): the graphs of every rank must be evaluated together, one process per rank."""
+    from onnx.reference.op_run import OpRun
+
+    from plugins import collectives
+
+    def _run(self, x, plugin_namespace=None, plugin_version=None, aot=None, world_size=None, group_name=None):
+        got = {k: v.decode() if isinstance(v, bytes) else v for k, v in
+               (("plugin_namespace", plugin_namespace), ("plugin_version", plugin_version), ("aot", aot))}
+        if got != COLLECTIVE_ATTRIBUTES or world_size is None or group_name is None:
+            raise ValueError(f"{DOMAIN}::{op_type} node {self.onnx_node.name!r}: attributes {got}, world_size "
+                             f"{world_size}, group_name {group_name!r}; expected {COLLECTIVE_ATTRIBUTES} and both")
+        group_name = group_name.decode() if isinstance(group_name, bytes) else group_name
+        what = f"{DOMAIN}::{op_type} node {self.onnx_node.name!r}"
+        t = _torch(x)
+        if op_type == "all_reduce":
+            out = collectives.all_reduce_into(t, t.clone(), group_name, int(world_size), what)
+        else:
+            out = collectives.all_gather_into(t, t.new_empty((int(world_size) * t.shape[0], *t.shape[1:])),
+                                              group_name, int(world_size), what)
+        return _numpy(out)
+
+    return type(op_type, (OpRun,), {"op_domain": DOMAIN, "_run": _run})
+
+
+CUSTOM_OPS: list[type] = _custom_ops() + [_collective_op(op_type) for op_type in COLLECTIVE_OPS]
 
 
 def reference_evaluator(model: str | Path, **kwargs):

@@ -11,8 +11,10 @@ inside a *fake* world of the right size and rank (``torch.testing``'s ``FakeProc
 communication; only shapes and the group's name are read); at run time ``runtime.parallel`` joins the real world
 (gloo / NCCL under ``torchrun``) and checks that its group has the name the programs were compiled with.
 
-Only the AOTInductor backend builds parallel folders so far; TensorRT per-rank engines (collectives as a plugin
-around NCCL) are not built. Expert-parallel folders run ``minimax::moe_ep`` (CUDA: the Triton pointer kernels with
+Every backend builds parallel folders. AOTInductor packages run the functional collectives themselves; the ONNX
+lowering turns them into the ``minimax::all_reduce`` / ``all_gather`` plugin nodes, which TensorRT rank engines
+run as JIT plugins around torch.distributed (``plugins/collectives.py``; the TensorRT path has not run here).
+Expert-parallel folders run ``minimax::moe_ep`` (CUDA: the Triton pointer kernels with
 the other ranks' slots skipped; CPU: the reference).
 """
 
@@ -127,9 +129,12 @@ def build_parallel_engine(
     from .exporting import build_engine
     from .weights import WEIGHTS_DIR
 
-    if settings.backend != "aoti":
-        raise EngineFolderError(f"--tensor-parallel: only the aoti backend builds per-rank engines so far (TensorRT "
-                                f"per-rank engines with NCCL collectives are not built); got {settings.backend!r}")
+    if settings.backend not in ("aoti", "onnx", "tensorrt"):
+        raise EngineFolderError(f"--tensor-parallel: unknown backend {settings.backend!r}")
+    if convert_weights is not None and settings.backend != "aoti":
+        raise EngineFolderError(f"--tensor-parallel --backend {settings.backend}: the ranks' weights are streamed "
+                                "into safetensors shards, which only AOTInductor folders read; build ONNX / TensorRT "
+                                "rank folders from a model that holds its weights")
     n = plan.world_size
     ranks = [f"rank{r}" for r in range(n)]
     start = time.perf_counter()

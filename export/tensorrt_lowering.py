@@ -224,7 +224,8 @@ def plan_build(program: str, settings: BuildSettings, plugin_names: Sequence[str
         builder_flags=("STRIP_PLAN", "REFIT_IDENTICAL") if strip_weights else (),
         notes={
             "precision": f"strongly typed: tensor dtypes from the ONNX graph ({settings.dtype} weights)",
-            "plugins": "AOT (ONNX nodes carry aot=1; PREFER_AOT_PYTHON_PLUGINS as well)",
+            "plugins": "AOT (ONNX nodes carry aot=1; PREFER_AOT_PYTHON_PLUGINS as well); a tensor-parallel rank's "
+                       "all_reduce / all_gather nodes (aot=0) take the JIT plugins of plugins/collectives.py",
         },
     )
 
@@ -240,10 +241,12 @@ def dim_upper_bound(program: ExportedProgram, input_index: int, axis: int) -> in
 
 
 def registered_plugin_names() -> list[str]:
-    """Op types of our plugins (``plugins.spec.PLUGINS``), without the namespace."""
+    """Op types of our plugins (``plugins.spec.PLUGINS``, and the tensor-parallel collectives of
+    ``plugins.collectives``), without the namespace."""
+    from plugins.collectives import COLLECTIVES
     from plugins.spec import PLUGINS
 
-    return sorted({str(getattr(spec, "name", key)).split("::")[-1] for key, spec in PLUGINS.items()})
+    return sorted({str(getattr(spec, "name", key)).split("::")[-1] for key, spec in PLUGINS.items()} | set(COLLECTIVES))
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

@@ -3,12 +3,13 @@ softmax attention.
 
 Importing this package does not import TensorRT: the contract (``spec.PLUGINS``), the launch plans and the Triton
 entry kernels work without it. ``register_all()`` registers every plugin with ``tensorrt.plugin`` (TensorRT >= 10.9,
-AOT implementations, so an engine runs without Python). See README.md for the table, the ABI and what was run where.
+AOT implementations, so an engine runs without Python), and the two collectives of tensor-parallel rank engines
+(``collectives.py``: JIT plugins around ``torch.distributed``). See README.md for the table, the ABI and what was run where.
 """
 
 import logging
 
-from . import attention, lightning_attention, moe
+from . import attention, collectives, lightning_attention, moe
 from .payload import HIDDEN_PARAMS, KernelPlan, Payload, compile_plan
 from .spec import NAMESPACE, PLUGINS, VERSION, PluginSpec
 
@@ -45,5 +46,7 @@ def register_all() -> None:
     lightning_attention.register()
     moe.register()
     attention.register()
+    collectives.register()  # JIT (Python) plugins around torch.distributed, for tensor-parallel rank engines
     _registered = True
-    log.info("registered %d TensorRT plugins in namespace %r: %s", len(PLUGINS), NAMESPACE, ", ".join(PLUGINS))
+    log.info("registered %d TensorRT plugins in namespace %r: %s, %s", len(PLUGINS) + len(collectives.COLLECTIVES),
+             NAMESPACE, ", ".join(PLUGINS), ", ".join(collectives.COLLECTIVES))

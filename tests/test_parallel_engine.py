@@ -170,7 +170,9 @@ def test_damaged_or_mixed_folders_are_refused(tp2, tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--tensor-parallel", "4"], "num_attention_heads = 6 does not split over 4 ranks"),
-    (["--tensor-parallel", "2", "--backend", "onnx"], "only the aoti backend builds per-rank engines"),
+    (["--tensor-parallel", "2", "--backend", "tensorrt"], "backend 'tensorrt' builds GPU engines"),
+    (["--tensor-parallel", "2", "--backend", "onnx", "--quantize", "experts-fp8"],
+     "experts-fp8: only the aoti backend lowers it"),
 ])
 def test_build_refuses_what_it_cannot_split(flags, message, tmp_path, caplog):
     assert build.main(["--preset", "tiny", "--out", str(tmp_path / "e"), *flags, *BUILD_FLAGS]) == 2

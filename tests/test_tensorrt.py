@@ -115,9 +115,10 @@ def test_profile_of_the_onnx_graphs(programs, tmp_path, manifest):
 
 
 def test_parser_flags_only_override_on_name_clashes():
+    from plugins.collectives import COLLECTIVES
     from plugins.spec import PLUGINS
 
-    assert trl.registered_plugin_names() == sorted(PLUGINS)
+    assert trl.registered_plugin_names() == sorted([*PLUGINS, *COLLECTIVES])
     assert trl.parser_flags(trl.registered_plugin_names()) == []  # our names are not ONNX operators
     assert trl.parser_flags(["moe_route", "RMSNormalization"]) == ["ENABLE_PLUGIN_OVERRIDE"]
 
