@@ -429,7 +429,8 @@ class MiniMaxForCausalLM(nn.Module):
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
+                # drawn on the CPU (one stream whatever the device, also inside `with torch.device("cuda")`)
+                p.copy_(torch.randn(p.shape, generator=generator, device="cpu") * std)
         return self
 
     def _logits(self, h: Tensor) -> Tensor:

@@ -198,10 +198,12 @@ def local_config(plan: ParallelPlan) -> MiniMaxConfig:
     parallelism of the experts. Under expert parallelism I and the number of experts stay whole here (the router
     routes over all of them); the rank's experts module holds E / N of them (``rank_skeleton``)."""
     c, n = plan.config, plan.world_size
+    # eos_token_id: the full model's (Text-01's 200020 is outside rank 0's slice of 25008); the runtime stops rows
+    # on the full config's, which the parallel manifest holds (runtime.parallel.load_rank_engine)
     return dataclasses.replace(c, num_attention_heads=c.num_attention_heads // n,
                                num_key_value_heads=c.num_key_value_heads // n,
                                intermediate_size=c.intermediate_size if plan.expert_parallel
-                               else c.intermediate_size // n, vocab_size=c.vocab_size // n)
+                               else c.intermediate_size // n, vocab_size=c.vocab_size // n, eos_token_id=None)
 
 
 def rank_skeleton(config: MiniMaxConfig, plan: ParallelPlan, rank: int, dtype: torch.dtype | None = None,

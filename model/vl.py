@@ -546,8 +546,8 @@ class MiniMaxVLForConditionalGeneration(nn.Module):
                     m.bias.zero_()
                 else:
                     for p in m.parameters(recurse=False):
-                        p.copy_(torch.randn(p.shape, generator=generator) * std)
-        self.image_newline.copy_(torch.randn(self.image_newline.shape, generator=generator) * std)
+                        p.copy_(torch.randn(p.shape, generator=generator, device="cpu") * std)
+        self.image_newline.copy_(torch.randn(self.image_newline.shape, generator=generator, device="cpu") * std)
         return self
 
     # ------------------------------------------------------------------------------------------------ images

@@ -187,6 +187,18 @@ def test_collectives_of_text01_at_8_ranks():
     assert ParallelPlan(config, 1).collectives() == []
 
 
+def test_text01_rank_config_at_8_ranks():
+    """A rank's config under TP 8: 8 heads, 1 KV head, I / 8, the vocabulary / 8 and no eos id (Text-01's 200020 is
+    outside rank 0's 25008 ids; the runtime stops on the full config's, which the parallel manifest keeps)."""
+    from model.parallel import local_config
+
+    c = local_config(ParallelPlan(MiniMaxConfig.preset("minimax-text-01"), 8))
+    assert (c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, c.vocab_size, c.eos_token_id) == (
+        8, 1, 9216 // 8, 200064 // 8, None)
+    ep = local_config(ParallelPlan(MiniMaxConfig.preset("minimax-text-01"), 8, expert_parallel=True))
+    assert (ep.intermediate_size, ep.num_local_experts, ep.eos_token_id) == (9216, 32, None)
+
+
 def _run_ranks(tmp_path, script: str, *args) -> None:
     """Run ``script`` (which spawns its gloo ranks) as ``script PORT OUT *args`` from the repository root, with a
     free local port and ``tmp_path`` as the ranks' output folder; fails with the script's stderr."""
