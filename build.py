@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-parallel", action="store_true",
                    help="with --tensor-parallel N: split whole experts across the ranks instead of each expert's "
                         "intermediate dimension (the router whole on every rank)")
+    p.add_argument("--layer-programs", action="store_true",
+                   help="compile one program per layer kind (lightning / softmax) and step, the layers' weights as "
+                        "inputs, instead of whole prefill / decode programs: build time independent of the depth "
+                        "(AOTInductor, text models, single rank)")
     p.add_argument("--shard-mb", type=int, default=2048,
                    help="size of the engine folder's weight shards in MB (AOTInductor; default 2048)")
     p.add_argument("--overwrite", action="store_true",
@@ -204,6 +208,12 @@ def _build(args: argparse.Namespace) -> int:
 
                 check_vl_settings(vl_config, settings)
             check_lowering(settings)
+            if args.layer_programs and (parallel or backend != "aoti" or vl_config is not None):
+                raise EngineFolderError("--layer-programs: AOTInductor text engines on one rank only (got "
+                                        + ", ".join(x for x in (f"--backend {backend}" if backend != "aoti" else "",
+                                                                "--tensor-parallel" if parallel else "",
+                                                                "a VL-01 model" if vl_config is not None else "") if x)
+                                        + ")")
             from export.exporting import check_quantization
 
             check_quantization(args.quantize, settings)
@@ -295,7 +305,8 @@ def _build(args: argparse.Namespace) -> int:
             if plan is not None:
                 _build_parallel(args, model, plan, settings, weights_writer)
             else:
-                build_engine(model, settings, args.out, overwrite=args.overwrite, weights_writer=weights_writer)
+                build_engine(model, settings, args.out, overwrite=args.overwrite, weights_writer=weights_writer,
+                             layer_programs=args.layer_programs)
         except (EngineFolderError, CheckpointError) as e:
             log.error("build failed, nothing written to %s: %s", args.out, e)
             return 2

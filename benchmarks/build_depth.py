@@ -6,6 +6,10 @@ a parameter (``--preset``: ``tiny`` by default, which fits the 2-core CPU machin
 that can allocate the skeleton). Layers follow the real plan: 7 lightning + 1 softmax per 8 (2 layers: one of each).
 
     PYTHONPATH=. python -m benchmarks.build_depth --layers 2,8,80 --device cpu --out r.json
+    PYTHONPATH=. python -m benchmarks.build_depth --layers 2,8,80 --layer-programs --out r.json   # per-kind programs
+
+``--layer-programs``: the per-kind layer programs of ``build.py --layer-programs`` (``export/layered.py``: one
+program per layer kind and step, the layers' weights as inputs) instead of the whole prefill / decode programs.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ def depth_config(preset: str, layers: int):
 
 
 @torch.no_grad()
-def build_times(preset: str, layers: int, device: str, workdir: Path) -> dict:
+def build_times(preset: str, layers: int, device: str, workdir: Path, layer_programs: bool = False) -> dict:
     from export import BuildSettings, export_programs
+    from export.layered import export_layer_programs
     from model import MiniMaxForCausalLM
 
     config = depth_config(preset, layers)
@@ -44,17 +49,19 @@ def build_times(preset: str, layers: int, device: str, workdir: Path) -> dict:
     model.eval()
     settings = BuildSettings(device=device, dtype="float32" if device == "cpu" else "bfloat16", max_batch=2,
                              max_input_len=64, max_seq_len=256, page_size=64)
-    row = {"layers": layers, "preset": preset, "device": device}
+    row = {"layers": layers, "preset": preset, "device": device, "layer_programs": layer_programs}
     t0 = time.perf_counter()
-    programs = export_programs(model, settings)
+    programs = export_layer_programs(model, settings) if layer_programs else export_programs(model, settings)
     row["export_s"] = time.perf_counter() - t0
     for name, ep in programs.items():
         t0 = time.perf_counter()
         torch._inductor.aoti_compile_and_package(ep, package_path=str(workdir / f"{layers}-{name}.pt2"),
                                                  inductor_configs={"aot_inductor.package_constants_in_so": False})
         row[f"compile_{name}_s"] = time.perf_counter() - t0
-    print(f"  {layers:>3} layers: export {row['export_s']:.1f}s, compile prefill {row['compile_prefill_s']:.1f}s, "
-          f"decode {row['compile_decode_s']:.1f}s", flush=True)
+    for step in ("prefill", "decode"):  # layer programs: the step's parts together
+        row.setdefault(f"compile_{step}_s", sum(v for k, v in row.items() if k.startswith(f"compile_{step}.")))
+    print(f"  {layers:>3} layers{' (layer programs)' if layer_programs else ''}: export {row['export_s']:.1f}s, "
+          f"compile prefill {row['compile_prefill_s']:.1f}s, decode {row['compile_decode_s']:.1f}s", flush=True)
     return row
 
 
@@ -63,12 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=lambda s: [int(x) for x in s.split(",")], default=[2, 8, 80])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--layer-programs", action="store_true", help="per-kind layer programs (build.py --layer-programs)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for layers in args.layers:
-            rows.append(build_times(args.preset, layers, args.device, Path(tmp)))
+            rows.append(build_times(args.preset, layers, args.device, Path(tmp), args.layer_programs))
             write_json(args.out, {"environment": environment(), "rows": rows,
                                   "command": "python -m benchmarks.build_depth " + " ".join(argv or sys.argv[1:])})
     return 0

@@ -585,9 +585,18 @@ def _validate(path: Path, manifest: Any) -> None:
         if not isinstance(entry, dict):
             raise EngineFolderError(f"{path}: programs.{program} must be an object")
         _relative_file(path, entry.get("file"), f"programs.{program}.file")
+        if "layer_programs" in entry:  # made of per-kind layer programs (export/layered.py)
+            parts = entry["layer_programs"]
+            if "layer_plan" not in manifest or not isinstance(parts, dict) or not parts:
+                raise EngineFolderError(f"{path}: programs.{program}.layer_programs needs a non-empty object and the "
+                                        "manifest's layer_plan")
+            for kind, rel in parts.items():
+                _relative_file(path, rel, f"programs.{program}.layer_programs.{kind}")
         for key in ("inputs", "outputs"):
             if key in entry:
                 _check_tensor_list(path, entry[key], f"programs.{program}.{key}")
+    if "layer_plan" in manifest:
+        _validate_layer_plan(path, manifest)
     if "weights" in manifest:
         from .weights import check_entry
 
@@ -606,6 +615,28 @@ def _validate(path: Path, manifest: Any) -> None:
 def program_names(manifest: dict[str, Any]) -> tuple[str, ...]:
     """The programs an engine folder holds: prefill and decode, and a VL engine's vision program."""
     return PROGRAMS + (("vision",) if "vision" in manifest else ())
+
+
+def _validate_layer_plan(path: Path, manifest: dict[str, Any]) -> None:
+    """``layer_plan``: ``{"layer_types": [kind per layer], "weights": {kind: [tensor names relative to the
+    layer]}}``, one kind per layer of ``model_config``, each kind with its part in prefill and decode."""
+    from model.config import LIGHTNING, MiniMaxConfig
+
+    plan = manifest["layer_plan"]
+    if not isinstance(plan, dict) or not isinstance(plan.get("layer_types"), list) or not isinstance(
+            plan.get("weights"), dict):
+        raise EngineFolderError(f"{path}: layer_plan must be an object with 'layer_types' (list) and 'weights'")
+    config = MiniMaxConfig.from_dict(manifest["model_config"])
+    want = ["lightning" if t == LIGHTNING else "softmax" for t in config.layer_types]
+    if plan["layer_types"] != want:
+        raise EngineFolderError(f"{path}: layer_plan.layer_types does not follow model_config's layer_types")
+    for kind in set(want):
+        names = plan["weights"].get(kind)
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+            raise EngineFolderError(f"{path}: layer_plan.weights.{kind} must be a non-empty list of tensor names")
+        for program in PROGRAMS:
+            if kind not in manifest["programs"][program].get("layer_programs", {}):
+                raise EngineFolderError(f"{path}: programs.{program}.layer_programs has no {kind!r} part")
 
 
 def _validate_vision(path: Path, manifest: dict[str, Any]) -> None:

@@ -259,8 +259,13 @@ def build_engine(
     model: MiniMaxForCausalLM, settings: BuildSettings, out_dir: str | Path, overwrite: bool = False,
     weights_writer: Callable[[Path], tuple[dict[str, Any], str]] | None = None,
     parallel: dict[str, Any] | None = None,
+    layer_programs: bool = False,
 ) -> dict[str, Any]:
     """Export, lower and write a complete engine folder to ``out_dir``; return its manifest.
+
+    ``layer_programs``: compile one program per layer kind and step instead of whole prefill / decode programs
+    (``export/layered.py``; AOTInductor, text models): the build time no longer grows with the depth, and the
+    runtime composes prefill / decode from the parts (``runtime/layered.py``; ``manifest["layer_plan"]``).
 
     ``weights_writer(folder) -> (weights entry, sha256)``: writes the folder's weights itself (AOTInductor; e.g.
     streamed from a checkpoint by ``model.loading.convert_checkpoint``), in which case ``model`` is only the
@@ -284,10 +289,23 @@ def build_engine(
     if model.dtype != settings.torch_dtype:  # (a VL model's dtype is its weights', as the text model's)
         raise ValueError(f"model weights are {model.dtype}, the build asks for {settings.dtype}")
     model.eval()
+    layer_plan = None
+    if layer_programs:
+        from .layered import check_layered, layer_kinds, layer_weight_names
+
+        check_layered(model, settings)
+        kinds = layer_kinds(config)
+        layer_plan = {"layer_types": kinds, "weights": {
+            k: layer_weight_names(model.model.layers[kinds.index(k)]) for k in sorted(set(kinds))}}
     timings: dict[str, float] = {}
     with staged_folder(out_dir, overwrite=overwrite) as folder:
         start = time.perf_counter()
-        programs = export_programs(model, settings)
+        if layer_plan is not None:
+            from .layered import export_layer_programs
+
+            programs = export_layer_programs(model, settings)  # "prefill.lightning", ... (once per kind)
+        else:
+            programs = export_programs(model, settings)
         timings["export_s"] = time.perf_counter() - start
         (folder / "exported").mkdir()
         for name, ep in programs.items():
@@ -306,11 +324,26 @@ def build_engine(
                 layouts.setdefault(entries.get("external_data"), []).append(entries.pop("weights_layout"))
             timings[f"lower_{name}_s"] = time.perf_counter() - start
             logger.info("lowered %s in %.1fs", name, timings[f"lower_{name}_s"])
+            if layer_plan is not None:  # a part of prefill / decode: gathered into their entries below
+                manifest_programs[name] = {**entries, "exported": f"exported/{name}.pt2"}
+                continue
             io = (vision_io(model.config, settings) if name == "vision" else
                   program_io(config.to_dict(), symbolic_state_layout(config, settings), name, settings.paged_layout(),
                              in_place=entries.get("state_update", "in_place") == "in_place",
                              image_embeds=settings.dtype if vl and name == "prefill" else None))
             manifest_programs[name] = {**entries, "exported": f"exported/{name}.pt2", **io}
+        if layer_plan is not None:  # prefill / decode keep the contract's I/O, made of their kinds' parts
+            parts = manifest_programs
+            manifest_programs = {}
+            for name in ("prefill", "decode"):
+                kinds = sorted(set(layer_plan["layer_types"]))
+                io = program_io(config.to_dict(), symbolic_state_layout(config, settings), name,
+                                settings.paged_layout(), in_place=True)
+                manifest_programs[name] = {
+                    "file": parts[f"{name}.{kinds[0]}"]["file"], "constants": "none (weights are inputs)",
+                    "exported": parts[f"{name}.{kinds[0]}"]["exported"],
+                    "layer_programs": {k: parts[f"{name}.{k}"]["file"] for k in kinds},
+                    "layer_programs_exported": {k: parts[f"{name}.{k}"]["exported"] for k in kinds}, **io}
         start = time.perf_counter()
         weights, digest = None, None
         if layouts:  # the graphs reference weights.onnx.data: the checkpoint converter fills it now
@@ -364,6 +397,8 @@ def build_engine(
             manifest["weights"] = weights
         if parallel is not None:
             manifest["parallel"] = parallel
+        if layer_plan is not None:
+            manifest["layer_plan"] = layer_plan
         manifest = write_manifest(folder, manifest)
         timings["manifest_s"] = time.perf_counter() - start
     logger.info("engine written to %s (%s)", out_dir, ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))

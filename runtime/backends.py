@@ -58,14 +58,12 @@ def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.dev
     # one copy, shared by both programs; each shard hashed as it is read (read_manifest left them to the loader)
     digests = {s: manifest["files"].get(s, "") for s in manifest["weights"]["shards"]}
     weights = load_weights(folder, manifest["weights"], device, digests=digests)
+    if "layer_plan" in manifest:
+        return _load_layered(folder, manifest, weights, device_index)
     for name in program_names(manifest):
         path = Path(folder) / manifest["programs"][name]["file"]
         start = time.perf_counter()
-        try:
-            package = torch._inductor.aoti_load_package(str(path), run_single_threaded=True,
-                                                        device_index=device_index)
-        except RuntimeError as e:
-            raise EngineFolderError(f"{path}: cannot load the AOTInductor package ({e})"[:600]) from e
+        package = _load_package(path, device_index)
         loaded = time.perf_counter()
         check_aoti_settings(path, package, manifest)
         try:
@@ -76,6 +74,40 @@ def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.dev
         programs[name] = package if name == "vision" else InPlaceProgram(package, name)
         logger.info("loaded %s (AOTInductor, %s): package %.1fs, constants %.1fs", path, device, loaded - start,
                     time.perf_counter() - loaded)
+    return programs
+
+
+def _load_package(path: Path, device_index: int):
+    try:
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=device_index)
+    except RuntimeError as e:
+        raise EngineFolderError(f"{path}: cannot load the AOTInductor package ({e})"[:600]) from e
+
+
+def _load_layered(folder: Path, manifest: dict[str, Any], weights: dict, device_index: int) -> dict[str, Program]:
+    """An engine of per-kind layer programs (``build.py --layer-programs``): each part package (no constants: the
+    layers' tensors are its inputs), composed into prefill / decode by ``runtime.layered.LayeredProgram``."""
+    from model.config import MiniMaxConfig
+
+    from .layered import LayeredProgram
+
+    config = MiniMaxConfig.from_dict(manifest["model_config"])
+    programs = {}
+    for name in program_names(manifest):
+        parts = {}
+        for kind, rel in manifest["programs"][name]["layer_programs"].items():
+            path = Path(folder) / rel
+            start = time.perf_counter()
+            parts[kind] = package = _load_package(path, device_index)
+            check_aoti_settings(path, package, manifest)
+            if package.get_constant_fqns():
+                raise EngineFolderError(f"{path}: a layer program takes its weights as inputs, but this package "
+                                        f"has constants ({', '.join(package.get_constant_fqns()[:3])} ...)")
+            logger.info("loaded %s (AOTInductor layer program, %s) in %.1fs", path, kind, time.perf_counter() - start)
+        try:
+            programs[name] = LayeredProgram(parts, weights, manifest["layer_plan"], config, name)
+        except (KeyError, ValueError) as e:
+            raise EngineFolderError(f"{folder}: {e}") from e
     return programs
 
 
