@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session script (2026-12-04): one device call runs one or more steps, writing logs and JSON under $OUT.
-#   bash benchmarks/gpu_session.sh STEP...   (steps: vision vltests serving long attention attdecode quant quantmodel quantacc parallel suite)
+#   bash benchmarks/gpu_session.sh STEP...   (steps: vision vltests serving long attention attdecode quant quantmodel quantacc parallel layered suite)
 # serving needs fastapi / starlette / uvicorn / pydantic / pydantic-core / annotated-types / typing-inspection /
 # opentelemetry-api carried as wheels in .whl/ (the device README's recipe); every step bounds itself with timeout.
 export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
@@ -29,6 +29,8 @@ for step in "$@"; do
       timeout 250 python -m benchmarks.attention --decode-only --page-size 256 --out $OUT/attention_decode.json 2>&1 | grep -v -E "warn|return cls.__new__|UserWarning|scaled_dot_product" | tee $OUT/attention_decode.log ;;
     quantmodel)  # the whole-model decode on the 2-layer slice, bf16 / int8 / fp8 experts, the default decode tiles
       timeout 330 python -m benchmarks.moe_quant --skip-op --model-layers 2 --accuracy-layers 0 --out $OUT/moe_quant_model.json 2>&1 | grep -v -E "Warning|warn|return cls" | tee $OUT/moe_quant_model.log ;;
+    layered)  # compile time of the per-kind layer programs at real width, 2 and 8 layers (issue 12)
+      timeout 420 python -m benchmarks.build_depth --device cuda --preset minimax-text-01 --layers 2,8 --layer-programs --out $OUT/build_depth_layered.json 2>&1 | grep -v -E "Warning|warn|return cls" | tee $OUT/build_depth_layered.log ;;
     quant)  # the quantized-experts GPU tests, then the whole benchmark with the decode-tile sweep
       timeout 120 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe_quant.py tests/test_plugins_gpu.py -k "fp8 or int8" 2>&1 | grep -v -E "Warning|warnings.warn|^  " | tail -12 | tee $OUT/quant_tests.log
       timeout 460 python -m benchmarks.moe_quant --sweep --out $OUT/moe_quant.json 2>&1 | grep -v -E "Warning|warn" | tee $OUT/moe_quant.log ;;
