@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-parallel", action="store_true",
                    help="with --tensor-parallel N: split whole experts across the ranks instead of each expert's "
                         "intermediate dimension (the router whole on every rank)")
+    p.add_argument("--mixed-step", action="store_true",
+                   help="also compile the 'mixed' program: a decode step of the running rows and a prefill chunk of "
+                        "others in one forward (every weight read once per step), which the scheduler and the server "
+                        "then use (AOTInductor, text models, single rank, whole programs)")
     p.add_argument("--layer-programs", action="store_true",
                    help="compile one program per layer kind (lightning / softmax) and step, the layers' weights as "
                         "inputs, instead of whole prefill / decode programs: build time independent of the depth "
@@ -214,6 +218,13 @@ def _build(args: argparse.Namespace) -> int:
                                                                 "--tensor-parallel" if parallel else "",
                                                                 "a VL-01 model" if vl_config is not None else "") if x)
                                         + ")")
+            if args.mixed_step and (parallel or backend != "aoti" or vl_config is not None or args.layer_programs):
+                raise EngineFolderError("--mixed-step: AOTInductor text engines on one rank with whole programs only "
+                                        "(got " + ", ".join(x for x in (
+                                            f"--backend {backend}" if backend != "aoti" else "",
+                                            "--tensor-parallel" if parallel else "",
+                                            "a VL-01 model" if vl_config is not None else "",
+                                            "--layer-programs" if args.layer_programs else "") if x) + ")")
             from export.exporting import check_quantization
 
             check_quantization(args.quantize, settings)
@@ -306,7 +317,7 @@ def _build(args: argparse.Namespace) -> int:
                 _build_parallel(args, model, plan, settings, weights_writer)
             else:
                 build_engine(model, settings, args.out, overwrite=args.overwrite, weights_writer=weights_writer,
-                             layer_programs=args.layer_programs)
+                             layer_programs=args.layer_programs, mixed_step=args.mixed_step)
         except (EngineFolderError, CheckpointError) as e:
             log.error("build failed, nothing written to %s: %s", args.out, e)
             return 2

@@ -13,7 +13,7 @@ they were lowered from (``exported/*.pt2``, the single source of every lowering)
     paged_kv         {"page_size", "num_pages", "max_pages_per_seq"}: the KV page pools and block-table width
     state_layout     config.state_layout entries: name, layer, shape (batch as "B"), dtype; lightning states
                      [B, H, D, D] fp32, KV page pools [num_pages, KVH, page_size, D]
-    programs         {"prefill"|"decode"(|"vision"): {"file", "inputs": [{name, shape, dtype}], "outputs": [...]}}
+    programs         {"prefill"|"decode"(|"vision")(|"mixed"): {"file", "inputs": [{name, shape, dtype}], "outputs": [...]}}
     vision           (MiniMax-VL-01 engines) {"config": MiniMaxVLConfig.to_dict(), "max_tiles", "max_image_tokens"};
                      ``profiles`` then holds ``max_tiles`` too
     versions         torch / triton / tensorrt / onnx versions that built the folder
@@ -33,6 +33,11 @@ Program signatures (tensor names are the same for every backend):
     prefill(input_ids [B, T] int64, positions [B] int64, block_table [B, M] int32, *state) -> logits [B, 1, V] fp32
     decode (input_ids [B, 1] int64, positions [B] int64, block_table [B, M] int32, *state) -> logits [B, 1, V] fp32
 ``positions[b]`` is the position of the first token of row b; prefill returns the logits of the last position only.
+An engine built with ``--mixed-step`` (AOTInductor, text) has a third program, a decode step of R rows and a prefill
+chunk of B other rows in one forward (``mixed_io``):
+    mixed  (decode_ids [R, 1], decode_positions [R], decode_block_table [R, M], prefill_ids [B, T],
+            prefill_positions [B], prefill_block_table [B, M], decode lightning states [R, ...], prefill lightning
+            states [B, ...], KV pools) -> logits [R + B, 1, V] fp32 (the decode rows', then the prefill rows' last)
 A VL engine's prefill takes ``image_embeds [B, T, hidden]`` (weights' dtype) last: at every position holding the
 image token, that placeholder's vector (elsewhere unread); its third program is
     vision (pixel_values [N, C, S, S], feature_index [L] int64) -> image_features [L, hidden]
@@ -168,6 +173,33 @@ def program_io(config_dict: dict[str, Any], state_layout: list[dict[str, Any]], 
     if not in_place:
         outputs += [{"name": e["name"] + ".out", "shape": e["shape"], "dtype": e["dtype"]} for e in state_layout]
     return {"inputs": inputs, "outputs": outputs, "state_update": "in_place" if in_place else "outputs"}
+
+
+def mixed_io(config_dict: dict[str, Any], state_layout: list[dict[str, Any]], paged: dict[str, int]) -> dict[str, list]:
+    """The ``mixed`` program's tensors (``R`` decode rows, ``B`` prefill rows of ``T`` tokens; in place): the decode
+    rows' ids / positions / block-table rows, the prefill rows', the decode rows' lightning states, the prefill
+    rows', the KV pools -> ``logits [R+B, 1, V]``."""
+    M = paged["max_pages_per_seq"]
+    per_row = [e for e in state_layout if "B" in e["shape"]]
+    pools = [e for e in state_layout if "B" not in e["shape"]]
+
+    def rows(prefix: str, dim: str) -> list[dict[str, Any]]:
+        return [{"name": f"{prefix}.{e['name']}", "shape": [dim if d == "B" else d for d in e["shape"]],
+                 "dtype": e["dtype"]} for e in per_row]
+
+    inputs = [
+        {"name": "decode_ids", "shape": ["R", 1], "dtype": "int64"},
+        {"name": "decode_positions", "shape": ["R"], "dtype": "int64"},
+        {"name": "decode_block_table", "shape": ["R", M], "dtype": "int32"},
+        {"name": "prefill_ids", "shape": ["B", "T"], "dtype": "int64"},
+        {"name": "prefill_positions", "shape": ["B"], "dtype": "int64"},
+        {"name": "prefill_block_table", "shape": ["B", M], "dtype": "int32"},
+        *rows("decode", "R"), *rows("prefill", "B"),
+        *({"name": e["name"], "shape": e["shape"], "dtype": e["dtype"]} for e in pools),
+    ]
+    return {"inputs": inputs,
+            "outputs": [{"name": "logits", "shape": ["R+B", 1, config_dict["vocab_size"]], "dtype": "float32"}],
+            "state_update": "in_place"}
 
 
 def vision_io(vl_config, settings: BuildSettings) -> dict[str, list]:
@@ -595,6 +627,10 @@ def _validate(path: Path, manifest: Any) -> None:
         for key in ("inputs", "outputs"):
             if key in entry:
                 _check_tensor_list(path, entry[key], f"programs.{program}.{key}")
+    if "mixed" in programs and (manifest["backend"] != "aoti" or "vision" in manifest or "layer_plan" in manifest
+                                or "parallel" in manifest):
+        raise EngineFolderError(f"{path}: a 'mixed' program belongs to AOTInductor text engines on one rank with "
+                                "whole programs only")
     if "layer_plan" in manifest:
         _validate_layer_plan(path, manifest)
     if "weights" in manifest:
@@ -613,8 +649,11 @@ def _validate(path: Path, manifest: Any) -> None:
 
 
 def program_names(manifest: dict[str, Any]) -> tuple[str, ...]:
-    """The programs an engine folder holds: prefill and decode, and a VL engine's vision program."""
-    return PROGRAMS + (("vision",) if "vision" in manifest else ())
+    """The programs an engine folder holds: prefill and decode, a VL engine's vision program, and the ``mixed``
+    program of an engine built with it (``build.py --mixed-step``)."""
+    programs = manifest.get("programs")
+    mixed = isinstance(programs, dict) and "mixed" in programs
+    return PROGRAMS + (("vision",) if "vision" in manifest else ()) + (("mixed",) if mixed else ())
 
 
 def _validate_layer_plan(path: Path, manifest: dict[str, Any]) -> None:

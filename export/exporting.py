@@ -25,6 +25,7 @@ from .engine_folder import (
     FORMAT_VERSION,
     BuildSettings,
     EngineFolderError,
+    mixed_io,
     program_io,
     staged_folder,
     symbolic_state_layout,
@@ -36,7 +37,7 @@ from .progress import progress
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PrefillProgram", "DecodeProgram", "VLPrefillProgram", "VLDecodeProgram", "VisionProgram",
+__all__ = ["PrefillProgram", "DecodeProgram", "MixedProgram", "VLPrefillProgram", "VLDecodeProgram", "VisionProgram",
            "export_programs", "build_engine", "example_inputs", "check_lowering", "dynamic_shapes", "text_model",
            "is_vl"]
 
@@ -76,6 +77,31 @@ class DecodeProgram(PrefillProgram):
         logits, _ = self.model.decode(input_ids, positions,
                                       MiniMaxState.unflatten(self.model.config, state, block_table))
         return logits
+
+
+class MixedProgram(nn.Module):
+    """One decode step of some rows and one prefill chunk of others, in one forward (every weight read once per
+    step: ``MiniMaxForCausalLM.mixed_step``)::
+
+        (decode_ids [R, 1], decode_positions [R], decode_block_table [R, M],
+         prefill_ids [B, T], prefill_positions [B], prefill_block_table [B, M],
+         decode_lightning: list[[R, H, D, D]], prefill_lightning: list[[B, H, D, D]], pools: list)
+            -> logits [R + B, 1, V]: the decode rows', then the prefill rows' last positions
+
+    The decode and prefill rows are distinct rows of the state; the KV pools are one set (key pools, then value
+    pools); everything is updated in place, as in the other programs."""
+
+    def __init__(self, model: MiniMaxForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, decode_ids: Tensor, decode_positions: Tensor, decode_block_table: Tensor, prefill_ids: Tensor,
+                prefill_positions: Tensor, prefill_block_table: Tensor, decode_lightning: list[Tensor],
+                prefill_lightning: list[Tensor], pools: list[Tensor]) -> Tensor:
+        config = self.model.config
+        dec = MiniMaxState.unflatten(config, [*decode_lightning, *pools], decode_block_table)
+        pre = MiniMaxState.unflatten(config, [*prefill_lightning, *pools], prefill_block_table)
+        return self.model.mixed_step(decode_ids, decode_positions, dec, prefill_ids, prefill_positions, pre)
 
 
 class VLPrefillProgram(nn.Module):
@@ -190,9 +216,42 @@ def dynamic_shapes(n_lightning: int, n_softmax: int, settings: BuildSettings, pr
     return shapes
 
 
-def export_programs(model: MiniMaxForCausalLM, settings: BuildSettings) -> dict[str, ExportedProgram]:
+# The mixed program's example sizes: all different (decode rows, prefill rows, chunk length), so that the export
+# keeps three symbols rather than unifying equal example sizes into one.
+MIXED_EXAMPLE = {"decode_batch": 3, "prefill_batch": 2, "seq": 4}
+
+
+def mixed_example_inputs(model: MiniMaxForCausalLM, settings: BuildSettings, pools: list[Tensor] | None = None):
+    """Sample inputs of ``MixedProgram`` (``MIXED_EXAMPLE`` sizes; the pools at build size)."""
+    device = model.lm_head.weight.device
+    R, B, T = MIXED_EXAMPLE["decode_batch"], MIXED_EXAMPLE["prefill_batch"], MIXED_EXAMPLE["seq"]
+    paged = settings.paged_layout()
+    config = model.config
+    H, D = config.num_attention_heads, config.head_dim
+    table = identity_block_table(R + B, paged["max_pages_per_seq"], device).remainder(paged["num_pages"])
+    lightning = [[torch.zeros(n, H, D, D, device=device) for _ in config.lightning_layers] for n in (R, B)]
+    if pools is None:
+        pools = example_pools(model, settings)
+    return (torch.zeros(R, 1, dtype=torch.long, device=device), torch.full((R,), 3, dtype=torch.long, device=device),
+            table[:R].contiguous(), torch.zeros(B, T, dtype=torch.long, device=device),
+            torch.zeros(B, dtype=torch.long, device=device), table[R:].contiguous(), *lightning, pools)
+
+
+def mixed_dynamic_shapes(n_lightning: int, n_softmax: int, settings: BuildSettings) -> tuple:
+    """R (decode rows) and B (prefill rows) in [1, max_batch], T in [2, max_input_len]; pools static. (A bound below
+    the example size is raised to it: the runtime enforces the engine's limits, as for the other programs.)"""
+    rows = Dim("decode_batch", min=1, max=max(MIXED_EXAMPLE["decode_batch"], settings.max_batch))
+    batch = Dim("prefill_batch", min=1, max=max(MIXED_EXAMPLE["prefill_batch"], settings.max_batch))
+    seq = Dim("prefill_seq", min=2, max=max(MIXED_EXAMPLE["seq"], settings.max_input_len))
+    return ({0: rows}, {0: rows}, {0: rows}, {0: batch, 1: seq}, {0: batch}, {0: batch},
+            [{0: rows}] * n_lightning, [{0: batch}] * n_lightning, [None] * (2 * n_softmax))
+
+
+def export_programs(model: MiniMaxForCausalLM, settings: BuildSettings,
+                    mixed_step: bool = False) -> dict[str, ExportedProgram]:
     """Export prefill (B and T dynamic) and decode (B dynamic) with the ranges of ``settings``; the pools are
-    static (``settings.num_pages``), the lightning states and the block table follow B."""
+    static (``settings.num_pages``), the lightning states and the block table follow B. ``mixed_step``: also the
+    ``mixed`` program (``MixedProgram``; text models)."""
     vl = is_vl(model)
     config = text_model(model).config
     n_lin, n_soft = len(config.lightning_layers), len(config.softmax_layers)
@@ -208,6 +267,11 @@ def export_programs(model: MiniMaxForCausalLM, settings: BuildSettings) -> dict[
             shapes = dynamic_shapes(n_lin, n_soft, settings, name, vl=vl, vl_config=model.config if vl else None)
             programs[name] = torch.export.export(wrapper, args, dynamic_shapes=shapes)
             logger.info("exported %s in %.1fs", name, time.perf_counter() - start)
+        if mixed_step:
+            start = time.perf_counter()
+            programs["mixed"] = torch.export.export(MixedProgram(model), mixed_example_inputs(model, settings, pools),
+                                                    dynamic_shapes=mixed_dynamic_shapes(n_lin, n_soft, settings))
+            logger.info("exported mixed in %.1fs", time.perf_counter() - start)
     return programs
 
 
@@ -260,12 +324,17 @@ def build_engine(
     weights_writer: Callable[[Path], tuple[dict[str, Any], str]] | None = None,
     parallel: dict[str, Any] | None = None,
     layer_programs: bool = False,
+    mixed_step: bool = False,
 ) -> dict[str, Any]:
     """Export, lower and write a complete engine folder to ``out_dir``; return its manifest.
 
     ``layer_programs``: compile one program per layer kind and step instead of whole prefill / decode programs
     (``export/layered.py``; AOTInductor, text models): the build time no longer grows with the depth, and the
     runtime composes prefill / decode from the parts (``runtime/layered.py``; ``manifest["layer_plan"]``).
+
+    ``mixed_step``: also compile the ``mixed`` program (``MixedProgram``: a decode step of some rows and a prefill
+    chunk of others in one forward, which ``runtime.scheduler.Scheduler`` uses; AOTInductor text engines on one
+    rank with whole programs).
 
     ``weights_writer(folder) -> (weights entry, sha256)``: writes the folder's weights itself (AOTInductor; e.g.
     streamed from a checkpoint by ``model.loading.convert_checkpoint``), in which case ``model`` is only the
@@ -288,6 +357,12 @@ def build_engine(
     check_quantization(quantization, settings)
     if model.dtype != settings.torch_dtype:  # (a VL model's dtype is its weights', as the text model's)
         raise ValueError(f"model weights are {model.dtype}, the build asks for {settings.dtype}")
+    if mixed_step and (settings.backend != "aoti" or vl or parallel is not None or layer_programs):
+        got = ", ".join(what for what, bad in ((f"backend {settings.backend}", settings.backend != "aoti"),
+                                               ("a VL model", vl), ("tensor parallel", parallel is not None),
+                                               ("layer programs", layer_programs)) if bad)
+        raise EngineFolderError(f"mixed_step: built for AOTInductor text engines on one rank with whole programs "
+                                f"only (got {got})")
     model.eval()
     layer_plan = None
     if layer_programs:
@@ -305,7 +380,7 @@ def build_engine(
 
             programs = export_layer_programs(model, settings)  # "prefill.lightning", ... (once per kind)
         else:
-            programs = export_programs(model, settings)
+            programs = export_programs(model, settings, mixed_step=mixed_step)
         timings["export_s"] = time.perf_counter() - start
         (folder / "exported").mkdir()
         for name, ep in programs.items():
@@ -328,6 +403,8 @@ def build_engine(
                 manifest_programs[name] = {**entries, "exported": f"exported/{name}.pt2"}
                 continue
             io = (vision_io(model.config, settings) if name == "vision" else
+                  mixed_io(config.to_dict(), symbolic_state_layout(config, settings), settings.paged_layout())
+                  if name == "mixed" else
                   program_io(config.to_dict(), symbolic_state_layout(config, settings), name, settings.paged_layout(),
                              in_place=entries.get("state_update", "in_place") == "in_place",
                              image_embeds=settings.dtype if vl and name == "prefill" else None))

@@ -119,6 +119,28 @@ class _StepContext:
     sin: Tensor  # [B, T, rotary_dim] fp32
 
 
+# A mixed step (``MiniMaxForCausalLM.mixed_step``) runs parts of different shapes through one forward: the decode
+# rows ``[R, 1]`` and a prefill chunk ``[Bp, Tp]``. Everything token-wise (norms, projections, the MoE, the LM head)
+# runs once over the parts' tokens joined (``[R + Bp * Tp, hidden]``: every weight read once per step); only the
+# attention cores run per part, each with its own context and state rows. One part is the plain ``[B, T, hidden]``
+# tensor itself (joining and splitting are then the identity: the prefill / decode graphs are what they were).
+def _join(parts: list[Tensor]) -> Tensor:
+    """``[B_i, T_i, C]`` parts -> ``[sum B_i T_i, C]`` (one part: itself)."""
+    return parts[0] if len(parts) == 1 else torch.cat([p.reshape(-1, p.shape[-1]) for p in parts])
+
+
+def _split(x: Tensor, ctxs: tuple[_StepContext, ...]) -> list[Tensor]:
+    """The inverse of ``_join`` for the parts of ``ctxs``: ``[B_i, T_i, C]`` views (one part: ``x`` itself)."""
+    if len(ctxs) == 1:
+        return [x]
+    out, start = [], 0
+    for ctx in ctxs:
+        B, T = ctx.token_positions.shape
+        out.append(x[start:start + B * T].view(B, T, x.shape[-1]))
+        start = start + B * T
+    return out
+
+
 class LightningAttention(nn.Module):
     """Lightning (linear) attention layer: SiLU q/k/v, decayed causal linear attention, RMSNorm, sigmoid gate."""
 
@@ -137,25 +159,33 @@ class LightningAttention(nn.Module):
         self.decay_rate = torch.tensor(self.decay_values, dtype=torch.float32, device=self.qkv_proj.weight.device)
 
     def forward(self, x: Tensor, ctx: _StepContext, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        B, T, _ = x.shape
+        y, (state,) = self.forward_parts(x, (ctx,), (state,))
+        return y, state
+
+    def forward_parts(self, x: Tensor, ctxs: tuple[_StepContext, ...],
+                      states: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, tuple[tuple[Tensor, ...], ...]]:
+        """``x``: the parts' tokens joined (``_join``); each part's core on its own state rows."""
         H, D = self.num_heads, self.head_dim
-        qkv = F.silu(self.qkv_proj(x)).view(B, T, H, 3 * D)  # [B, T, H, 3D]
-        q, k, v = qkv.split(D, dim=-1)  # [B, T, H, D] each
-        (lightning_state,) = state  # [B, H, D, D] fp32
-        if ctx.decode:  # in place: the kernel stores the new state over the old one (no copy, no new state)
-            o = torch.ops.minimax.lightning_decode_(q, k, v, self.decay_rate, lightning_state)
-        else:
-            # Left pads (negative positions) contribute nothing: the zero state stays zero through them.
-            real = (ctx.token_positions >= 0)[:, :, None, None]  # [B, T, 1, 1]
-            k = torch.where(real, k, torch.zeros((), dtype=k.dtype, device=k.device))
-            v = torch.where(real, v, torch.zeros((), dtype=v.dtype, device=v.device))
-            o, new_state = torch.ops.minimax.lightning_prefill(q, k, v, self.decay_rate, lightning_state)
-            # In place: exported, the state is a mutated input (prefill: one [B, H, D, D] copy per layer and chunk,
-            # small next to the chunk's compute; the KV pools are written in place by their kernel).
-            lightning_state.copy_(new_state)
-        o = self.norm(o.reshape(B, T, H * D))  # [B, T, H*D]
+        outs = []
+        for qkv, ctx, (lightning_state,) in zip(_split(F.silu(self.qkv_proj(x)), ctxs), ctxs, states):
+            B, T, _ = qkv.shape
+            q, k, v = qkv.view(B, T, H, 3 * D).split(D, dim=-1)  # [B, T, H, D] each (per-head [q|k|v])
+            # lightning_state: [B, H, D, D] fp32
+            if ctx.decode:  # in place: the kernel stores the new state over the old one (no copy, no new state)
+                o = torch.ops.minimax.lightning_decode_(q, k, v, self.decay_rate, lightning_state)
+            else:
+                # Left pads (negative positions) contribute nothing: the zero state stays zero through them.
+                real = (ctx.token_positions >= 0)[:, :, None, None]  # [B, T, 1, 1]
+                k = torch.where(real, k, torch.zeros((), dtype=k.dtype, device=k.device))
+                v = torch.where(real, v, torch.zeros((), dtype=v.dtype, device=v.device))
+                o, new_state = torch.ops.minimax.lightning_prefill(q, k, v, self.decay_rate, lightning_state)
+                # In place: exported, the state is a mutated input (prefill: one [B, H, D, D] copy per layer and
+                # chunk, small next to the chunk's compute; the KV pools are written in place by their kernel).
+                lightning_state.copy_(new_state)
+            outs.append(o.reshape(B, T, H * D))
+        o = self.norm(_join(outs))  # [B, T, H*D] (joined: [N, H*D])
         o = torch.sigmoid(self.output_gate(x)) * o
-        return self.out_proj(o), (lightning_state,)
+        return self.out_proj(o), states
 
 
 class SoftmaxAttention(nn.Module):
@@ -172,20 +202,31 @@ class SoftmaxAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * D, hidden, bias=False, dtype=dtype)
 
     def forward(self, x: Tensor, ctx: _StepContext, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        B, T, _ = x.shape
+        y, (state,) = self.forward_parts(x, (ctx,), (state,))
+        return y, state
+
+    def forward_parts(self, x: Tensor, ctxs: tuple[_StepContext, ...],
+                      states: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, tuple[tuple[Tensor, ...], ...]]:
+        """``x``: the parts' tokens joined (``_join``); each part attends over its own rows' pages."""
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
-        key_cache, value_cache = state  # page pools [P, KVH, page_size, D], updated in place
-        q = apply_partial_rope(self.q_proj(x).view(B, T, H, D), ctx.cos, ctx.sin)  # [B, T, H, D]
-        k = apply_partial_rope(self.k_proj(x).view(B, T, KVH, D), ctx.cos, ctx.sin)  # [B, T, KVH, D]
-        v = self.v_proj(x).view(B, T, KVH, D)
-        # Write the chunk's keys/values into the pages of their positions (left pads skipped), then attend over
-        # each row's positions 0..p through the block table: GQA by indexing, nothing repeated or masked densely.
-        torch.ops.minimax.paged_kv_write(key_cache, value_cache, k.to(key_cache.dtype), v.to(value_cache.dtype),
-                                         ctx.block_table, ctx.positions)
-        attend = torch.ops.minimax.paged_attention_decode if ctx.decode else torch.ops.minimax.paged_attention_prefill
-        o = attend(q.to(key_cache.dtype), key_cache, value_cache, ctx.block_table, ctx.positions,
-                   1.0 / math.sqrt(D)).to(x.dtype)  # [B, T, H, D]
-        return self.o_proj(o.reshape(B, T, H * D)), (key_cache, value_cache)
+        outs = []
+        parts = zip(_split(self.q_proj(x), ctxs), _split(self.k_proj(x), ctxs), _split(self.v_proj(x), ctxs))
+        for (q, k, v), ctx, (key_cache, value_cache) in zip(parts, ctxs, states):
+            B, T, _ = q.shape
+            # key_cache, value_cache: page pools [P, KVH, page_size, D], updated in place
+            q = apply_partial_rope(q.view(B, T, H, D), ctx.cos, ctx.sin)  # [B, T, H, D]
+            k = apply_partial_rope(k.view(B, T, KVH, D), ctx.cos, ctx.sin)  # [B, T, KVH, D]
+            v = v.view(B, T, KVH, D)
+            # Write the chunk's keys/values into the pages of their positions (left pads skipped), then attend over
+            # each row's positions 0..p through the block table: GQA by indexing, nothing repeated or masked densely.
+            torch.ops.minimax.paged_kv_write(key_cache, value_cache, k.to(key_cache.dtype), v.to(value_cache.dtype),
+                                             ctx.block_table, ctx.positions)
+            attend = (torch.ops.minimax.paged_attention_decode if ctx.decode
+                      else torch.ops.minimax.paged_attention_prefill)
+            o = attend(q.to(key_cache.dtype), key_cache, value_cache, ctx.block_table, ctx.positions,
+                       1.0 / math.sqrt(D)).to(x.dtype)  # [B, T, H, D]
+            outs.append(o.reshape(B, T, H * D))
+        return self.o_proj(_join(outs)), states
 
 
 class Experts(nn.Module):
@@ -251,10 +292,12 @@ class SparseMoE(nn.Module):
         self.expert_start: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        B, T, hidden = x.shape
+        """``x [B, T, hidden]`` (or a mixed step's joined ``[N, hidden]``) -> the same shape."""
+        hidden = x.shape[-1]
+        n = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
         e = self.experts
         if self.expert_start is not None:  # this rank's experts only; the ranks' outputs sum to the block's
-            flat = x.reshape(B * T, hidden)
+            flat = x.reshape(n, hidden)
             if isinstance(e, QuantizedExperts):
                 y = torch.ops.minimax.moe_quantized_ep(flat, self.gate.weight, e.w1, e.w1_scale, e.w3, e.w3_scale,
                                                        e.w2, e.w2_scale, self.top_k, e.mode, self.expert_start)
@@ -262,11 +305,11 @@ class SparseMoE(nn.Module):
                 y = torch.ops.minimax.moe_ep(flat, self.gate.weight, e.w1, e.w3, e.w2, self.top_k,
                                              self.expert_start)
         elif isinstance(e, QuantizedExperts):
-            y = torch.ops.minimax.moe_quantized(x.reshape(B * T, hidden), self.gate.weight, e.w1, e.w1_scale, e.w3,
+            y = torch.ops.minimax.moe_quantized(x.reshape(n, hidden), self.gate.weight, e.w1, e.w1_scale, e.w3,
                                                 e.w3_scale, e.w2, e.w2_scale, self.top_k, e.mode)
         else:
-            y = torch.ops.minimax.moe(x.reshape(B * T, hidden), self.gate.weight, e.w1, e.w3, e.w2, self.top_k)
-        return y.view(B, T, hidden)
+            y = torch.ops.minimax.moe(x.reshape(n, hidden), self.gate.weight, e.w1, e.w3, e.w2, self.top_k)
+        return y.view(x.shape)
 
 
 class DecoderLayer(nn.Module):
@@ -288,9 +331,15 @@ class DecoderLayer(nn.Module):
         self.tp = None  # tensor parallel (model/parallel.py): the attention and MoE outputs are partial sums
 
     def forward(self, x: Tensor, ctx: _StepContext, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        y, (state,) = self.forward_parts(x, (ctx,), (state,))
+        return y, state
+
+    def forward_parts(self, x: Tensor, ctxs: tuple[_StepContext, ...],
+                      states: tuple[tuple[Tensor, ...], ...]) -> tuple[Tensor, tuple[tuple[Tensor, ...], ...]]:
+        """``x``: one part ``[B, T, hidden]``, or the joined tokens of a mixed step's parts (``_join``)."""
         # Post-norm: the residual branch carries the *normed* input, scaled by alpha (DeepNorm).
         h = self.input_layernorm(x)
-        attn, state = self.self_attn(h, ctx, state)
+        attn, states = self.self_attn.forward_parts(h, ctxs, states)
         if self.tp is not None:
             attn = self.tp.all_reduce(attn)
         y = self.attn_alpha * h + self.attn_beta * attn
@@ -298,7 +347,7 @@ class DecoderLayer(nn.Module):
         moe = self.block_sparse_moe(h)
         if self.tp is not None:
             moe = self.tp.all_reduce(moe)
-        return self.mlp_alpha * h + self.mlp_beta * moe, state
+        return self.mlp_alpha * h + self.mlp_beta * moe, states
 
 
 class MiniMaxModel(nn.Module):
@@ -343,24 +392,37 @@ class MiniMaxModel(nn.Module):
     ) -> tuple[Tensor, MiniMaxState]:
         """``forward`` from input embeddings ``h [B, T, hidden]`` (the ids' embeddings, or VL-01's with image
         features written in): the decoder layers and the final norm."""
-        B, T, _ = h.shape
-        token_positions = positions[:, None] + torch.arange(T, device=h.device)[None, :]  # [B, T]
+        (h,) = self.forward_parts([h], [state], [positions], [decode])
+        return h, state  # every state tensor was updated in place
+
+    def _context(self, T: int, positions: Tensor, block_table: Tensor, decode: bool) -> _StepContext:
+        token_positions = positions[:, None] + torch.arange(T, device=positions.device)[None, :]  # [B, T]
         # Negative positions are left pads (see the module docstring); RoPE sees them at position 0.
         freqs = token_positions.clamp(min=0)[..., None].float() * self.inv_freq  # [B, T, r/2] fp32
         emb = torch.cat((freqs, freqs), dim=-1)
-        ctx = _StepContext(decode=decode, positions=positions, token_positions=token_positions,
-                           block_table=state.block_table, cos=emb.cos(), sin=emb.sin())
+        return _StepContext(decode=decode, positions=positions, token_positions=token_positions,
+                            block_table=block_table, cos=emb.cos(), sin=emb.sin())
 
-        lightning, key_cache, value_cache = state.lightning, state.key_cache, state.value_cache
+    def forward_parts(self, h_parts: list[Tensor], states: list[MiniMaxState], positions: list[Tensor],
+                      decode: list[bool]) -> list[Tensor]:
+        """The decoder layers and the final norm over several parts at once (``MiniMaxForCausalLM.mixed_step``):
+        part i is ``h_parts[i] [B_i, T_i, hidden]`` at ``positions[i] [B_i]`` on ``states[i]`` (its rows' lightning
+        states and block table; the parts' rows are distinct, their KV pools the same tensors), a decode part when
+        ``decode[i]``. The token-wise work runs once over the parts' tokens joined; returns each part's normed
+        hidden states. States are updated in place."""
+        ctxs = tuple(self._context(h.shape[1], p, st.block_table, d)
+                     for h, p, st, d in zip(h_parts, positions, states, decode))
+        h = _join(list(h_parts))
         i_lin = i_soft = 0
         for layer in self.layers:
             if layer.is_lightning:
-                h, _ = layer(h, ctx, (lightning[i_lin],))
+                h, _ = layer.forward_parts(h, ctxs, tuple((st.lightning[i_lin],) for st in states))
                 i_lin += 1
             else:
-                h, _ = layer(h, ctx, (key_cache[i_soft], value_cache[i_soft]))
+                h, _ = layer.forward_parts(h, ctxs, tuple((st.key_cache[i_soft], st.value_cache[i_soft])
+                                                          for st in states))
                 i_soft += 1
-        return self.norm(h), state  # every state tensor was updated in place
+        return _split(self.norm(h), ctxs)
 
 
 class MiniMaxForCausalLM(nn.Module):
@@ -477,3 +539,19 @@ class MiniMaxForCausalLM(nn.Module):
             raise ValueError(f"decode takes one token per sequence: input_ids [B, 1], got {tuple(input_ids.shape)}")
         h, state = self.model(input_ids, state, positions, decode=True)
         return self._logits(h), state
+
+    def mixed_step(self, decode_ids: Tensor, decode_positions: Tensor, decode_state: MiniMaxState,
+                   prefill_ids: Tensor, prefill_positions: Tensor, prefill_state: MiniMaxState) -> Tensor:
+        """One decode step of some rows and one prefill chunk of others in a single forward (every weight read
+        once): ``decode_ids [R, 1]`` at ``decode_positions [R]`` on ``decode_state``, ``prefill_ids [Bp, Tp]`` at
+        ``prefill_positions [Bp]`` on ``prefill_state`` (other rows; the same KV pools). Returns the decode rows'
+        logits then the prefill rows' last-token logits, ``[R + Bp, 1, V]`` fp32: what ``decode`` and ``prefill``
+        (``last_logits_only``) return for them, called one after the other. Both states are updated in place."""
+        if decode_ids.shape[1] != 1:
+            raise ValueError(f"mixed_step: decode_ids must be [R, 1], got {tuple(decode_ids.shape)}")
+        if decode_state.key_cache and any(a is not b for a, b in zip(decode_state.key_cache, prefill_state.key_cache)):
+            raise ValueError("mixed_step: the decode and prefill rows must share one set of KV pools")
+        dec, pre = self.model.forward_parts(
+            [self.model.embed(decode_ids), self.model.embed(prefill_ids)], [decode_state, prefill_state],
+            [decode_positions, prefill_positions], [True, False])
+        return self._logits(torch.cat([dec, pre[:, -1:]]))

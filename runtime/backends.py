@@ -6,7 +6,8 @@ A loader is ``load_programs(folder, manifest, device) -> {"prefill": fn, "decode
     fn(input_ids [B, T] int64, positions [B] int64, block_table [B, M] int32, state: list[Tensor])
         -> (logits [B, 1, V] fp32, list[Tensor])
 
-(a VL prefill takes ``image_embeds`` after the state) state tensors in the manifest's ``state_layout`` order, every input contiguous and on ``device`` (the engine-folder
+(a VL prefill takes ``image_embeds`` after the state; an engine built with ``--mixed-step`` has ``"mixed"``, called
+as ``export.exporting.MixedProgram``) state tensors in the manifest's ``state_layout`` order, every input contiguous and on ``device`` (the engine-folder
 contract, ``export/engine_folder.py``). The returned list is the state after the step: the input tensors
 themselves for in-place programs (AOTInductor, eager), new tensors for functional ones (TensorRT). ``BACKEND_LOADERS`` maps a manifest's ``backend`` to its loader, given as
 a callable or as ``"module:function"``, imported only when an engine of that backend is loaded (so TensorRT is
@@ -71,7 +72,8 @@ def load_aoti_programs(folder: Path, manifest: dict[str, Any], device: torch.dev
                                    check_full_update=True, user_managed=True)
         except RuntimeError as e:
             raise EngineFolderError(f"{path}: the folder's weights do not fit the program ({e})"[:600]) from e
-        programs[name] = package if name == "vision" else InPlaceProgram(package, name)
+        # vision and mixed are called with their own signatures (``export.exporting.VisionProgram``, ``MixedProgram``)
+        programs[name] = package if name in ("vision", "mixed") else InPlaceProgram(package, name)
         logger.info("loaded %s (AOTInductor, %s): package %.1fs, constants %.1fs", path, device, loaded - start,
                     time.perf_counter() - loaded)
     return programs

@@ -347,12 +347,13 @@ class Engine:
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, max_batch: int, max_input_len: int, max_seq_len: int,
-                   page_size: int = 256, num_pages: int | None = None, max_tiles: int | None = None) -> "Engine":
+                   page_size: int = 256, num_pages: int | None = None, max_tiles: int | None = None,
+                   mixed_step: bool = False) -> "Engine":
         """The eager ``MiniMaxForCausalLM`` (or ``MiniMaxVLForConditionalGeneration``) behind the engine interface
         (same limits, chunking and paged cache as a built engine; ``max_tiles``: a VL model's vision calls, default
-        the largest image's tiles)."""
+        the largest image's tiles; ``mixed_step``: also the ``mixed`` program, as ``build.py --mixed-step``)."""
         from export.engine_folder import BuildSettings, symbolic_state_layout
-        from export.exporting import (DecodeProgram, PrefillProgram, VisionProgram, VLDecodeProgram,
+        from export.exporting import (DecodeProgram, MixedProgram, PrefillProgram, VisionProgram, VLDecodeProgram,
                                       VLPrefillProgram, image_tiles_needed, is_vl, text_model)
 
         vl = is_vl(model)
@@ -378,6 +379,10 @@ class Engine:
         else:
             programs = {"prefill": InPlaceProgram(PrefillProgram(model), "prefill"),
                         "decode": InPlaceProgram(DecodeProgram(model), "decode")}
+            if mixed_step:
+                programs["mixed"] = MixedProgram(model)
+        if mixed_step and (vl or getattr(text, "tp", None) is not None):
+            raise ValueError("mixed_step: text models on one rank only")
         return cls(programs, text.config, device=device, state_layout=layout, max_batch=max_batch,
                    max_input_len=max_input_len, max_seq_len=max_seq_len, paged_kv=settings.paged_layout(),
                    backend="eager", dtype=dtype, source="eager model", vision=vision)

@@ -93,10 +93,21 @@ class Scheduler:
     """Continuous batching on one ``Engine`` (module docstring). Single-threaded: ``submit`` / ``cancel`` /
     ``step`` are called from one thread."""
 
-    def __init__(self, engine: Engine, token_budget: int | None = None, prefix_cache_bytes: int = 0):
+    def __init__(self, engine: Engine, token_budget: int | None = None, prefix_cache_bytes: int = 0,
+                 mixed_step: bool | None = None):
         """``prefix_cache_bytes`` > 0 turns prefix caching on (``runtime/prefix_cache.py``) with that budget for
-        the lightning snapshots (the shared KV pages come out of the engine's pool, evicted when it runs short)."""
+        the lightning snapshots (the shared KV pages come out of the engine's pool, evicted when it runs short).
+        ``mixed_step``: run the decode step and the first prefill chunk of a step as one call of the engine's
+        ``mixed`` program (one forward, every weight read once; module docstring); None: when the engine has one."""
         self.engine = engine
+        if mixed_step is None:
+            mixed_step = "mixed" in engine.programs
+        elif mixed_step and "mixed" not in engine.programs:
+            raise ValueError(f"mixed_step: engine {engine.source or '(unnamed)'} has no 'mixed' program (build it "
+                             "with build.py --mixed-step, or Engine.from_model(..., mixed_step=True))")
+        self.mixed_step = mixed_step
+        self.mixed_calls = 0  # steps whose decode rode with a prefill chunk
+        self._pending: tuple[Tensor, Tensor, list[int]] | None = None  # a mixed step's decode, not run yet
         # default: one full chunk per row per step (a prefilling row is never starved by the others)
         self.token_budget = token_budget or engine.max_batch * engine.max_input_len
         if self.token_budget < (3 if engine.vision is not None else 2):
@@ -311,9 +322,7 @@ class Scheduler:
         pos = torch.tensor([k - T for k in takes], dtype=torch.long, device=e.device)
         a, b = rows[0], rows[-1] + 1
         extra = self._embeds([(self.rows[r], 0, k) for r, k in zip(rows, takes)], T) if T > 1 else ()
-        with torch.no_grad():
-            logits, _ = e.programs["decode" if T == 1 else "prefill"](ids, pos, e._table[a:b], e._rows_of(b - a, a),
-                                                                      *extra)
+        logits = self._call("decode" if T == 1 else "prefill", ids, pos, a, b, extra)
         for i, (r, k) in enumerate(zip(rows, takes)):
             seq = self.rows[r]
             seq.prefilled = k
@@ -413,8 +422,7 @@ class Scheduler:
                 pos = torch.tensor([start], dtype=torch.long, device=e.device)
                 name = "decode" if take == 1 else "prefill"
                 extra = self._embeds([(seq, start, take)], take) if take > 1 else ()
-                with torch.no_grad():
-                    logits, _ = e.programs[name](ids, pos, e._table[row:row + 1], e._rows_of(1, row), *extra)
+                logits = self._call(name, ids, pos, row, row + 1, extra)
                 e.pages.held[row] = start + take
                 seq.prefilled += take
                 budget -= take
@@ -424,6 +432,57 @@ class Scheduler:
             if budget <= 0:
                 break
         self._compact()
+
+    def _call(self, name: str, ids: Tensor, pos: Tensor, a: int, b: int, extra: tuple) -> Tensor:
+        """Program ``name`` on rows ``a..b-1`` -> their logits. A step's pending decode (a mixed step) rides with
+        the first prefill chunk: one call of the ``mixed`` program for both."""
+        e = self.engine
+        with torch.no_grad():
+            if self._pending is not None and name == "prefill" and not extra:
+                dec_ids, dec_pos, positions_cpu = self._pending
+                self._pending = None
+                R = dec_ids.shape[0]
+                dec, pre = e._rows_of(R), e._rows_of(b - a, a)
+                per_row = e._per_row
+                logits = e.programs["mixed"](
+                    dec_ids, dec_pos, e._table[:R], ids, pos, e._table[a:b],
+                    [t for t, r in zip(dec, per_row) if r], [t for t, r in zip(pre, per_row) if r],
+                    [t for t, r in zip(dec, per_row) if not r])
+                self.mixed_calls += 1
+                self._decoded(logits[:R], positions_cpu)
+                return logits[R:]
+            logits, _ = e.programs[name](ids, pos, e._table[a:b], e._rows_of(b - a, a), *extra)
+        return logits
+
+    def _decoded(self, logits: Tensor, positions_cpu: list[int]) -> None:
+        """A decode step of running rows ``0..R-1`` ran: their logits, their held lengths."""
+        for r, p in enumerate(positions_cpu):
+            self.rows[r].logits = logits[r, -1]
+            self.engine.pages.held[r] = p + 1
+
+    def _sample(self) -> int:
+        """Every running sequence has logits for its next token: sample it, retire the finished ones, give the
+        rest the pages of their next position (``_grow``). Returns the number of running rows left."""
+        R = self.running
+        if not R:
+            return 0
+        for row, token in enumerate(self._next_tokens(R)):
+            self.rows[row].result.tokens.append(token)
+        for row in reversed(range(R)):
+            seq = self.rows[row]
+            if seq.result.tokens[-1] in seq.stop_ids:
+                self._remove(row, "stop")
+            elif len(seq.result.tokens) >= seq.max_new_tokens:
+                self._remove(row, "length")
+        return self._grow()
+
+    def _decode_inputs(self, R: int) -> tuple[Tensor, Tensor, list[int]]:
+        """Running rows ``0..R-1``' decode step: ids ``[R, 1]``, positions ``[R]`` (and as ints), checked."""
+        e = self.engine
+        ids = torch.tensor([[self.rows[r].result.tokens[-1]] for r in range(R)], dtype=torch.long, device=e.device)
+        positions_cpu = [self.rows[r].position for r in range(R)]
+        e.pages.check_step(positions_cpu, 1)  # the invariant that no row skips or rewinds, checked
+        return ids, torch.tensor(positions_cpu, dtype=torch.long, device=e.device), positions_cpu
 
     def _grow(self) -> int:
         """Before a decode step: a page for each running row whose next token starts one. Where the pool is short
@@ -461,36 +520,32 @@ class Scheduler:
         return tokens
 
     def step(self) -> bool:
-        """Admit, prefill within the budget, then one decode step of the running sequences. Returns whether any
-        work remains."""
+        """Admit, prefill within the budget, then one decode step of the running sequences (a mixed step: sample
+        the running sequences first, then their decode step and the first prefill chunk in one call, the other
+        chunks after it). Returns whether any work remains."""
         for row in reversed(range(len(self.rows))):
             if self.rows[row].cancelled:
                 self._remove(row, "cancelled")
         self._admit()
-        self._prefill()
-        R = self.running
-        e = self.engine
-        if R:
-            # every running sequence has logits for its next token: sample it, retire the finished ones
-            for row, token in enumerate(self._next_tokens(R)):
-                self.rows[row].result.tokens.append(token)
-            for row in reversed(range(R)):
-                seq = self.rows[row]
-                if seq.result.tokens[-1] in seq.stop_ids:
-                    self._remove(row, "stop")
-                elif len(seq.result.tokens) >= seq.max_new_tokens:
-                    self._remove(row, "length")
-            R = self._grow()
-            if R:
-                ids = torch.tensor([[self.rows[r].result.tokens[-1]] for r in range(R)], dtype=torch.long,
-                                   device=e.device)
-                positions_cpu = [self.rows[r].position for r in range(R)]
-                pos = torch.tensor(positions_cpu, dtype=torch.long, device=e.device)
-                e.pages.check_step(positions_cpu, 1)  # the invariant that no row skips or rewinds, checked
+        if self.mixed_step:
+            R = self._sample()
+            self._pending = self._decode_inputs(R) if R else None
+            self._prefill()  # its first chunk of >= 2 tokens takes the pending decode along
+            if self._pending is not None:  # no such chunk this step: the decode alone
+                ids, pos, positions_cpu = self._pending
+                self._pending = None
                 with torch.no_grad():
-                    logits, _ = e.programs["decode"](ids, pos, e._table[:R], e._rows_of(R))
-                for r in range(R):
-                    self.rows[r].logits = logits[r, -1]
-                    e.pages.held[r] = positions_cpu[r] + 1
+                    logits, _ = self.engine.programs["decode"](ids, pos, self.engine._table[:R],
+                                                               self.engine._rows_of(R))
+                self._decoded(logits, positions_cpu)
+        else:
+            self._prefill()
+            R = self._sample()
+            if R:
+                ids, pos, positions_cpu = self._decode_inputs(R)
+                with torch.no_grad():
+                    logits, _ = self.engine.programs["decode"](ids, pos, self.engine._table[:R],
+                                                               self.engine._rows_of(R))
+                self._decoded(logits, positions_cpu)
         self.steps += 1
         return not self.idle
