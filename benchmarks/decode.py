@@ -160,9 +160,11 @@ def graph_step_ms(step: Callable[[], Any], reps: int = 10) -> float | str:
 
 
 def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: int, workdir: Path,
-                      page_size: int = 256, num_pages: int | None = None, programs_to_build=("prefill", "decode")):
+                      page_size: int = 256, num_pages: int | None = None, programs_to_build=("prefill", "decode"),
+                      mixed_step: bool = False):
     """Export + AOTInductor-compile prefill and decode without packaged weights, load them onto the model's
-    weights, and wrap them in ``runtime.Engine``. Returns (engine, build seconds by stage)."""
+    weights, and wrap them in ``runtime.Engine``. Returns (engine, build seconds by stage). ``mixed_step``: the
+    ``mixed`` program too (``export.exporting.MixedProgram``)."""
     from export import BuildSettings, export_programs
     from export.engine_folder import DTYPES, symbolic_state_layout
     from export.exporting import image_tiles_needed, is_vl, text_model
@@ -179,8 +181,10 @@ def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: in
     settings = dataclasses.replace(settings, page_size=paged["page_size"], num_pages=paged["num_pages"])
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    exported = export_programs(model, settings)
+    exported = export_programs(model, settings, mixed_step=mixed_step)
     timings["export_s"] = time.perf_counter() - t0
+    if mixed_step:
+        programs_to_build = (*programs_to_build, "mixed")
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -199,7 +203,7 @@ def build_aoti_engine(model, max_batch: int, max_input_len: int, max_seq_len: in
         # the programs wrap the model as ``.model``: constant "model.<name>" is the model's "<name>"
         fn.load_constants({f: weights[f.removeprefix("model.")] for f in fqns}, check_full_update=True,
                           user_managed=True)
-        programs[name] = fn if name == "vision" else InPlaceProgram(fn, name)
+        programs[name] = fn if name in ("vision", "mixed") else InPlaceProgram(fn, name)
         print(f"  AOTI {name}: compiled in {timings[f'compile_{name}_s']:.1f}s ({path.stat().st_size / 2**20:.1f} "
               f"MiB package, {len(fqns)} constants shared with the eager model)", flush=True)
     text = text_model(model)

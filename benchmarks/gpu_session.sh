@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session script (2026-12-04): one device call runs one or more steps, writing logs and JSON under $OUT.
-#   bash benchmarks/gpu_session.sh STEP...   (steps: vision vltests serving long attention attdecode quant quantmodel quantacc parallel layered suite)
+#   bash benchmarks/gpu_session.sh STEP...   (steps: vision vltests serving mixed long attention attdecode quant quantmodel quantacc parallel layered suite)
 # serving needs fastapi / starlette / uvicorn / pydantic / pydantic-core / annotated-types / typing-inspection /
 # opentelemetry-api carried as wheels in .whl/ (the device README's recipe); every step bounds itself with timeout.
 export LD_PRELOAD=/lib/x86_64-linux-gnu/libstdc++.so.6 PYTHONUNBUFFERED=1
@@ -20,6 +20,12 @@ for step in "$@"; do
       PYTHONPATH=/tmp/site:. timeout 560 python -m benchmarks.serving --slice 2 --max-batch 64 --reliability 1000 \
         --concurrency 64 --load 300 --rate 30 --prompt-range 128,8192 --output-range 16,512 --prefix-ttft 8192 \
         --token-budget 2048 --out $OUT/serving.json 2>&1 | grep -v -E "warn|return cls.__new__" | tee $OUT/serving.log ;;
+    mixed)  # issue 13's mixed steps: the GPU tests, then the serving load with separate calls, mixed steps and static batching
+      timeout 200 python -m pytest -m gpu -q -rfEs -p no:cacheprovider tests/test_mixed.py 2>&1 | grep -v -E "Warning|warnings.warn|^  " | tail -8 | tee $OUT/mixed_tests.log
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+      PYTHONPATH=/tmp/site:. timeout 400 python -m benchmarks.serving --slice 2 --max-batch 64 --mixed-step --reliability 200 \
+        --load 300 --rate 30 --prompt-range 128,8192 --output-range 16,512 --token-budget 2048 \
+        --out $OUT/serving_mixed.json 2>&1 | grep -v -E "warn|return cls.__new__|aligned" | tee $OUT/serving_mixed.log ;;
     long)
       timeout 560 python -m benchmarks.long_context --skip-sweep --prefill-lengths 32768 --decode-held 1048576 \
         --out $OUT/long.json 2>&1 | grep -v -E "warn|return cls.__new__" | tee $OUT/long.log ;;
@@ -45,7 +51,7 @@ for step in "$@"; do
       run_shard() { local n=$1; shift; local s=$(date +%s)
         timeout 330 python -m pytest -m gpu -q -rfEs -p no:cacheprovider "$@" > $OUT/suite_$n.txt 2>&1
         echo "rc=$? t=$(( $(date +%s) - s ))" >> $OUT/suite_$n.txt; }
-      run_shard a tests/test_attention_triton.py & run_shard b tests/test_runtime_gpu.py &
+      run_shard a tests/test_attention_triton.py & run_shard b tests/test_runtime_gpu.py tests/test_mixed.py &
       run_shard c tests/test_aoti_triton.py & run_shard d tests/test_gpu_model.py &
       run_shard e tests/test_lightning_triton.py tests/test_moe_triton.py tests/test_vl_gpu.py &
       run_shard f tests/test_moe_ep_triton.py tests/test_plugins_gpu.py &

@@ -51,7 +51,7 @@ from typing import Any
 from benchmarks.common import environment, write_json
 
 
-def _tiny(max_batch: int, max_input_len: int = 16, max_seq_len: int = 128):
+def _tiny(max_batch: int, max_input_len: int = 16, max_seq_len: int = 128, mixed_step: bool = False):
     import torch  # noqa: F401
 
     from model import MiniMaxConfig, MiniMaxForCausalLM
@@ -63,7 +63,7 @@ def _tiny(max_batch: int, max_input_len: int = 16, max_seq_len: int = 128):
 
         config = dataclasses.replace(config, max_position_embeddings=max_seq_len)
     model = MiniMaxForCausalLM(config).init_random_weights(seed=5, std=0.1).eval()
-    return Engine.from_model(model, max_batch, max_input_len, max_seq_len, page_size=16), \
+    return Engine.from_model(model, max_batch, max_input_len, max_seq_len, page_size=16, mixed_step=mixed_step), \
         word_tokenizer(config.vocab_size), "tiny"
 
 
@@ -78,7 +78,7 @@ def word_tokenizer(vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
-def slice_engine(layers: int, max_batch: int, max_input_len: int, max_seq_len: int, workdir):
+def slice_engine(layers: int, max_batch: int, max_input_len: int, max_seq_len: int, workdir, mixed_step: bool = False):
     """``minimax-text-01`` cut to ``layers`` real-width layers (lightning layers, then one softmax layer), random
     bf16 weights on the GPU, AOTInductor prefill/decode compiled without weights and pointed at them
     (``benchmarks.decode.build_aoti_engine``), pages of 256 tokens, every row at full context."""
@@ -90,7 +90,8 @@ def slice_engine(layers: int, max_batch: int, max_input_len: int, max_seq_len: i
     model = random_model(reduced_config("minimax-text-01", layers), torch.bfloat16, "cuda")
     print(f"{layers}-layer real-width model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters "
           f"in {time.perf_counter() - t0:.1f}s", flush=True)
-    engine, timings = build_aoti_engine(model, max_batch, max_input_len, max_seq_len, workdir, page_size=256)
+    engine, timings = build_aoti_engine(model, max_batch, max_input_len, max_seq_len, workdir, page_size=256,
+                                        mixed_step=mixed_step)
     print(f"engine built: {timings}", flush=True)
     return engine, timings
 
@@ -164,12 +165,13 @@ def concurrency(url: str, name: str, vocab: int, n: int, prompt_len: int, max_to
             "complete": all(len(t) == max_tokens for t in tokens)}
 
 
-def start_server(engine, tokenizer, name: str, token_budget: int | None, prefix_cache_mb: int = 1024):
+def start_server(engine, tokenizer, name: str, token_budget: int | None, prefix_cache_mb: int = 1024,
+                 mixed_step: bool | None = None):
     import uvicorn
 
     from runtime.server import AsyncEngine, create_app
 
-    async_engine = AsyncEngine(engine, token_budget, prefix_cache_mb << 20)
+    async_engine = AsyncEngine(engine, token_budget, prefix_cache_mb << 20, mixed_step=mixed_step)
     app = create_app(async_engine, tokenizer, name)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -422,15 +424,22 @@ def main(argv: list[str] | None = None) -> int:
                         "own N-row decode step (0: not run)")
     p.add_argument("--concurrency-prompt", type=int, default=1024, help="prompt tokens of the --concurrency requests")
     p.add_argument("--concurrency-tokens", type=int, default=256, help="output tokens of the --concurrency requests")
+    p.add_argument("--mixed-step", action="store_true",
+                   help="build the engine's 'mixed' program (--slice, tiny): the server's steps run a decode step and "
+                        "a prefill chunk in one forward; the load then runs twice, separate calls first (same run)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if args.mixed_step and args.engine:
+        p.error("--mixed-step builds the engine's mixed program: with --slice or the tiny engine, not --engine "
+                "(an engine folder built with build.py --mixed-step uses it by itself)")
     static_engine = None
     if args.slice:
         import tempfile
         from pathlib import Path
 
         workdir = tempfile.mkdtemp(prefix="serving_slice_")
-        engine, timings = slice_engine(args.slice, args.max_batch, args.chunk_size, args.max_seq_len, Path(workdir))
+        engine, timings = slice_engine(args.slice, args.max_batch, args.chunk_size, args.max_seq_len, Path(workdir),
+                                       mixed_step=args.mixed_step)
         static_engine = twin(engine)
         tokenizer, name = word_tokenizer(engine.vocab_size), f"minimax-text-01-{args.slice}-layers"
     elif args.engine:
@@ -443,9 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         engine, tokenizer, name = Engine.load(args.engine), AutoTokenizer.from_pretrained(args.tokenizer), \
             Path(args.engine).name
     elif args.prefix_ttft:
-        engine, tokenizer, name = _tiny(args.max_batch, 256, args.prefix_ttft + 64)
+        engine, tokenizer, name = _tiny(args.max_batch, 256, args.prefix_ttft + 64, mixed_step=args.mixed_step)
     else:
-        engine, tokenizer, name = _tiny(args.max_batch)
+        engine, tokenizer, name = _tiny(args.max_batch, mixed_step=args.mixed_step)
     vocab = engine.vocab_size
     payload: dict[str, Any] = {"environment": environment(),
                                "command": "PYTHONPATH=. python -m benchmarks.serving " + " ".join(argv or sys.argv[1:])}
@@ -462,8 +471,20 @@ def main(argv: list[str] | None = None) -> int:
         static_engine = static_engine or Engine_like(engine, args)
         payload["static"] = load_static(static_engine, jobs)
         print("static batching:", json.dumps(payload["static"]), flush=True)
+    if jobs and args.mixed_step:  # the same load with separate prefill / decode calls, on the same engine
+        url, server, thread, async_engine = start_server(engine, tokenizer, name, args.token_budget,
+                                                         args.prefix_cache_mb, mixed_step=False)
+        try:
+            payload["in_flight_separate"] = load_server(url, name, jobs, async_engine)
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+            async_engine.close()
+        print("in-flight batching, separate calls (server):", json.dumps(payload["in_flight_separate"]), flush=True)
+        payload["throughput_ratio_separate"] = (payload["in_flight_separate"]["output_tokens_per_s"]
+                                                / payload["static"]["output_tokens_per_s"])
     url, server, thread, async_engine = start_server(engine, tokenizer, name, args.token_budget,
-                                                         args.prefix_cache_mb)
+                                                     args.prefix_cache_mb)
     try:
         if args.reliability:
             payload["reliability"] = reliability(url, name, vocab, args.reliability, args.seed, args.workers,
@@ -479,7 +500,10 @@ def main(argv: list[str] | None = None) -> int:
             c["ratio_to_ceiling"] = c["tokens_per_s"] / payload["decode_ceiling"]["tokens_per_s"]
             print(f"{args.concurrency} concurrent sequences:", json.dumps(c), flush=True)
         if jobs:
+            before = async_engine.scheduler.mixed_calls
             payload["in_flight"] = load_server(url, name, jobs, async_engine)
+            payload["in_flight"]["mixed_steps"] = async_engine.scheduler.mixed_step
+            payload["in_flight"]["mixed_calls"] = async_engine.scheduler.mixed_calls - before
             print("in-flight batching (server):", json.dumps(payload["in_flight"]), flush=True)
             payload["throughput_ratio"] = (payload["in_flight"]["output_tokens_per_s"]
                                            / payload["static"]["output_tokens_per_s"])
@@ -498,7 +522,7 @@ def Engine_like(engine, args):
 
     if args.engine:
         return Engine.load(args.engine)
-    return _tiny(args.max_batch)[0]
+    return _tiny(args.max_batch, mixed_step=args.mixed_step)[0]
 
 
 if __name__ == "__main__":

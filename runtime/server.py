@@ -40,7 +40,10 @@ __all__ = ["AsyncEngine", "create_app", "serve"]
 class AsyncEngine:
     """The scheduler in a background thread; ``generate`` is an async iterator of ``(token, finish_reason)``."""
 
-    def __init__(self, engine: Engine, token_budget: int | None = None, prefix_cache_bytes: int = 0):
+    def __init__(self, engine: Engine, token_budget: int | None = None, prefix_cache_bytes: int = 0,
+                 mixed_step: bool | None = None):
+        """``mixed_step``: the scheduler's mixed steps (``runtime.scheduler.Scheduler``); None: when the engine has
+        the ``mixed`` program."""
         self._threads_before: int | None = None
         if engine.device.type == "cpu":
             # The scheduler thread shares the cores with the HTTP event loop: torch's OpenMP workers spinning on
@@ -55,7 +58,7 @@ class AsyncEngine:
                             threads)
                 self._threads_before = torch.get_num_threads()
                 torch.set_num_threads(threads)
-        self.scheduler = Scheduler(engine, token_budget, prefix_cache_bytes)
+        self.scheduler = Scheduler(engine, token_budget, prefix_cache_bytes, mixed_step=mixed_step)
         self._inbox: queue_module.SimpleQueue = queue_module.SimpleQueue()  # ("submit", seq) / ("cancel", rid)
         self._work = threading.Event()
         self._stop = False

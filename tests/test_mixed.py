@@ -231,3 +231,83 @@ def test_a_mixed_program_in_another_kind_of_folder_is_refused(mixed_engine, tmp_
     write_manifest(bad, manifest)  # consistent (contract and hashes), but a rank's folder with a mixed program
     with pytest.raises(EngineFolderError, match="'mixed' program belongs to AOTInductor text engines on one rank"):
         read_manifest(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture(scope="module")
+def cuda_mixed(tmp_path_factory):
+    """A CUDA AOTInductor engine with the mixed program (fp32, head_dim 64: the Triton kernels' sizes)."""
+    import dataclasses
+
+    from export import BuildSettings, build_engine
+
+    config = dataclasses.replace(MiniMaxConfig.preset("tiny"), head_dim=64, rotary_dim=32)
+    with torch.device("cuda"):
+        model = MiniMaxForCausalLM(config).init_random_weights(seed=4, std=0.05).eval()
+    settings = BuildSettings(backend="aoti", device="cuda", dtype="float32", max_batch=4, max_input_len=16,
+                             max_seq_len=96, page_size=16)
+    out = tmp_path_factory.mktemp("mixed_cuda") / "engine"
+    build_engine(model, settings, out, mixed_step=True)
+    return model, Engine.load(out)
+
+
+@pytest.mark.parametrize("R,Bp,Tp", [(3, 1, 16), (1, 2, 5)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_mixed_program_equals_its_decode_and_prefill(cuda_mixed, R, Bp, Tp):
+    """The CUDA package's mixed call == its own decode then prefill calls on equal states (logits, state)."""
+    model, engine = cuda_mixed
+    V = engine.vocab_size
+    g = torch.Generator().manual_seed(R * 100 + Tp)
+    n_lin = len(engine.config.lightning_layers)
+    engine.reset(R + Bp)
+    engine.reserve([40] * (R + Bp))
+    table = engine.block_table.clone()
+    prompt = torch.randint(0, V, (R, 9), generator=g).cuda()
+    dec_ids = torch.randint(0, V, (R, 1), generator=g).cuda()
+    pre_ids = torch.randint(0, V, (Bp, Tp), generator=g).cuda()
+    dec_pos = torch.full((R,), 9, dtype=torch.long, device="cuda")
+    pre_pos = torch.tensor([-(i % 3) for i in range(Bp)], dtype=torch.long, device="cuda")
+    results = []
+    for mixed in (False, True):
+        engine.reset(R + Bp)
+        engine.reserve([40] * (R + Bp))
+        assert torch.equal(engine.block_table, table)
+        st = engine.state
+        rows = lambda a, b: [t[a:b] if i < n_lin else t for i, t in enumerate(st)]  # noqa: E731
+        with torch.no_grad():
+            engine.programs["prefill"](prompt, torch.zeros(R, dtype=torch.long, device="cuda"), table[:R], rows(0, R))
+            if mixed:
+                logits = engine.programs["mixed"](dec_ids, dec_pos, table[:R], pre_ids, pre_pos, table[R:],
+                                                  [t[:R] for t in st[:n_lin]], [t[R:] for t in st[:n_lin]],
+                                                  st[n_lin:])
+            else:
+                a, _ = engine.programs["decode"](dec_ids, dec_pos, table[:R], rows(0, R))
+                b, _ = engine.programs["prefill"](pre_ids, pre_pos, table[R:], rows(R, R + Bp))
+                logits = torch.cat([a, b])
+        results.append((logits.clone(), [t.clone() for t in st]))
+    (want, ref), (got, ours) = results
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel < 1e-4, rel
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    for i, (x, y) in enumerate(zip(ours, ref)):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=f"state tensor {i}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_scheduler_mixed_steps_equal_separate(cuda_mixed):
+    """The scheduler over the CUDA engine, mixed steps and separate calls: the same greedy tokens."""
+    _, engine = cuda_mixed
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, engine.vocab_size, (n,), generator=g).tolist() for n in (40, 7, 23, 61, 3)]
+    out = {}
+    for mixed in (False, True):
+        sched = Scheduler(engine, token_budget=16, mixed_step=mixed)
+        ids = [sched.submit(p, 12) for p in prompts]
+        sched.run_until_idle()
+        out[mixed] = [sched.result(r).tokens for r in ids]
+        assert (sched.mixed_calls > 0) == mixed
+    assert out[True] == out[False]
