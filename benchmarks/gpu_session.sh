@@ -36,7 +36,10 @@ for step in "$@"; do
     quantmodel)  # the whole-model decode on the 2-layer slice, bf16 / int8 / fp8 experts, the default decode tiles
       timeout 330 python -m benchmarks.moe_quant --skip-op --model-layers 2 --accuracy-layers 0 --out $OUT/moe_quant_model.json 2>&1 | grep -v -E "Warning|warn|return cls" | tee $OUT/moe_quant_model.log ;;
     layered)  # compile time of the per-kind layer programs at real width, 2 and 8 layers (issue 12)
-      timeout 420 python -m benchmarks.build_depth --device cuda --preset minimax-text-01 --layers 2,8 --layer-programs --out $OUT/build_depth_layered.json 2>&1 | grep -v -E "Warning|warn|return cls" | tee $OUT/build_depth_layered.log ;;
+      # the skeleton is allocated on the GPU (8 real-width layers: ~110 GB in bf16): 8 layers on an H200 only
+      mem=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+      layers=2; [ "${mem:-0}" -gt 100000 ] && layers=2,8
+      timeout 420 python -m benchmarks.build_depth --device cuda --preset minimax-text-01 --layers $layers --layer-programs --out $OUT/build_depth_layered.json 2>&1 | grep -v -E "Warning|warn|return cls" | tee $OUT/build_depth_layered.log ;;
     quant)  # the quantized-experts GPU tests, then the whole benchmark with the decode-tile sweep
       timeout 120 python -m pytest -m gpu -q -p no:cacheprovider tests/test_moe_quant.py tests/test_plugins_gpu.py -k "fp8 or int8" 2>&1 | grep -v -E "Warning|warnings.warn|^  " | tail -12 | tee $OUT/quant_tests.log
       timeout 460 python -m benchmarks.moe_quant --sweep --out $OUT/moe_quant.json 2>&1 | grep -v -E "Warning|warn" | tee $OUT/moe_quant.log ;;
