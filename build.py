@@ -225,6 +225,9 @@ def _build(args: argparse.Namespace) -> int:
                                             "--tensor-parallel" if parallel else "",
                                             "a VL-01 model" if vl_config is not None else "",
                                             "--layer-programs" if args.layer_programs else "") if x) + ")")
+            if args.mixed_step and settings.max_batch < 2:
+                raise EngineFolderError(f"--mixed-step: a mixed step holds a decode row and a prefill row, "
+                                        f"--max-batch {settings.max_batch} holds one")
             from export.exporting import check_quantization
 
             check_quantization(args.quantize, settings)

@@ -363,6 +363,9 @@ def build_engine(
                                                ("layer programs", layer_programs)) if bad)
         raise EngineFolderError(f"mixed_step: built for AOTInductor text engines on one rank with whole programs "
                                 f"only (got {got})")
+    if mixed_step and settings.max_batch < 2:
+        raise EngineFolderError(f"mixed_step: a mixed step holds a decode row and a prefill row, max_batch "
+                                f"{settings.max_batch} holds one (build with --max-batch >= 2)")
     model.eval()
     layer_plan = None
     if layer_programs:

@@ -215,6 +215,7 @@ def test_compiled_engine_schedules_mixed_steps(mixed_engine):
                             "--backend onnx)"),
     (["--layer-programs"], "(got --layer-programs)"),
     (["--tensor-parallel", "2"], "(got --tensor-parallel)"),
+    (["--max-batch", "1"], "--mixed-step: a mixed step holds a decode row and a prefill row, --max-batch 1 holds one"),
 ])
 def test_mixed_step_refused_where_it_does_not_apply(flags, message, tmp_path, caplog):
     assert build.main([*FLAGS, "--out", str(tmp_path / "e"), "--mixed-step", *flags]) == 2
