@@ -25,6 +25,12 @@ sequences up to ``token_budget`` tokens per step (pads included), so a long prom
 more than one budget: the first chunks of the newly admitted rows together in one left-padded call, then each
 unfinished prompt through the prefill program on its own row (batch 1, views of the state); (3) one decode step of every
 running sequence, with each request's own sampling (temperature, top-k, top-p, seed, stop ids, max tokens).
+
+Mixed steps (``mixed_step``, on when the engine has a ``mixed`` program: ``build.py --mixed-step``): the running
+sequences are sampled first (their logits are the previous step's), and their decode step rides with the step's
+first prefill chunk of two or more tokens in one call of the ``mixed`` program, a single forward over both (every
+weight read once per step instead of once per call); the step's other chunks follow alone, and a step with no such
+chunk runs the decode program alone. A prompt finished in one step has its first token sampled in the next.
 """
 
 from __future__ import annotations
