@@ -166,7 +166,8 @@ class AsyncEngine:
                 "pages_in_use": pages.row_pages, "pages_total": pages.num_pages,
                 "pages_cached": c.cached_pages if c else 0, "prefix_hits": c.hits if c else 0,
                 "prefix_tokens_reused": c.tokens_reused if c else 0,
-                "prefix_snapshot_bytes": c.snapshot_bytes if c else 0, "preemptions": s.preemptions}
+                "prefix_snapshot_bytes": c.snapshot_bytes if c else 0, "preemptions": s.preemptions,
+                "steps": s.steps, "mixed_steps": s.mixed_calls}
 
     def close(self) -> None:
         self._stop = True
@@ -288,6 +289,8 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str):
                   f"minimax_prefix_cache_tokens_reused_total {m['prefix_tokens_reused']}",
                   f"minimax_prefix_cache_snapshot_bytes {m['prefix_snapshot_bytes']}",
                   f"minimax_preemptions_total {m['preemptions']}",
+                  f"minimax_scheduler_steps_total {m['steps']}",
+                  f"minimax_mixed_steps_total {m['mixed_steps']}",
                   f"minimax_generated_tokens_total {engine.tokens_generated}"]
         lines += [f"minimax_requests_total{{finish_reason=\"{k}\"}} {v}" for k, v in sorted(engine.finished.items())]
         return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")

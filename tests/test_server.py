@@ -204,3 +204,30 @@ def test_text_parts_equal_a_string_content(client):
     b = client.chat.completions.create(model="tiny", messages=as_text, max_tokens=6, temperature=0)
     assert a.choices[0].message.content == b.choices[0].message.content
     assert a.usage.prompt_tokens == b.usage.prompt_tokens
+
+
+def test_a_mixed_step_engine_serves_the_same_tokens(model, tokenizer):
+    """An engine with the ``mixed`` program is served with mixed steps (one forward for the running decodes and a
+    prefill chunk): concurrent requests with prompts longer than the chunk get each request's tokens alone, and
+    ``/metrics`` counts the mixed steps."""
+    engine = AsyncEngine(Engine.from_model(model, 3, 8, 64, page_size=8, mixed_step=True), token_budget=8,
+                         prefix_cache_bytes=1 << 20)
+    assert engine.scheduler.mixed_step
+    g = torch.Generator().manual_seed(8)
+    jobs = [(torch.randint(2, V, (n,), generator=g).tolist(), k) for n, k in ((5, 14), (23, 6), (17, 9), (30, 5))]
+    try:
+        with serving(create_app(engine, tokenizer, "tiny")) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+
+            def one(job):
+                prompt, n = job
+                return client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0)
+
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(one, jobs))
+            for (prompt, n), r in zip(jobs, answers):
+                assert r.choices[0].text == _text(tokenizer, _alone(model, prompt, n))
+            assert _metric(url, "minimax_mixed_steps_total") > 0
+            assert _metric(url, "minimax_scheduler_steps_total") >= _metric(url, "minimax_mixed_steps_total")
+    finally:
+        engine.close()
