@@ -460,6 +460,13 @@ class Scheduler:
             logits, _ = e.programs[name](ids, pos, e._table[a:b], e._rows_of(b - a, a), *extra)
         return logits
 
+    def _decode(self, ids: Tensor, pos: Tensor, positions_cpu: list[int]) -> None:
+        """The decode program on running rows ``0..R-1`` (``_decode_inputs``)."""
+        e, R = self.engine, len(positions_cpu)
+        with torch.no_grad():
+            logits, _ = e.programs["decode"](ids, pos, e._table[:R], e._rows_of(R))
+        self._decoded(logits, positions_cpu)
+
     def _decoded(self, logits: Tensor, positions_cpu: list[int]) -> None:
         """A decode step of running rows ``0..R-1`` ran: their logits, their held lengths."""
         for r, p in enumerate(positions_cpu):
@@ -538,20 +545,12 @@ class Scheduler:
             self._pending = self._decode_inputs(R) if R else None
             self._prefill()  # its first chunk of >= 2 tokens takes the pending decode along
             if self._pending is not None:  # no such chunk this step: the decode alone
-                ids, pos, positions_cpu = self._pending
+                self._decode(*self._pending)
                 self._pending = None
-                with torch.no_grad():
-                    logits, _ = self.engine.programs["decode"](ids, pos, self.engine._table[:R],
-                                                               self.engine._rows_of(R))
-                self._decoded(logits, positions_cpu)
         else:
             self._prefill()
             R = self._sample()
             if R:
-                ids, pos, positions_cpu = self._decode_inputs(R)
-                with torch.no_grad():
-                    logits, _ = self.engine.programs["decode"](ids, pos, self.engine._table[:R],
-                                                               self.engine._rows_of(R))
-                self._decoded(logits, positions_cpu)
+                self._decode(*self._decode_inputs(R))
         self.steps += 1
         return not self.idle
